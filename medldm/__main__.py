@@ -1,0 +1,3 @@
+from medldm.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""The `medldm` command line. Argument parsing lives here; every command calls the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medldm.errors import MedldmError
+
+app = typer.Typer(help="medldm: medical image reconstruction with latent diffusion models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare training data (datalist + NIfTI files) from offline sources.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the VAE or the conditional latent diffusion model.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+
+def _fail(err: Exception, code: int = 2):
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Path = typer.Option(Path("data"), help="Output folder for NIfTI files and datalist.json."),
+    synthetic: int = typer.Option(8, help="Number of synthetic subjects to generate from the MNI152 tissue maps."),
+    seed: int = typer.Option(0, help="Seed of the synthetic-subject generator."),
+    ct: bool = typer.Option(True, help="Include the InVesalius head CT (Debian invesalius-examples)."),
+):
+    """Write datalist.json (training / validation, hold-out documented) from the offline sources."""
+    from medldm.data.prepare import prepare_data
+
+    try:
+        path = prepare_data(out, n_synthetic=synthetic, seed=seed, include_ct=ct)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"datalist written: {path}")
+
+
+def _train(kind: str, config: Path, out: Optional[Path], resume: bool, device: Optional[str], set_: list[str]):
+    import yaml
+
+    from medldm.config import load_config
+
+    overrides = {}
+    for item in set_:
+        if "=" not in item:
+            _fail(ValueError(f"--set expects key=value, got {item!r}"))
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    try:
+        cfg = load_config(config, kind, overrides)
+    except MedldmError as err:
+        _fail(err)
+    out = out or Path("runs") / f"{kind}-{cfg.name}"
+    if kind == "vae":
+        from medldm.training.vae import train_vae as run
+    else:
+        from medldm.training.ldm import train_ldm as run
+    folder = run(cfg, out, resume=resume, device=device)
+    typer.echo(f"model saved: {folder}")
+
+
+_OUT = typer.Option(None, help="Run folder (checkpoint, figures, model/). Default runs/<kind>-<name>.")
+_RESUME = typer.Option(False, "--resume", help="Continue from <out>/checkpoint.pt exactly where it stopped.")
+_DEVICE = typer.Option(None, help="cpu | cuda (default: cuda when available).")
+_SET = typer.Option([], "--set", help="Override a config field, e.g. --set train.steps=10 (repeatable).")
+
+
+@train_app.command("vae")
+def train_vae_cmd(config: Path = typer.Option(..., "--config", help="A VAE run config YAML (configs/)."),
+                  out: Optional[Path] = _OUT, resume: bool = _RESUME, device: Optional[str] = _DEVICE, set_: list[str] = _SET):
+    """Train the AutoencoderKL, calibrate its latent scale, save a model folder."""
+    _train("vae", config, out, resume, device, set_)
+
+
+@train_app.command("ldm")
+def train_ldm_cmd(config: Path = typer.Option(..., "--config", help="An LDM run config YAML (configs/)."),
+                  out: Optional[Path] = _OUT, resume: bool = _RESUME, device: Optional[str] = _DEVICE, set_: list[str] = _SET):
+    """Train the conditional latent U-Net (+ refiner) on a trained VAE, save a model folder."""
+    _train("ldm", config, out, resume, device, set_)
+
+
+@app.command()
+def reconstruct(
+    input: Path = typer.Argument(..., help="A folder (searched recursively) or one DICOM/NIfTI/.h5 file."),
+    output: Path = typer.Argument(..., help="Output folder (manifest.json + one folder per unit)."),
+    task: str = typer.Option(..., help="denoise | recon | sr"),
+    model: Optional[str] = typer.Option(None, help="Shipped model name, model folder or MLflow URI."),
+    steps: int = typer.Option(20, help="Sampling steps."),
+    samples: int = typer.Option(1, help="Samples per volume (K > 1 gives an uncertainty map)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    modality: Optional[str] = typer.Option(None, help="mr | ct (needed for NIfTI when it cannot be inferred)."),
+    factor: Optional[int] = typer.Option(None, help="SR factor along the slice axis."),
+    device: Optional[str] = _DEVICE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
+):
+    """Batch reconstruction of DICOM series, NIfTI and fastMRI .h5 files."""
+    try:
+        from medldm.batch import run_batch
+    except ImportError:
+        _fail(NotImplementedError("`medldm reconstruct` is not implemented yet (issue #6); "
+                                  "use the Python API medldm.Reconstructor for single volumes"), 3)
+    code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
+                     factor=factor, device=device, dry_run=dry_run, overwrite=overwrite)
+    raise typer.Exit(code)
+
+
+@app.command()
+def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (default: all shipped)."),
+             out: Path = typer.Option(Path("outputs/evaluation"), help="Output folder for tables and figures.")):
+    """Evaluate models against classical baselines on held-out data (tables, figures, MLflow run)."""
+    _fail(NotImplementedError("`medldm evaluate` is not implemented yet (issue #5)"), 3)
+
+
+@app.command()
+def register(model: str = typer.Argument(..., help="Model folder or shipped model name."),
+             name: str = typer.Option(..., help="Registered model name."),
+             alias: Optional[str] = typer.Option("champion", help="Alias to set on the new version.")):
+    """Log a model as an MLflow pyfunc and register a new version."""
+    _fail(NotImplementedError("`medldm register` is not implemented yet (issue #7)"), 3)
+
+
+@app.command()
+def demo():
+    """The main job on embedded defaults: degrade a bundled scan, reconstruct it, compare with baselines."""
+    _fail(NotImplementedError("`medldm demo` is not implemented yet (issue #8). Working today: `medldm data prepare`, "
+                              "`medldm train vae|ldm`, and the Python API `medldm.Reconstructor`."), 3)
+
+
+def main():
+    try:
+        app()
+    except MedldmError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Typed, validated configuration. Every YAML in configs/ loads into one of these or fails naming file and field.
+
+Pydantic models with ``extra="forbid"``: an unknown key, a wrong type or an impossible value is a
+ConfigError at load time, never a surprise deep inside a constructor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medldm.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    datalist: str = "data/datalist.json"
+    spatial_dims: Literal[2, 3] = 2
+    patch_size: list[int] = Field(default_factory=lambda: [96, 96])
+    modality: Literal["MR", "CT"] = "MR"
+    batch_size: int = Field(8, ge=1)
+    samples_per_volume: int = Field(8, ge=1)
+    cache: Literal["none", "memory", "disk"] = "memory"
+    num_workers: int = Field(0, ge=0)
+    max_volumes: int | None = Field(None, ge=1)
+    # 2D models: which index axis slices are taken along (2 = axial XY planes; 0 = YZ planes, which
+    # contain the slice axis Z, as thick-slice super-resolution needs).
+    slice_axis: Literal[0, 1, 2] = 2
+
+    @model_validator(mode="after")
+    def _patch_matches_dims(self):
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"patch_size has {len(self.patch_size)} entries but spatial_dims is {self.spatial_dims}")
+        return self
+
+
+class VAEConfig(Strict):
+    """monai.networks.nets.AutoencoderKL; each entry of ``channels`` after the first halves the resolution."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    num_res_blocks: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    attention: bool = False
+
+    @model_validator(mode="after")
+    def _groups_divide(self):
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+class UNetConfig(Strict):
+    """monai.networks.nets.DiffusionModelUNet working on latents."""
+
+    channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
+    num_head_channels: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels entry")
+        return self
+
+
+class RefinerConfig(Strict):
+    """A small pixel-space MONAI BasicUNet: (decoded estimate, naive inverse) -> residual correction."""
+
+    enabled: bool = True
+    features: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 16])
+
+    @model_validator(mode="after")
+    def _six(self):
+        if len(self.features) != 6:
+            raise ValueError("refiner.features needs 6 entries (BasicUNet)")
+        return self
+
+
+class SchedulerConfig(Strict):
+    kind: Literal["ddpm", "ddim", "rflow"] = "ddpm"
+    num_train_timesteps: int = Field(1000, ge=10)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+
+
+class DegradationConfig(Strict):
+    """Which RandomOperator makes training pairs; kwargs go to medldm.physics.build_random_operator."""
+
+    task: Literal["denoise", "recon", "sr"]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    val_every: int = Field(200, ge=1)
+    ckpt_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    amp: bool = True  # used only on CUDA
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    # VAE losses
+    kl_weight: float = Field(1e-6, ge=0)
+    ssim_weight: float = Field(0.0, ge=0)
+    adv_weight: float = Field(0.0, ge=0)
+    adv_start: int = Field(0, ge=0)
+    # LDM: condition noise augmentation (max std of noise added to the encoded condition)
+    cond_noise_max: float = Field(0.1, ge=0)
+    refiner_weight: float = Field(1.0, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    experiment: str = "medldm"
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or MLflow's default (sqlite:///mlflow.db)
+
+
+class VAERunConfig(Strict):
+    kind: Literal["vae"] = "vae"
+    name: str
+    data: DataConfig = Field(default_factory=DataConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    calibration_batches: int = Field(16, ge=1)
+
+
+class LDMRunConfig(Strict):
+    kind: Literal["ldm"] = "ldm"
+    name: str
+    vae_path: str
+    degradation: DegradationConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+RUN_CONFIGS = {"vae": VAERunConfig, "ldm": LDMRunConfig}
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  field '{field}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, cls: type[Strict], source: str = "<dict>") -> Strict:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, kind: str | None = None, overrides: dict | None = None):
+    """Load a run config YAML; ``kind`` ('vae'|'ldm') is checked against the file's own ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    file_kind = data.get("kind", kind)
+    if kind is not None and file_kind != kind:
+        raise ConfigError(f"{path}: field 'kind' is {file_kind!r} but a {kind!r} config was expected")
+    if file_kind not in RUN_CONFIGS:
+        raise ConfigError(f"{path}: field 'kind' must be one of {sorted(RUN_CONFIGS)}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, RUN_CONFIGS[file_kind], str(path))

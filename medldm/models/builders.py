@@ -1,0 +1,75 @@
+"""Thin builders around MONAI's networks and schedulers; dimension-generic (spatial_dims 2 or 3)."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import AutoencoderKL, BasicUNet, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+from medldm.config import RefinerConfig, SchedulerConfig, UNetConfig, VAEConfig
+
+
+def build_vae(cfg: VAEConfig, spatial_dims: int) -> AutoencoderKL:
+    n = len(cfg.channels)
+    return AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(cfg.channels),
+        num_res_blocks=(cfg.num_res_blocks,) * n,
+        attention_levels=(False,) * (n - 1) + (cfg.attention,),
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        # Non-local attention at full latent resolution is the dominant cost in 3D; off unless asked.
+        with_encoder_nonlocal_attn=cfg.attention,
+        with_decoder_nonlocal_attn=cfg.attention,
+    )
+
+
+def condition_channels(latent_channels: int) -> int:
+    """Input channels of the latent U-Net: noisy latent, encoded naive inverse, and one constant channel
+    holding the std of the noise added to that encoding (noise augmentation), so the model knows how far
+    to trust the condition."""
+    return 2 * latent_channels + 1
+
+
+def build_unet(cfg: UNetConfig, spatial_dims: int, latent_channels: int) -> DiffusionModelUNet:
+    # MONAI requires a non-zero head size where attention is on; zero elsewhere keeps it explicit.
+    heads = tuple(cfg.num_head_channels if a else 0 for a in cfg.attention_levels)
+    if not any(cfg.attention_levels):
+        heads = (0,) * (len(cfg.channels) - 1) + (cfg.num_head_channels,)
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=condition_channels(latent_channels),
+        out_channels=latent_channels,
+        channels=tuple(cfg.channels),
+        attention_levels=tuple(cfg.attention_levels),
+        num_res_blocks=(cfg.num_res_blocks,) * len(cfg.channels),
+        num_head_channels=heads,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_refiner(cfg: RefinerConfig, spatial_dims: int) -> BasicUNet:
+    # Inputs: decoded latent estimate and the naive inverse; output: a residual added to the estimate.
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(cfg.features))
+
+
+def build_scheduler(cfg: SchedulerConfig, kind: str | None = None, spatial_dims: int = 2):
+    kind = kind or cfg.kind
+    if kind == "rflow":
+        return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=False,
+                              sample_method="logit-normal", spatial_dim=spatial_dims)
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, prediction_type=cfg.prediction_type,
+                  clip_sample=False)
+    if cfg.schedule != "cosine":
+        common.update(beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    if kind == "ddim":
+        return DDIMScheduler(**common)
+    raise ValueError(f"unknown scheduler kind {kind!r}")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,61 @@
+"""The one contract every degradation follows (in the spirit of deepinv's physics and torchio's transforms).
+
+An ``Operator`` is deterministic once built: its parameters (mask, sigma, dose, factor...) are fixed and
+recorded in ``params()``. Randomness lives in ``RandomOperator.sample(seed)``, which draws parameters from
+its own generator (never the global RNG) and returns a deterministic ``Operator``; one seed per volume.
+
+Tensors are torch, image domain shaped ``(B, C, X, Y)`` (2D) or ``(B, C, X, Y, Z)`` (3D), real float.
+Measurements may be complex (k-space) or live on another grid (thick slices, sinograms).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Operator(ABC):
+    """A measurement model y = A(x) + noise."""
+
+    task: str = ""  # "recon" | "sr" | "denoise"
+
+    @abstractmethod
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """Noiseless forward model (linear)."""
+
+    @abstractmethod
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """A^H: <A x, y> == <x, A^H y> (tested for every operator)."""
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The simulated measurement: A(x) plus this operator's noise model (noiseless by default)."""
+        return self.A(x)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.forward(x, generator)
+
+    @abstractmethod
+    def naive_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The initial guess a model is conditioned on (zero-filled, cubic upsampling, identity, FBP)."""
+
+    @abstractmethod
+    def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """Project (weight None: hard) or pull (weight >= 0: soft, noise-weighted) x towards agreement with y."""
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """||A x - y|| / ||y||: how far an estimate is from explaining the measurement."""
+        return float(torch.linalg.vector_norm(self.A(x) - y) / torch.linalg.vector_norm(y).clamp_min(1e-12))
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable parameters that rebuild this exact operator (for provenance and replay)."""
+
+
+class RandomOperator(ABC):
+    """Draws an ``Operator``'s parameters from a per-volume seed, without touching the global RNG."""
+
+    @abstractmethod
+    def sample(self, seed: int) -> Operator:
+        ...

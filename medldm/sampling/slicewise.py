@@ -1,0 +1,81 @@
+"""Run a 2D latent model over a volume: slices along one axis, batched, padded to the network multiple.
+
+The initial noise for the whole volume is drawn once from one generator (shape K x slices x latent),
+so the result does not depend on the batch size and the same seed gives the same volume.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from medldm.models.bundle import ModelBundle
+from medldm.models.builders import build_scheduler
+from medldm.config import SchedulerConfig
+from medldm.sampling.samplers import sample
+from medldm.training.ldm import LatentCodec, condition_input
+
+PAD_MULTIPLE = 16
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zero-pad the last two dims up to a multiple; returns the padded tensor and the original size."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)), (h, w)
+
+
+def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, steps: int, seed: int, sampler: str | None,
+                   batch_size: int, eta: float = 0.0, refine: bool = True, use_diffusion: bool = True,
+                   correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, correct_every: int = 0,
+                   progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
+    ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
+
+    ``correct(x_img, slice_index)`` is data consistency in normalised image space for latent DC.
+    """
+    device = next(bundle.vae.parameters()).device
+    codec = LatentCodec(bundle.vae, bundle.latent_scale)
+    sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
+    scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=2)
+    padded, (h, w) = pad_to_multiple(cond)
+    s = padded.shape[0]
+    down = bundle.vae_config.downsample
+    lat_shape = (bundle.vae_config.latent_channels, padded.shape[-2] // down, padded.shape[-1] // down)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples, s, *lat_shape), generator=gen)  # one global draw
+    step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
+    decoded = torch.empty((samples, s, 1, h, w))
+    output = torch.empty_like(decoded)
+    for k in range(samples):
+        for a in range(0, s, batch_size):
+            b = min(s, a + batch_size)
+            c_img = padded[a:b].to(device)
+            c = codec.encode(c_img)
+            cin = condition_input(c, torch.zeros(b - a, device=device))
+            if use_diffusion:
+                def denoiser(z_t, t, cin=cin):
+                    return bundle.unet(torch.cat([z_t, cin], 1), t)
+
+                corr = None
+                if correct is not None and correct_every > 0:
+                    def corr(z0, i, a=a, b=b):
+                        x = codec.decode(z0)
+                        x[..., :h, :w] = correct(x[..., :h, :w], torch.arange(a, b))
+                        return codec.encode(x)
+
+                with torch.no_grad():
+                    z = sample(denoiser, noise[k, a:b].to(device), scheduler, steps, eta=eta, generator=step_gen,
+                               correct=corr, correct_every=correct_every, progress=progress)
+            else:
+                z = c  # "VAE only": decode the encoded naive inverse
+            x_dec = codec.decode(z)
+            x_out = x_dec
+            if refine and bundle.refiner is not None:
+                with torch.no_grad():
+                    x_out = x_dec + bundle.refiner(torch.cat([x_dec, c_img], 1))
+            decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
+            output[k, a:b] = x_out[..., :h, :w].float().cpu()
+    return {"decoded": decoded, "output": output}

@@ -1,0 +1,132 @@
+"""Training batches from a Decathlon-style datalist: MONAI CacheDataset of whole normalised volumes,
+then patches drawn by a generator seeded with (seed, step).
+
+Drawing each step's patches from (seed, step) alone makes a resumed run see exactly the batches the
+killed run would have seen, without saving loader state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, Orientationd, SpatialPad
+
+from medldm.config import DataConfig
+from medldm.errors import InputError
+from medldm.models.normalisation import Normalisation
+
+FOREGROUND = 0.05  # normalised intensity above which a voxel counts as foreground when choosing patch centres
+
+
+def read_datalist(path: str | Path, split: str, modality: str | None = None, max_items: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "datalist not found: run `medldm data prepare` first")
+    data = json.loads(path.read_text())
+    if split not in data:
+        raise InputError(path, f"datalist has no '{split}' list")
+    items = []
+    for entry in data[split]:
+        if modality and entry.get("modality", modality).upper() != modality.upper():
+            continue
+        image = Path(entry["image"])
+        items.append({**entry, "image": str(image if image.is_absolute() else path.parent / image)})
+    if not items:
+        raise InputError(path, f"no '{split}' entries with modality {modality}")
+    return items[:max_items] if max_items else items
+
+
+def _normalise_volume(modality: str):
+    norm = Normalisation.for_modality(modality)
+
+    def apply(a):
+        return norm.fit(a).forward(a).float() if isinstance(a, torch.Tensor) else norm.fit(a).forward(a)
+
+    return apply
+
+
+def volume_dataset(cfg: DataConfig, split: str) -> Dataset:
+    items = read_datalist(cfg.datalist, split, cfg.modality, cfg.max_volumes)
+    transforms = Compose([
+        LoadImaged("image", reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd("image"),
+        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        EnsureTyped("image", dtype=torch.float32, track_meta=False),
+        Lambdad("image", _normalise_volume(cfg.modality)),
+    ])
+    if cfg.cache == "memory":
+        return CacheDataset(items, transforms, progress=False, num_workers=0)
+    return Dataset(items, transforms)
+
+
+def slices_first(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """(1, X, Y, Z) -> (S, 1, A, B): slices along ``axis``, the other two axes kept in index order."""
+    return volume[0].movedim(axis, 0)[:, None]
+
+
+def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generator, slice_axis: int = 2) -> torch.Tensor:
+    """One patch (1, *patch) from a (1, X, Y, Z) volume; 2D patches are planes normal to ``slice_axis``."""
+    dims = len(patch)
+    if dims == 2:
+        volume = slices_first(volume, slice_axis)  # (S, 1, A, B)
+        fg = torch.nonzero(volume.amax(dim=(1, 2, 3)) > FOREGROUND).flatten()
+        z = int(fg[rng.integers(len(fg))]) if len(fg) and rng.random() < 0.95 else int(rng.integers(volume.shape[0]))
+        volume = volume[z]
+    spatial = volume.shape[1:]
+    volume = SpatialPad(patch)(volume) if any(s < p for s, p in zip(spatial, patch)) else volume
+    spatial = volume.shape[1:]
+    mask = volume[0] > FOREGROUND
+    idx = torch.nonzero(mask)
+    if len(idx) and rng.random() < 0.9:
+        centre = idx[rng.integers(len(idx))].tolist()
+        start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, spatial)]
+    else:
+        start = [int(rng.integers(0, s - p + 1)) for s, p in zip(spatial, patch)]
+    sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    return volume[(slice(None),) + sl]
+
+
+def train_batches(cfg: DataConfig, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    """Infinite iterator of (B, 1, *patch) float tensors in normalised units."""
+    ds = volume_dataset(cfg, "training")
+    volumes = [ds[i]["image"] for i in range(len(ds))] if cfg.cache == "memory" else None
+    step = start_step
+    while True:
+        rng = np.random.default_rng([seed, step])
+        patches = []
+        for _ in range(cfg.batch_size):
+            i = int(rng.integers(len(ds)))
+            vol = volumes[i] if volumes is not None else ds[i]["image"]
+            patches.append(_random_patch(torch.as_tensor(vol), cfg.patch_size, rng, cfg.slice_axis))
+        yield torch.stack(patches)
+        step += 1
+
+
+def validation_images(cfg: DataConfig, max_images: int = 6) -> list[torch.Tensor]:
+    """Held-out images (1, 1, *size): 2D = evenly spaced axial slices cropped/padded to a multiple of 16
+    around the centre; 3D = centre patches."""
+    ds = volume_dataset(cfg.model_copy(update={"cache": "none"}), "validation")
+    images = []
+    for i in range(len(ds)):
+        vol = torch.as_tensor(ds[i]["image"])
+        if cfg.spatial_dims == 2:
+            planes = slices_first(vol, cfg.slice_axis)
+            zs = np.linspace(planes.shape[0] * 0.3, planes.shape[0] * 0.7, max(1, max_images // len(ds))).astype(int)
+            for z in zs:
+                sl = planes[int(z)]
+                size = [max(p, (s // 16) * 16) for s, p in zip(sl.shape[1:], cfg.patch_size)]
+                images.append(_centre(sl, size)[None])
+        else:
+            images.append(_centre(vol, cfg.patch_size)[None])
+    return images[:max_images]
+
+
+def _centre(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    x = SpatialPad(size)(x) if any(s < p for s, p in zip(x.shape[1:], size)) else x
+    start = [(s - p) // 2 for s, p in zip(x.shape[1:], size)]
+    return x[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(start, size))]

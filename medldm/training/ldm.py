@@ -1,0 +1,168 @@
+"""Stage 2: train the conditional latent U-Net (and the pixel-space refiner) on a frozen, calibrated VAE.
+
+Each step: degrade clean patches with a freshly drawn operator (physics units), encode truth and naive
+inverse, noise-augment the encoded condition (its level enters as a channel), and regress the
+scheduler's target. The refiner learns, from the same step's clean-latent estimate decoded to pixels
+plus the naive inverse, to restore what the VAE cannot represent (the latent ceiling).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from medldm.config import LDMRunConfig
+from medldm.models.builders import build_refiner, build_scheduler, build_unet, count_parameters
+from medldm.models.bundle import ModelBundle, load_bundle, save_bundle
+from medldm.models.normalisation import Normalisation
+from medldm.physics.registry import build_random_operator
+from medldm.sampling.samplers import predict_x0, training_target
+from medldm.tracking import Tracker
+from medldm.training import common
+from medldm.training.data import train_batches, validation_images
+
+
+class LatentCodec:
+    """Encode/decode between normalised images and scaled latents with a frozen VAE."""
+
+    def __init__(self, vae: torch.nn.Module, scale: float):
+        self.vae, self.scale = vae, scale
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x)[0] * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scale)
+
+
+def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list]:
+    """Simulate measurements in physical units and return the normalised naive inverses."""
+    conds, params = [], []
+    for xi, seed in zip(x_n, seeds):
+        op = random_op.sample(int(seed))
+        g = torch.Generator().manual_seed(int(seed))
+        y = op.forward(norm.inverse(xi[None].cpu()), generator=g)
+        conds.append(norm.forward(op.naive_inverse(y)).float())
+        params.append(op.params())
+    return torch.cat(conds).to(x_n.device), params
+
+
+def condition_input(c: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    return torch.cat([c, level.reshape(-1, *([1] * (c.ndim - 1))).expand(-1, 1, *c.shape[2:])], dim=1)
+
+
+def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, device: str | None = None) -> Path:
+    out_dir = Path(out_dir)
+    dev = common.pick_device(device)
+    dist_info = common.init_distributed(dev)
+    common.seed_everything(cfg.train.seed)
+    vae_bundle = load_bundle(cfg.vae_path).to(dev)
+    dims = vae_bundle.spatial_dims
+    if dims != cfg.data.spatial_dims:
+        raise ValueError(f"VAE at {cfg.vae_path} is {dims}D but data.spatial_dims is {cfg.data.spatial_dims}")
+    codec = LatentCodec(vae_bundle.vae.eval().requires_grad_(False), vae_bundle.latent_scale)
+    lat_ch = vae_bundle.vae_config.latent_channels
+    unet = build_unet(cfg.unet, dims, lat_ch).to(dev)
+    refiner = build_refiner(cfg.refiner, dims).to(dev) if cfg.refiner.enabled else None
+    params = list(unet.parameters()) + (list(refiner.parameters()) if refiner is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ema = common.make_ema(unet, cfg.train.ema_decay)
+    scheduler = build_scheduler(cfg.scheduler, spatial_dims=dims)
+    norm = Normalisation.for_modality(cfg.data.modality)
+    train_norm = norm if norm.kind == "window" else Normalisation(kind="percentile", scale=1.0)
+    random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
+
+    ckpt_path = out_dir / "checkpoint.pt"
+    step, run_id = 0, None
+    if resume and ckpt_path.is_file():
+        ck = common.load_checkpoint(ckpt_path)
+        unet.load_state_dict(ck["unet"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+        if refiner is not None:
+            refiner.load_state_dict(ck["refiner"])
+        step, run_id = ck["step"], ck.get("run_id")
+        common.set_rng_state(ck["rng"])
+    unet_t = DDP(unet) if dist_info.enabled else unet
+    refiner_t = DDP(refiner) if (dist_info.enabled and refiner is not None) else refiner
+
+    tracker = Tracker(cfg.tracking.enabled and dist_info.is_main, cfg.tracking.experiment, cfg.tracking.tracking_uri)
+    tracker.start(f"ldm-{cfg.name}", params=cfg.model_dump(), run_id=run_id,
+                  tags={"medldm.stage": "ldm", "medldm.task": cfg.degradation.task, "medldm.modality": cfg.data.modality})
+    batches = train_batches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank, start_step=step)
+    progress = common.Progress(cfg.train.steps, step, f"ldm {cfg.name}", dist_info.is_main)
+    t_start, history = time.time(), []
+    while step < cfg.train.steps:
+        x = next(batches).to(dev)
+        rng = np.random.default_rng([cfg.train.seed, dist_info.rank, step])
+        cond, _ = degrade_batch(x, random_op, train_norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
+        g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+        z0, c = codec.encode(x), codec.encode(cond)
+        level = torch.rand(x.shape[0], generator=g).to(dev) * cfg.train.cond_noise_max
+        c_aug = c + level.reshape(-1, *([1] * (c.ndim - 1))) * torch.randn(c.shape, generator=g).to(dev)
+        noise = torch.randn(z0.shape, generator=g).to(dev)
+        if cfg.scheduler.kind == "rflow":
+            t = scheduler.sample_timesteps(z0)
+        else:
+            t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=g).to(dev)
+        z_t = scheduler.add_noise(z0, noise, t)
+        unet_t.train()
+        with common.autocast(dev, cfg.train.amp):
+            out = unet_t(torch.cat([z_t, condition_input(c_aug, level)], 1), t).float()
+            loss_diff = F.mse_loss(out, training_target(scheduler, z0, noise, t))
+            loss = loss_diff
+            if refiner_t is not None:
+                decoded = codec.decode(predict_x0(scheduler, z_t, t, out.detach())).float()
+                refined = decoded + refiner_t(torch.cat([decoded, cond], 1)).float()
+                loss_ref = F.l1_loss(refined, x)
+                loss = loss + cfg.train.refiner_weight * loss_ref
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        ema.update_parameters(unet)
+        step += 1
+        logs = {"loss": loss.item(), "diff": loss_diff.item()}
+        if refiner_t is not None:
+            logs["refiner_l1"] = loss_ref.item()
+        progress.update(**logs)
+        if step % cfg.train.log_every == 0:
+            tracker.log_metrics({f"train/{k}": v for k, v in logs.items()}, step)
+        if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps):
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                     "run_id": tracker.run_id, "rng": common.rng_state()}
+            if refiner is not None:
+                state["refiner"] = refiner.state_dict()
+            common.save_checkpoint(ckpt_path, state)
+        if cfg.train.max_minutes and (time.time() - t_start) > 60 * cfg.train.max_minutes:
+            break
+    progress.close()
+
+    folder = out_dir / "model"
+    if dist_info.is_main:
+        meta = {
+            **{k: v for k, v in vae_bundle.meta.items() if k in ("vae", "latent_scale", "normalisation", "patch_size")},
+            "name": cfg.name, "kind": "ldm", "task": cfg.degradation.task, "modality": cfg.data.modality,
+            "spatial_dims": dims, "unet": cfg.unet.model_dump(), "scheduler": cfg.scheduler.model_dump(),
+            "refiner": cfg.refiner.model_dump(), "degradation": cfg.degradation.model_dump(),
+            "cond_noise_max": cfg.train.cond_noise_max,
+            "metrics": {**vae_bundle.meta.get("metrics", {})},
+            "training": {"steps": step, "seconds": round(time.time() - t_start, 1), "device": str(dev),
+                         "unet_parameters": count_parameters(unet),
+                         "refiner_parameters": count_parameters(refiner) if refiner is not None else 0,
+                         "world_size": dist_info.world_size, "mlflow_run_id": tracker.run_id,
+                         "vae_training": vae_bundle.meta.get("training")},
+        }
+        bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=ema.module, refiner=refiner)
+        save_bundle(bundle, folder)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        tracker.log_artifact(folder, "model")
+        tracker.end()
+    common.cleanup_distributed()
+    return folder

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny synthetic volumes and datalists, so tests never need downloaded data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def phantom(shape=(40, 40, 24), seed=0) -> np.ndarray:
+    """Smooth head-like phantom in [0, 1]: an ellipsoid with a few inner blobs of other intensities."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    r = sum((g / 0.8) ** 2 for g in grids)
+    vol = (r < 1).astype(np.float32) * 0.6
+    for _ in range(4):
+        c = rng.uniform(-0.4, 0.4, size=3)
+        rad = rng.uniform(0.1, 0.3)
+        vol[sum((g - ci) ** 2 for g, ci in zip(grids, c)) < rad**2] = rng.uniform(0.2, 1.0)
+    return vol
+
+
+@pytest.fixture(scope="session")
+def tiny_datalist(tmp_path_factory):
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("data")
+    entries = {"training": [], "validation": []}
+    for i, split in enumerate(["training", "training", "validation"]):
+        vol = phantom(seed=i) * 800.0  # MR-like arbitrary units
+        name = f"mr_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 1.5, 1.0])), root / name)
+        entries[split].append({"image": name, "modality": "MR"})
+    (root / "datalist.json").write_text(json.dumps(entries))
+    return root / "datalist.json"
+
+
+@pytest.fixture()
+def mlflow_tmp(tmp_path, monkeypatch):
+    """An isolated MLflow store per test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
