@@ -1,0 +1,396 @@
+"""Read single-frame DICOM image series (CT, MR, ...) into a Volume.
+
+Slices are ordered by their position projected on the slice normal, never by InstanceNumber or file name:
+both are routinely wrong or reset after anonymisation and PACS export. Geometry comes from
+ImagePositionPatient / ImageOrientationPatient / PixelSpacing in DICOM's LPS frame and is converted to RAS+.
+Everything a user can get wrong raises InputError naming the file or series, so a bad export is reported in
+one line instead of a pydicom traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
+
+from medldm.errors import InputError
+from medldm.io.volume import MODALITIES, Volume
+
+log = logging.getLogger(__name__)
+
+# DICOM patient coordinates are LPS; RAS+ flips the first two axes. The matrix is its own inverse.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_ORIENT_TOL = 1e-3  # direction-cosine difference (~0.06 deg): scanners round IOP to ~6 digits
+_DUP_TOL_MM = 1e-3
+_GAP_FACTOR = 1.5
+_UNIFORM_TOL = 0.01  # fraction of the median step
+_DICOMDIR_UID = "1.2.840.10008.1.3.10"
+
+# Header values the writer copies into a derived series; kept JSON-friendly so meta can be serialised.
+TEMPLATE_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription",
+    "ReferringPhysicianName", "FrameOfReferenceUID", "PositionReferenceIndicator",
+    "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime", "Modality",
+    "BodyPartExamined", "PatientPosition", "Laterality", "ProtocolName",
+    "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName", "DeviceSerialNumber",
+    "SoftwareVersions", "SliceThickness", "SpacingBetweenSlices", "SpecificCharacterSet",
+    # MR Image module
+    "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
+    "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",
+    "FlipAngle", "ImagingFrequency",
+    # CT Image module
+    "KVP", "ConvolutionKernel", "XRayTubeCurrent", "ExposureTime", "Exposure", "RescaleType",
+)
+
+
+@dataclass
+class SeriesInfo:
+    """One image series found on disk (files may live in several folders)."""
+
+    series_uid: str
+    files: list[Path]
+    modality: str | None = None
+    description: str = ""
+    series_number: int | None = None
+    sop_class_uid: str = ""
+    study_uid: str = ""
+
+    @property
+    def folders(self) -> list[Path]:
+        return sorted({f.parent for f in self.files})
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class SeriesList(list):
+    """find_dicom_series result: the image series, plus ``skipped``: (path, reason) for every file left out."""
+
+    def __init__(self, series=(), skipped=()):
+        super().__init__(series)
+        self.skipped: list[tuple[Path, str]] = list(skipped)
+
+
+def _looks_like_raw_dicom(path: Path) -> bool:
+    # Old files without the 128-byte preamble start directly with a group 0002 or 0008 element.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[:2], "little")
+    return group in (0x0002, 0x0008) and int.from_bytes(head[2:4], "little") < 0x0100
+
+
+def _try_read(path: Path, **kwargs) -> tuple[pydicom.FileDataset | None, str]:
+    """(dataset, "") or (None, why); never raises for a bad file."""
+    with warnings.catch_warnings():
+        # pydicom warns on every slightly non-conformant value; the reader reports real problems itself.
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(path, **kwargs), ""
+        except InvalidDicomError:
+            if not _looks_like_raw_dicom(path):
+                return None, "not a DICOM file"
+            try:
+                return pydicom.dcmread(path, force=True, **kwargs), ""
+            except Exception as exc:  # noqa: BLE001 - any parse failure means "unusable file"
+                return None, f"unreadable DICOM ({type(exc).__name__}: {exc})"
+        except IsADirectoryError:
+            return None, "is a folder"
+        except OSError as exc:
+            return None, f"cannot open ({exc.strerror or exc})"
+        except Exception as exc:  # noqa: BLE001
+            return None, f"unreadable DICOM ({type(exc).__name__}: {exc})"
+
+
+def _file_meta(ds, keyword: str) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get(keyword, "") or "") if meta is not None else ""
+
+
+def _sop_class_name(ds) -> str:
+    uid = ds.get("SOPClassUID") or _file_meta(ds, "MediaStorageSOPClassUID")
+    return UID(str(uid)).name if uid else "unknown SOP class"
+
+
+def _modality(ds) -> str | None:
+    m = str(ds.get("Modality", "") or "").upper()
+    return m if m in MODALITIES else None
+
+
+def find_dicom_series(folder: str | os.PathLike) -> SeriesList:
+    """Scan ``folder`` recursively and group image files by SeriesInstanceUID.
+
+    Non-DICOM files, DICOMDIRs and objects without pixel data (structured reports, presentation states...)
+    are left out and listed in the result's ``skipped`` with a reason. Series are sorted by series number.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(root, "not a folder")
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    seen_sops: dict[str, Path] = {}
+    skipped: list[tuple[Path, str]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        # defer_size keeps pixel data on disk while the header is parsed: scanning stays cheap.
+        ds, reason = _try_read(path, defer_size=1024)
+        if ds is None:
+            skipped.append((path, reason))
+            continue
+        if _file_meta(ds, "MediaStorageSOPClassUID") == _DICOMDIR_UID:
+            skipped.append((path, "DICOMDIR (directory index)"))
+            continue
+        if "PixelData" not in ds:
+            skipped.append((path, f"no pixel data ({_sop_class_name(ds)})"))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            skipped.append((path, "no SeriesInstanceUID"))
+            continue
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if sop and sop in seen_sops:
+            # The same instance copied into two folders would otherwise look like a duplicate slice.
+            skipped.append((path, f"duplicate copy of SOPInstanceUID already in {seen_sops[sop]}"))
+            continue
+        if sop:
+            seen_sops[sop] = path
+        groups.setdefault(uid, []).append((path, ds))
+
+    series = []
+    for uid, members in groups.items():
+        first = members[0][1]
+        number = first.get("SeriesNumber")
+        series.append(SeriesInfo(
+            series_uid=uid,
+            files=[p for p, _ in members],
+            modality=_modality(first),
+            description=str(first.get("SeriesDescription", "") or ""),
+            series_number=int(number) if number not in (None, "") else None,
+            sop_class_uid=str(first.get("SOPClassUID", "") or ""),
+            study_uid=str(first.get("StudyInstanceUID", "") or ""),
+        ))
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
+    log.debug("found %d image series under %s (%d files skipped)", len(series), root, len(skipped))
+    return SeriesList(series, skipped)
+
+
+def _resolve(source) -> tuple[list[Path], str]:
+    """Turn any accepted source into (files, label used in error messages)."""
+    if isinstance(source, SeriesInfo):
+        if not source.files:
+            raise InputError(source.series_uid, "series has no files")
+        return list(source.files), f"series {source.series_uid}"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            found = find_dicom_series(path)
+            if not found:
+                raise InputError(path, f"no DICOM image series found ({len(found.skipped)} files skipped)")
+            if len(found) > 1:
+                listing = "; ".join(
+                    f"{s.series_uid} (#{s.series_number}, {s.description!r}, {len(s)} files)" for s in found
+                )
+                raise InputError(path, f"contains {len(found)} image series, pick one with find_dicom_series(): {listing}")
+            return list(found[0].files), str(path)
+        if not path.exists():
+            raise InputError(path, "does not exist")
+        return [path], str(path)
+    files = [Path(f) for f in source]
+    if not files:
+        raise InputError(None, "no DICOM files given")
+    return files, str(files[0].parent) if len(files) > 1 else str(files[0])
+
+
+def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise InputError(path, f"missing {keyword}: not a cross-sectional image with known geometry")
+    try:
+        arr = np.asarray([float(v) for v in (value if n > 1 else [value])], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"invalid {keyword} {value!r}") from exc
+    if arr.shape != (n,):
+        raise InputError(path, f"{keyword} must have {n} values, got {len(arr)}")
+    return arr
+
+
+def _decoder_available(ts: str) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(UID(ts)).is_available)
+    except Exception:  # noqa: BLE001 - unknown syntax: no decoder
+        return False
+
+
+def _pixels(ds, path: Path) -> np.ndarray:
+    ts = _file_meta(ds, "TransferSyntaxUID") or None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            px = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises RuntimeError/ValueError/NotImplementedError
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if ts is not None and UID(ts).is_compressed:
+            if not _decoder_available(ts):
+                raise InputError(path, (
+                    f"compressed transfer syntax {UID(ts).name} ({ts}) cannot be decoded: install pylibjpeg, "
+                    f"pylibjpeg-libjpeg and pylibjpeg-openjpeg (or python-gdcm), or decompress the series first "
+                    f"(e.g. gdcmconv --raw); decoder said: {first_line}"
+                )) from None
+            raise InputError(path, f"corrupt {UID(ts).name} pixel data ({first_line})") from None
+        raise InputError(path, f"cannot decode pixel data ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if px.ndim != 2:
+        raise InputError(path, f"expected one 2D greyscale frame per file, pixel data has shape {px.shape}")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    try:
+        slope = 1.0 if slope in (None, "") else float(slope)
+        intercept = 0.0 if intercept in (None, "") else float(intercept)
+    except (TypeError, ValueError):
+        raise InputError(path, f"invalid RescaleSlope/RescaleIntercept {slope!r}/{intercept!r}") from None
+    # Per slice: some scanners (Philips MR) vary the slope from slice to slice.
+    return px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _jsonable(value):
+    if value is None or isinstance(value, (bytes, bytearray, DicomSequence)):
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def _template(slices: list[tuple[Path, pydicom.Dataset]]) -> dict:
+    first = slices[0][1]
+    tpl = {}
+    for kw in TEMPLATE_KEYWORDS:
+        if kw in first:
+            value = _jsonable(first.get(kw))
+            if value is not None:
+                tpl[kw] = value
+    tpl["SOPInstanceUIDs"] = [str(ds.get("SOPInstanceUID", "")) for _, ds in slices]
+    tpl["SOPClassUIDs"] = [str(ds.get("SOPClassUID", "")) for _, ds in slices]
+    tpl["SOPClassUID"] = tpl["SOPClassUIDs"][0]
+    return tpl
+
+
+def read_dicom_series(source: SeriesInfo | str | os.PathLike | Sequence[str | os.PathLike]) -> Volume:
+    """Read one DICOM image series into a Volume with array ``(1, X, Y, Z)``.
+
+    ``source`` is a SeriesInfo from find_dicom_series, a list of files, a single file (one slice) or a folder
+    holding exactly one image series. X runs along ImageOrientationPatient's row direction (column index),
+    Y down the rows, Z along the slice normal: ``array[0, i, j, k] == rescaled pixel_array_k[j, i]``.
+    """
+    files, label = _resolve(source)
+    slices: list[tuple[Path, pydicom.Dataset]] = []
+    for f in files:
+        ds, reason = _try_read(f)
+        if ds is None:
+            raise InputError(f, reason)
+        if "PixelData" not in ds:
+            raise InputError(f, f"no pixel data ({_sop_class_name(ds)}): not an image")
+        slices.append((f, ds))
+    uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+    if len(uids) > 1:
+        raise InputError(label, f"files belong to {len(uids)} different series ({sorted(uids)}); read one at a time")
+    return _assemble(slices, label)
+
+
+def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
+    for path, ds in slices:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputError(path, "multi-frame (enhanced) DICOM is not supported; convert to single-frame files")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise InputError(path, "colour (SamplesPerPixel > 1) images are not supported")
+
+    sizes = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in slices}
+    if len(sizes) > 1:
+        raise InputError(label, f"inconsistent rows/columns within the series: {sorted(sizes)}")
+
+    first_path, first = slices[0]
+    iop0 = _floats(first, "ImageOrientationPatient", 6, first_path)
+    spacing0 = _floats(first, "PixelSpacing", 2, first_path)
+    for path, ds in slices[1:]:
+        iop = _floats(ds, "ImageOrientationPatient", 6, path)
+        if np.max(np.abs(iop - iop0)) > _ORIENT_TOL:
+            raise InputError(label, f"mixed orientations within the series: {path.name} has {np.round(iop, 4).tolist()}, "
+                                    f"{first_path.name} has {np.round(iop0, 4).tolist()} (localiser mixed in?)")
+        ps = _floats(ds, "PixelSpacing", 2, path)
+        if np.max(np.abs(ps - spacing0)) > 1e-3 * max(float(spacing0.max()), 1e-6):
+            raise InputError(label, f"inconsistent PixelSpacing within the series: {ps.tolist()} vs {spacing0.tolist()}")
+
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    normal = np.cross(row_dir, col_dir)
+    if np.linalg.norm(normal) < 0.5:
+        raise InputError(first_path, f"degenerate ImageOrientationPatient {iop0.tolist()}")
+    normal /= np.linalg.norm(normal)
+
+    positions = np.stack([_floats(ds, "ImagePositionPatient", 3, p) for p, ds in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    positions, along = positions[order], along[order]
+
+    n = len(slices)
+    if n > 1:
+        steps = np.diff(along)
+        dup = np.flatnonzero(steps < _DUP_TOL_MM)
+        if dup.size:
+            a, b = slices[dup[0]][0].name, slices[dup[0] + 1][0].name
+            raise InputError(label, f"duplicate slice position {along[dup[0]]:.3f} mm ({a} and {b}); multiple echoes, "
+                                    f"phases or time points in one series are not supported")
+        med = float(np.median(steps))
+        gaps = np.flatnonzero(steps > _GAP_FACTOR * med)
+        if gaps.size:
+            g = gaps[0]
+            raise InputError(label, f"missing slice: gap of {steps[g]:.3f} mm between {slices[g][0].name} and "
+                                    f"{slices[g + 1][0].name} (median step {med:.3f} mm)")
+        if np.max(np.abs(steps - med)) > _UNIFORM_TOL * med:
+            raise InputError(label, f"non-uniform slice spacing: steps from {steps.min():.4f} to {steps.max():.4f} mm "
+                                    f"(median {med:.4f} mm, tolerance 1%)")
+        # Mean step vector, not normal*step: keeps gantry-tilted (sheared) stacks in their true place.
+        step_vec = (positions[-1] - positions[0]) / (n - 1)
+    else:
+        thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+        step_vec = normal * float(thick)
+
+    stack = np.stack([_pixels(ds, p) for p, ds in slices])  # (Z, rows, cols)
+    array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0))[None])  # (1, X=cols, Y=rows, Z)
+
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing0[1]  # PixelSpacing is (between rows, between columns)
+    lps[:3, 1] = col_dir * spacing0[0]
+    lps[:3, 2] = step_vec
+    lps[:3, 3] = positions[0]
+    affine = LPS_TO_RAS @ lps
+
+    ordered = [p for p, _ in slices]
+    meta = {
+        "source": label,
+        "format": "dicom",
+        "files": [str(p) for p in ordered],
+        "dicom": _template(slices),
+    }
+    volume = Volume(array=array, affine=affine, modality=_modality(slices[0][1]), meta=meta)
+    volume.check_finite()
+    log.info("read DICOM series %s: %d slices of %dx%d", slices[0][1].get("SeriesInstanceUID", "?"), n,
+             array.shape[1], array.shape[2])
+    return volume

@@ -1,0 +1,153 @@
+"""fastMRI single-coil HDF5 files: k-space in, reconstructions out.
+
+Layout (fastMRI 2018 release): dataset ``kspace`` complex64 ``[slices, H, W]``, optional ``mask`` ``[W]``
+(test/challenge files), optional ``ismrmrd_header`` XML, and file attributes (``acquisition``, ``max``,
+``norm``, ``patient_id``...). Images follow fastMRI's centred orthonormal 2D FFT over the last two axes
+(``medldm.physics.fft.ifft2c``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from medldm.errors import InputError
+from medldm.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def _zero_filled_magnitude(kspace: np.ndarray) -> np.ndarray:
+    """|ifft2c(kspace)| over the last two axes, using the project's one FFT convention."""
+    # Imported here: torch costs ~1.5 s to import and plain k-space reading does not need it.
+    import torch
+
+    from medldm.physics.fft import ifft2c
+
+    with torch.no_grad():
+        image = ifft2c(torch.from_numpy(np.ascontiguousarray(kspace, dtype=np.complex64)))
+    return image.abs().numpy().astype(np.float32)
+
+
+def _python(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Return ``(kspace complex64 [slices, H, W], mask bool [W] or None, attrs)``.
+
+    ``attrs`` holds the file attributes as plain Python values, plus ``ismrmrd_header`` (XML text) when the
+    file has that dataset.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "does not exist" if not path.exists() else "not a file")
+    if not h5py.is_hdf5(path):
+        raise InputError(path, "not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "kspace" not in f:
+                raise InputError(path, f"no 'kspace' dataset (has: {sorted(f.keys())})")
+            ds = f["kspace"]
+            if not isinstance(ds, h5py.Dataset) or not np.issubdtype(ds.dtype, np.complexfloating):
+                dtype = getattr(ds, "dtype", "a group")
+                raise InputError(path, f"'kspace' must be complex, got {dtype}")
+            if ds.ndim != 3:
+                hint = " (multi-coil data are not supported)" if ds.ndim == 4 else ""
+                raise InputError(path, f"'kspace' must be 3D [slices, H, W], got shape {ds.shape}{hint}")
+            kspace = np.asarray(ds[()], dtype=np.complex64)
+            mask = None
+            if "mask" in f:
+                mask = np.asarray(f["mask"][()]).reshape(-1).astype(bool)
+                if mask.shape[0] != kspace.shape[-1]:
+                    raise InputError(path, f"mask length {mask.shape[0]} does not match k-space width W={kspace.shape[-1]}")
+            attrs = {k: _python(v) for k, v in f.attrs.items()}
+            if "ismrmrd_header" in f:
+                attrs["ismrmrd_header"] = _python(f["ismrmrd_header"][()])
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(path, f"cannot read fastMRI HDF5 ({type(exc).__name__}: {exc})") from None
+    return kspace, mask, attrs
+
+
+def _spacing_from_attrs(attrs: dict) -> tuple[float, float, float]:
+    """(H, W, slice) spacing in mm: explicit attrs first, then the ISMRMRD encoded space, else 1 mm."""
+    for key in ("spacing", "voxel_size", "pixel_spacing"):
+        if key in attrs:
+            values = [float(v) for v in np.ravel(attrs[key])]
+            if len(values) == 2:
+                return values[0], values[1], 1.0
+            if len(values) == 3:
+                return values[0], values[1], values[2]
+    xml = attrs.get("ismrmrd_header")
+    if isinstance(xml, str) and xml.strip():
+        try:
+            root = ET.fromstring(xml)
+            # Namespaced XML: match on local names only.
+            enc = next(e for e in root.iter() if e.tag.endswith("encodedSpace"))
+            size = {c.tag.split("}")[-1]: float(c.text) for c in next(e for e in enc if e.tag.endswith("matrixSize"))}
+            fov = {c.tag.split("}")[-1]: float(c.text) for c in next(e for e in enc if e.tag.endswith("fieldOfView_mm"))}
+            return fov["x"] / size["x"], fov["y"] / size["y"], fov["z"] / max(size.get("z", 1.0), 1.0)
+        except (ET.ParseError, StopIteration, KeyError, ValueError, TypeError, ZeroDivisionError):
+            log.debug("ismrmrd_header without usable encodedSpace; using 1 mm spacing")
+    return 1.0, 1.0, 1.0
+
+
+def fastmri_h5_to_volume(source: str | os.PathLike | np.ndarray, attrs: dict | None = None) -> Volume:
+    """Zero-filled magnitude image as a Volume ``(1, H, W, slices)``.
+
+    ``source`` is a fastMRI file or a k-space array ``[slices, H, W]`` (then ``attrs`` may give spacing).
+    The affine is diagonal with 1 mm spacing unless the attributes or ISMRMRD header provide it.
+    """
+    meta = {"format": "fastmri_h5"}
+    if isinstance(source, (str, os.PathLike)):
+        kspace, mask, file_attrs = read_fastmri_h5(source)
+        attrs = {**file_attrs, **(attrs or {})}
+        meta["source"] = str(source)
+        meta["mask"] = mask
+    else:
+        kspace = np.asarray(source)
+        attrs = dict(attrs or {})
+        if kspace.ndim != 3 or not np.iscomplexobj(kspace):
+            raise InputError(None, f"k-space must be complex [slices, H, W], got {kspace.dtype} {kspace.shape}")
+    image = _zero_filled_magnitude(kspace)  # [slices, H, W]
+    array = np.ascontiguousarray(np.transpose(image, (1, 2, 0))[None])  # (1, H, W, slices)
+    affine = np.diag([*_spacing_from_attrs(attrs), 1.0])
+    meta["fastmri_attrs"] = {k: v for k, v in attrs.items() if k != "ismrmrd_header"}
+    volume = Volume(array=array, affine=affine, modality="MR", meta=meta)
+    volume.check_finite()
+    return volume
+
+
+def write_fastmri_recon_h5(path: str | os.PathLike, recon: np.ndarray, attrs: dict | None = None) -> Path:
+    """Write ``recon`` ``[slices, H, W]`` as float32 dataset ``reconstruction`` (fastMRI submission format)."""
+    path = Path(path)
+    recon = np.asarray(recon)
+    if recon.ndim != 3 or np.iscomplexobj(recon):
+        raise InputError(path, f"reconstruction must be real [slices, H, W], got {recon.dtype} {recon.shape}")
+    if not np.all(np.isfinite(recon)):
+        raise InputError(path, "reconstruction contains NaN/Inf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("reconstruction", data=recon.astype(np.float32))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
