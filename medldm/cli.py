@@ -26,7 +26,7 @@ def _fail(err: Exception, code: int = 2):
 @data_app.command("prepare")
 def data_prepare(
     out: Path = typer.Option(Path("data"), help="Output folder for NIfTI files and datalist.json."),
-    synthetic: int = typer.Option(8, help="Number of synthetic subjects to generate from the MNI152 tissue maps."),
+    synthetic: int = typer.Option(20, help="Number of synthetic subjects to generate from the MNI152 tissue maps."),
     seed: int = typer.Option(0, help="Seed of the synthetic-subject generator."),
     ct: bool = typer.Option(True, help="Include the InVesalius head CT (Debian invesalius-examples)."),
 ):

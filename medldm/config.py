@@ -156,6 +156,17 @@ class LDMRunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _degradation_builds(self):
+        # Fail at load time, naming the field, rather than at the first training step.
+        from medldm.physics.registry import build_random_operator
+
+        try:
+            build_random_operator(self.degradation.task, self.data.modality, **self.degradation.kwargs)
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ValueError(f"degradation.kwargs: {err}") from None
+        return self
+
 
 RUN_CONFIGS = {"vae": VAERunConfig, "ldm": LDMRunConfig}
 

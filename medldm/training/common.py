@@ -40,6 +40,20 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def ranks_agree(model: torch.nn.Module, info: DistInfo) -> bool:
+    """True when every rank holds bit-identical weights (DDP's promise, checked at the end of training)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in unwrap(model).state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    if not info.enabled:
+        return True
+    digests = [None] * info.world_size
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -43,13 +43,19 @@ class LatentCodec:
         return self.vae.decode(z / self.scale)
 
 
+def sample_operator(random_op, seed: int, image: torch.Tensor):
+    """Some operators (thick slices, in-plane) record the image size so the naive inverse matches it."""
+    return random_op.sample(seed, image=image) if getattr(random_op, "image_dependent", False) else random_op.sample(seed)
+
+
 def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list]:
     """Simulate measurements in physical units and return the normalised naive inverses."""
     conds, params = [], []
     for xi, seed in zip(x_n, seeds):
-        op = random_op.sample(int(seed))
+        x_phys = norm.inverse(xi[None].cpu())
+        op = sample_operator(random_op, int(seed), x_phys)
         g = torch.Generator().manual_seed(int(seed))
-        y = op.forward(norm.inverse(xi[None].cpu()), generator=g)
+        y = op.forward(x_phys, generator=g)
         conds.append(norm.forward(op.naive_inverse(y)).float())
         params.append(op.params())
     return torch.cat(conds).to(x_n.device), params
@@ -143,13 +149,15 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
         if cfg.train.max_minutes and (time.time() - t_start) > 60 * cfg.train.max_minutes:
             break
     progress.close()
+    agree = common.ranks_agree(unet, dist_info)
 
     folder = out_dir / "model"
     if dist_info.is_main:
         meta = {
             **{k: v for k, v in vae_bundle.meta.items() if k in ("vae", "latent_scale", "normalisation", "patch_size")},
             "name": cfg.name, "kind": "ldm", "task": cfg.degradation.task, "modality": cfg.data.modality,
-            "spatial_dims": dims, "unet": cfg.unet.model_dump(), "scheduler": cfg.scheduler.model_dump(),
+            "spatial_dims": dims, "slice_axis": cfg.data.slice_axis, "unet": cfg.unet.model_dump(),
+            "scheduler": cfg.scheduler.model_dump(),
             "refiner": cfg.refiner.model_dump(), "degradation": cfg.degradation.model_dump(),
             "cond_noise_max": cfg.train.cond_noise_max,
             "metrics": {**vae_bundle.meta.get("metrics", {})},
@@ -157,7 +165,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
                          "unet_parameters": count_parameters(unet),
                          "refiner_parameters": count_parameters(refiner) if refiner is not None else 0,
                          "world_size": dist_info.world_size, "mlflow_run_id": tracker.run_id,
-                         "vae_training": vae_bundle.meta.get("training")},
+                         "ranks_identical": agree, "vae_training": vae_bundle.meta.get("training")},
         }
         bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=ema.module, refiner=refiner)
         save_bundle(bundle, folder)

@@ -111,6 +111,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
         if cfg.train.max_minutes and (time.time() - t_start) > 60 * cfg.train.max_minutes:
             break
     progress.close()
+    agree = common.ranks_agree(model, dist_info)
 
     folder = out_dir / "model"
     if dist_info.is_main:
@@ -124,6 +125,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
             "metrics": {f"vae_{k}": v for k, v in final.items() if k != "step"},
             "training": {"steps": step, "seconds": round(time.time() - t_start, 1), "device": str(dev),
                          "parameters": count_parameters(vae_net), "world_size": dist_info.world_size,
+                         "ranks_identical": agree,
                          "mlflow_run_id": tracker.run_id},
         }
         save_bundle(ModelBundle(meta=meta, vae=vae_net), folder)

@@ -1,0 +1,38 @@
+"""Centred orthonormal FFTs (fastMRI convention): ifftshift -> fft(norm="ortho") -> fftshift.
+
+Centred so that the DC sample sits at index N // 2, which is where the fastMRI/MONAI masks put their
+fully sampled centre; orthonormal so that image-domain and k-space norms (and noise std) agree and the
+inverse transform is exactly the adjoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def fftnc(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Centred orthonormal n-D FFT over ``dims`` (real input is promoted to complex)."""
+    dims = tuple(dims)
+    x = torch.fft.ifftshift(x, dim=dims)
+    x = torch.fft.fftn(x, dim=dims, norm="ortho")
+    return torch.fft.fftshift(x, dim=dims)
+
+
+def ifftnc(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Centred orthonormal n-D inverse FFT over ``dims``; the exact adjoint (and inverse) of ``fftnc``."""
+    dims = tuple(dims)
+    x = torch.fft.ifftshift(x, dim=dims)
+    x = torch.fft.ifftn(x, dim=dims, norm="ortho")
+    return torch.fft.fftshift(x, dim=dims)
+
+
+def fft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2D FFT over the last two dims."""
+    return fftnc(x, (-2, -1))
+
+
+def ifft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2D inverse FFT over the last two dims."""
+    return ifftnc(x, (-2, -1))

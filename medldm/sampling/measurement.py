@@ -1,0 +1,99 @@
+"""What a reconstruction starts from: a measurement y, the operator that produced it, and the geometry
+of the image grid the answer lives on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medldm.errors import InputError
+from medldm.io.volume import Volume
+from medldm.physics.base import Operator
+
+
+@dataclass
+class Measurement:
+    y: torch.Tensor  # operator-domain data, batch and channel dims first: (1, 1, ...)
+    operator: Operator
+    affine: np.ndarray  # affine of the OUTPUT image grid (RAS+ mm)
+    modality: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.operator.task
+
+    def naive_inverse(self) -> torch.Tensor:
+        return self.operator.naive_inverse(self.y)
+
+
+def coarsest_axis(volume: Volume) -> int:
+    return int(np.argmax(volume.spacing))
+
+
+def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: int | None = None, sigma: float | None = None,
+               profile: str = "box") -> Measurement:
+    """Build the measurement for image-domain inputs: a noisy image (denoise) or a thick-slice image (sr)."""
+    from medldm.physics.noise import RicianNoise, estimate_rician_sigma
+    from medldm.physics.resolution import ThickSlice, coarse_to_fine_affine
+
+    if volume.spatial_dims != 3 or volume.array.shape[0] != 1:
+        raise InputError(volume.meta.get("source"), f"expected a single-channel 3D volume, got shape {volume.array.shape}")
+    volume.check_finite()
+    y = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
+    modality = volume.modality or "MR"
+    if task == "denoise":
+        if modality == "MR":
+            est = sigma if sigma is not None else estimate_rician_sigma(y[0, 0].numpy())
+            op = RicianNoise(sigma=float(est))
+        else:
+            from medldm.physics.noise import RicianNoise as _Identityish  # CT image input: no sinogram to be consistent with
+
+            op = _Identityish(sigma=0.0)
+            op.task = "denoise"
+        return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": getattr(op, "sigma", None)})
+    if task == "sr":
+        if factor is None or factor < 1:
+            raise InputError(volume.meta.get("source"), "super-resolution needs --factor (an integer >= 1)")
+        axis = coarsest_axis(volume) if axis is None else axis
+        op = ThickSlice(factor=int(factor), axis=axis, profile=profile)
+        return Measurement(y, op, coarse_to_fine_affine(volume.affine, axis, int(factor)), modality, {"axis": axis})
+    raise InputError(volume.meta.get("source"), f"task {task!r} needs a k-space measurement, not an image (use a fastMRI .h5)")
+
+
+def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray | None = None, modality: str = "MR") -> Measurement:
+    """fastMRI single-coil k-space [slices, H, W] -> a measurement on the (H, W, slices) image grid."""
+    from medldm.physics.kspace import CartesianUndersampling
+
+    k = torch.as_tensor(np.asarray(kspace)).to(torch.complex64)
+    if k.ndim != 3:
+        raise InputError(None, f"k-space must be [slices, H, W], got shape {tuple(k.shape)}")
+    if mask is None:  # sampled lines are the non-zero columns
+        mask = (k.abs().sum(dim=(0, 1)) > 0).numpy()
+    mask = np.asarray(mask).astype(bool).reshape(-1)
+    y = k.permute(1, 2, 0)[None, None] * torch.as_tensor(mask, dtype=torch.float32)[:, None]
+    op = CartesianUndersampling(mask=mask, mode="2d")
+    return Measurement(y, op, np.eye(4) if affine is None else affine, modality, {"acceleration": float(mask.size / mask.sum())})
+
+
+def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measurement:
+    """Research helper: degrade a clean volume with a randomly drawn operator (recorded in meta)."""
+    from medldm.physics.registry import build_random_operator
+    from medldm.physics.resolution import coarse_to_fine_affine, fine_to_coarse_affine
+
+    modality = volume.modality or "MR"
+    from medldm.training.ldm import sample_operator
+
+    x = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
+    op = sample_operator(build_random_operator(task, modality, **random_kwargs), seed, x)
+    y = op.forward(x, generator=torch.Generator().manual_seed(seed))
+    affine = volume.affine.copy()
+    meta = {"simulated": op.params(), "seed": seed}
+    if task == "sr":
+        # the simulated thick-slice input lives on a coarse grid; the answer on the original fine grid
+        meta["input_affine"] = fine_to_coarse_affine(affine, op.axis, op.factor)
+        assert np.allclose(coarse_to_fine_affine(meta["input_affine"], op.axis, op.factor), affine)
+    return Measurement(y, op, affine, modality, meta)

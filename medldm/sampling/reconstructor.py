@@ -1,0 +1,174 @@
+"""The Python API: ``Reconstructor.load(name_or_uri)(volume_or_path, ...) -> ReconstructionResult``.
+
+Pipeline for one volume: naive inverse -> normalise -> 2D slices along the model's slice axis ->
+latent sampling (optional DC every M steps) -> decode -> pixel refiner -> back to physical units ->
+final hard data consistency -> mean / std over K samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medldm import __version__
+from medldm.errors import InputError, ModelError
+from medldm.io.volume import Volume
+from medldm.models.bundle import ModelBundle, load_bundle
+from medldm.models.normalisation import Normalisation
+from medldm.sampling import measurement as meas
+from medldm.sampling.slicewise import restore_slices
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
+
+
+@dataclass
+class ReconstructionResult:
+    volume: Volume
+    uncertainty: Volume | None
+    residual: float | None
+    timings: dict[str, float]
+    provenance: dict[str, Any]
+    samples: np.ndarray | None = None  # (K, X, Y, Z) physical units, when keep_samples=True
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in SHIPPED_DIR.glob("*") if (p / "model.json").is_file())
+
+
+def resolve_model(name_or_uri: str | Path) -> tuple[Path, dict]:
+    """A shipped name, a local folder, or an MLflow URI (models:/..., runs:/...) -> local folder."""
+    s = str(name_or_uri)
+    if s.startswith(("models:/", "runs:/")):
+        from medldm.serving import download_model
+
+        return download_model(s)
+    if (SHIPPED_DIR / s / "model.json").is_file():
+        return SHIPPED_DIR / s, {"source": "shipped", "name": s}
+    p = Path(s)
+    if (p / "model.json").is_file():
+        return p, {"source": "folder", "path": str(p.resolve())}
+    raise ModelError(f"{s!r} is not a shipped model ({', '.join(shipped_models()) or 'none installed'}), "
+                     "a model folder, or an MLflow URI (models:/NAME@alias, runs:/ID/path)")
+
+
+class Reconstructor:
+    def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None):
+        if bundle.unet is None:
+            raise ModelError(f"{bundle.path}: a VAE-only model cannot reconstruct; train an LDM on it")
+        if bundle.spatial_dims != 2:
+            raise ModelError("3D models are trained by medldm but not yet sampled by the Reconstructor (issue #4)")
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bundle = bundle.to(self.device).eval()
+        self.meta = bundle.meta
+        self.origin = origin or {}
+
+    @classmethod
+    def load(cls, name_or_uri: str | Path, device: str | None = None) -> "Reconstructor":
+        folder, origin = resolve_model(name_or_uri)
+        return cls(load_bundle(folder), device=device, origin=origin)
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def slice_axis(self) -> int:
+        return int(self.meta.get("slice_axis", 2))
+
+    def default_factor(self) -> int:
+        return int(self.meta.get("degradation", {}).get("kwargs", {}).get("default_factor", 4))
+
+    def measurement_for(self, data, factor: int | None = None, sigma: float | None = None) -> meas.Measurement:
+        if isinstance(data, meas.Measurement):
+            return data
+        if isinstance(data, (str, Path)):
+            from medldm.io import read_volume
+
+            data = read_volume(data)
+        if isinstance(data, Volume):
+            if self.task == "sr":
+                factor = factor or self.default_factor()
+            return meas.from_image(data, self.task, factor=factor, sigma=sigma)
+        raise InputError(None, f"cannot reconstruct from a {type(data).__name__}; pass a Volume, a path or a Measurement")
+
+    def __call__(self, data, *, steps: int = 20, samples: int = 1, seed: int = 0, factor: int | None = None,
+                 sigma: float | None = None, dc: bool = True, latent_dc_every: int = 0, refine: bool = True,
+                 use_diffusion: bool = True, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
+                 progress: bool = False) -> ReconstructionResult:
+        if samples < 1 or steps < 1:
+            raise ValueError("samples and steps must be >= 1")
+        t0 = time.time()
+        m = self.measurement_for(data, factor=factor, sigma=sigma)
+        if m.task != self.task:
+            raise ModelError(f"model {self.meta.get('name')} does {self.task}, the input is a {m.task} measurement")
+        op, y = m.operator, m.y
+        cond_phys = op.naive_inverse(y).float()  # (1, 1, X, Y, Z) on the output grid
+        norm = Normalisation.from_dict(self.meta["normalisation"]).fit(cond_phys)
+        cond = norm.forward(cond_phys)
+        axis = self.slice_axis
+        slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
+        t_prep = time.time()
+
+        def latent_dc(x_slices, idx):
+            sub_y = y.index_select(2 + axis, idx.to(y.device)) if m.task != "sr" or axis != op.axis else None
+            x_vol = norm.inverse(x_slices.cpu()[:, 0].movedim(0, axis))[None, None]
+            if sub_y is None:
+                raise ModelError("latent DC along the degraded axis is not slice-separable")
+            x_vol = op.data_consistency(x_vol, sub_y)
+            return norm.forward(x_vol[0, 0].movedim(axis, 0)[:, None]).to(x_slices)
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_batches = -(-slices.shape[0] // batch_size) * samples
+            bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
+        with torch.no_grad():
+            out = restore_slices(self.bundle, slices, samples=samples, steps=steps, seed=seed, sampler=None,
+                                 batch_size=batch_size, eta=eta, refine=refine, use_diffusion=use_diffusion,
+                                 correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
+                                 correct_every=latent_dc_every, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        t_sample = time.time()
+        vols = norm.inverse(out["output"][:, :, 0].movedim(1, 1 + axis))  # (K, X, Y, Z) physical units
+        if dc and m.task in ("recon", "sr"):
+            vols = torch.cat([op.data_consistency(v[None, None], y)[0] for v in vols])
+        t_dc = time.time()
+        mean = vols.mean(0)
+        std = vols.std(0, unbiased=True) if samples > 1 else None
+        residual = op.residual(mean[None, None], y) if m.task in ("recon", "sr") else None
+        modality = m.modality
+        out_vol = Volume(mean[None].numpy().astype(np.float32), m.affine, modality,
+                         {"source": m.meta.get("source"), "task": m.task})
+        unc = Volume(std[None].numpy().astype(np.float32), m.affine, modality, {"kind": "std"}) if std is not None else None
+        timings = {"prepare": t_prep - t0, "sample": t_sample - t_prep, "data_consistency": t_dc - t_sample,
+                   "total": time.time() - t0}
+        prov = {
+            "medldm_version": __version__, "model": {**self.origin, "name": self.meta.get("name"),
+                                                      "format": self.meta.get("format"),
+                                                      "mlflow_run_id": self.meta.get("training", {}).get("mlflow_run_id")},
+            "task": m.task, "modality": modality,
+            "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "latent_dc_every": latent_dc_every,
+                           "refine": refine, "use_diffusion": use_diffusion, "eta": eta},
+            "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return ReconstructionResult(out_vol, unc, residual, timings, prov,
+                                    samples=vols.numpy() if keep_samples else None,
+                                    extras={"naive_inverse": cond_phys[0].numpy()})
+
+
+def _hash_tensor(t: torch.Tensor) -> str:
+    import hashlib
+
+    a = t.detach().cpu()
+    if a.is_complex():
+        a = torch.view_as_real(a)
+    return hashlib.sha256(a.contiguous().numpy().tobytes()).hexdigest()

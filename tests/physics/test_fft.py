@@ -1,0 +1,23 @@
+import numpy as np
+import torch
+
+from medldm.physics.fft import fft2c, fftnc, ifft2c, ifftnc
+from tests.physics.conftest import gen
+
+
+def test_roundtrip_and_orthonormal():
+    x = torch.randn(2, 1, 8, 6, generator=gen(), dtype=torch.complex128)
+    k = fft2c(x)
+    assert torch.allclose(ifft2c(k), x, atol=1e-12)
+    assert torch.allclose(torch.linalg.vector_norm(k), torch.linalg.vector_norm(x))
+    assert torch.allclose(fftnc(x, (-2, -1)), k)
+
+
+def test_dc_at_centre_and_matches_numpy_convention():
+    x = torch.ones(1, 1, 8, 8, 4, dtype=torch.float64)
+    k = fftnc(x, (2, 3, 4))
+    assert abs(k[0, 0, 4, 4, 2]) > 0 and torch.count_nonzero(k.abs() > 1e-9) == 1
+    a = np.random.default_rng(0).standard_normal((6, 5))
+    ref = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(a), norm="ortho"))
+    assert np.allclose(fft2c(torch.tensor(a)).numpy(), ref)
+    assert torch.allclose(ifftnc(fftnc(x, (2, 3, 4)), (2, 3, 4)).real, x)
