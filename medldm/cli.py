@@ -111,10 +111,27 @@ def reconstruct(
 
 
 @app.command()
-def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (default: all shipped)."),
-             out: Path = typer.Option(Path("outputs/evaluation"), help="Output folder for tables and figures.")):
+def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (repeatable; default: all shipped)."),
+             datalist: Path = typer.Option(Path("data/datalist.json"), help="Datalist from `medldm data prepare`."),
+             out: Path = typer.Option(Path("outputs/evaluation"), help="Output folder for tables and figures."),
+             steps: int = typer.Option(20, help="Sampling steps."),
+             samples: int = typer.Option(4, help="Samples for the uncertainty map and its calibration."),
+             crop: Optional[str] = typer.Option(None, help="Centre crop X,Y,Z of each validation volume (faster)."),
+             max_volumes: Optional[int] = typer.Option(None, help="At most this many validation volumes per modality."),
+             tracking: bool = typer.Option(True, help="Log one MLflow evaluation run."),
+             device: Optional[str] = _DEVICE):
     """Evaluate models against classical baselines on held-out data (tables, figures, MLflow run)."""
-    _fail(NotImplementedError("`medldm evaluate` is not implemented yet (issue #5)"), 3)
+    from medldm.evaluation.run import evaluate_models
+
+    crop_t = tuple(int(v) for v in crop.split(",")) if crop else None
+    if crop_t is not None and len(crop_t) != 3:
+        _fail(ValueError("--crop needs three integers X,Y,Z"))
+    try:
+        evaluate_models(model, datalist, out, steps=steps, samples=samples, crop=crop_t, max_volumes=max_volumes,
+                        tracking=tracking, device=device)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"tables and figures in {out}")
 
 
 @app.command()

@@ -29,7 +29,7 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
     if ref is not None:  # start as identity so outputs stay in range
         for p in ref.parameters():
             p.data.mul_(0.01)
-    kwargs = {"default_factor": 2} if task == "sr" else {}
+    kwargs = {"factors": [2]} if task == "sr" else {}
     meta = {
         "name": f"tiny-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality, "spatial_dims": 2,
         "slice_axis": (0 if task == "sr" else 2) if slice_axis is None else slice_axis,

@@ -65,20 +65,27 @@ class ModelBundle:
         return self
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state(module: torch.nn.Module, half: bool = False) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage; contiguous clones are cheap at these sizes.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous().clone()
+        out[k] = v.half() if half and v.is_floating_point() else v
+    return out
 
 
-def save_bundle(bundle: ModelBundle, folder: str | Path, card: str | None = None) -> Path:
+def save_bundle(bundle: ModelBundle, folder: str | Path, card: str | None = None, half: bool = False) -> Path:
+    """Write the folder. ``half`` stores weights as float16 (shipped models: half the size; loading
+    casts back to float32, which changes outputs by far less than the models' own error)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {**bundle.meta, "format": FORMAT, "medldm_version": __version__}
-    save_file(_state(bundle.vae), str(folder / "vae.safetensors"))
+    meta = {**bundle.meta, "format": FORMAT, "medldm_version": __version__,
+            "weights_dtype": "float16" if half else "float32"}
+    save_file(_state(bundle.vae, half), str(folder / "vae.safetensors"))
     if bundle.unet is not None:
-        save_file(_state(bundle.unet), str(folder / "unet.safetensors"))
+        save_file(_state(bundle.unet, half), str(folder / "unet.safetensors"))
     if bundle.refiner is not None:
-        save_file(_state(bundle.refiner), str(folder / "refiner.safetensors"))
+        save_file(_state(bundle.refiner, half), str(folder / "refiner.safetensors"))
     tmp = folder / "model.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     tmp.replace(folder / "model.json")

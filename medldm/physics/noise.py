@@ -175,3 +175,19 @@ def estimate_rician_sigma(image, snr_threshold: float = 4.0) -> float:
             return mad * float(np.median(np.abs(pool))) / math.sqrt(2 - math.pi / 2)
         sigma = mad * float(np.median(np.abs(resid[use])))
     return sigma
+
+
+class ReconstructedImageNoise(RicianNoise):
+    """Image-domain input whose noise came from an earlier reconstruction (e.g. a low-dose CT image read
+    from DICOM: the sinogram is gone). A = identity; forward adds Gaussian noise of std ``sigma`` (the
+    CT noise of an FBP image is close to Gaussian locally); naive inverse and data consistency as Rician.
+    """
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        check_image(x)
+        if self.sigma == 0:
+            return x.clone()
+        return x + self.sigma * randn(x.shape, noise_generator(generator, self.noise_seed), x)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "operator": "ReconstructedImageNoise"}

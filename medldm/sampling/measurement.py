@@ -27,6 +27,10 @@ class Measurement:
         return self.operator.task
 
     def naive_inverse(self) -> torch.Tensor:
+        # Measured k-space holds a complex image: its zero-filled magnitude is the naive inverse, not the
+        # real part of the adjoint (which is right for the real images medldm simulates).
+        if self.meta.get("measured_kspace"):
+            return self.operator.zero_filled_magnitude(self.y)
         return self.operator.naive_inverse(self.y)
 
 
@@ -49,16 +53,20 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
         if modality == "MR":
             est = sigma if sigma is not None else estimate_rician_sigma(y[0, 0].numpy())
             op = RicianNoise(sigma=float(est))
-        else:
-            from medldm.physics.noise import RicianNoise as _Identityish  # CT image input: no sinogram to be consistent with
+        else:  # a CT image: the sinogram is gone, the noise lives in the reconstructed image
+            from medldm.physics.noise import ReconstructedImageNoise
 
-            op = _Identityish(sigma=0.0)
-            op.task = "denoise"
+            op = ReconstructedImageNoise(sigma=float(sigma or 0.0))
         return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": getattr(op, "sigma", None)})
     if task == "sr":
-        if factor is None or factor < 1:
-            raise InputError(volume.meta.get("source"), "super-resolution needs --factor (an integer >= 1)")
         axis = coarsest_axis(volume) if axis is None else axis
+        if factor is None:  # thick slices: the factor that makes the slice axis as fine as the finest in-plane axis
+            others = [s for i, s in enumerate(volume.spacing) if i != axis]
+            factor = max(1, int(round(volume.spacing[axis] / min(others))))
+        if factor < 1:
+            raise InputError(volume.meta.get("source"), f"super-resolution factor must be an integer >= 1, got {factor}")
+        if axis != 2:
+            raise InputError(volume.meta.get("source"), f"the thick-slice axis must be the last index axis (Z); it is axis {axis}")
         op = ThickSlice(factor=int(factor), axis=axis, profile=profile)
         return Measurement(y, op, coarse_to_fine_affine(volume.affine, axis, int(factor)), modality, {"axis": axis})
     raise InputError(volume.meta.get("source"), f"task {task!r} needs a k-space measurement, not an image (use a fastMRI .h5)")
@@ -76,7 +84,8 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
     mask = np.asarray(mask).astype(bool).reshape(-1)
     y = k.permute(1, 2, 0)[None, None] * torch.as_tensor(mask, dtype=torch.float32)[:, None]
     op = CartesianUndersampling(mask=mask, mode="2d")
-    return Measurement(y, op, np.eye(4) if affine is None else affine, modality, {"acceleration": float(mask.size / mask.sum())})
+    return Measurement(y, op, np.eye(4) if affine is None else affine, modality,
+                       {"acceleration": float(mask.size / mask.sum()), "measured_kspace": True})
 
 
 def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measurement:

@@ -81,9 +81,6 @@ class Reconstructor:
     def slice_axis(self) -> int:
         return int(self.meta.get("slice_axis", 2))
 
-    def default_factor(self) -> int:
-        return int(self.meta.get("degradation", {}).get("kwargs", {}).get("default_factor", 4))
-
     def measurement_for(self, data, factor: int | None = None, sigma: float | None = None) -> meas.Measurement:
         if isinstance(data, meas.Measurement):
             return data
@@ -92,8 +89,6 @@ class Reconstructor:
 
             data = read_volume(data)
         if isinstance(data, Volume):
-            if self.task == "sr":
-                factor = factor or self.default_factor()
             return meas.from_image(data, self.task, factor=factor, sigma=sigma)
         raise InputError(None, f"cannot reconstruct from a {type(data).__name__}; pass a Volume, a path or a Measurement")
 
@@ -108,7 +103,7 @@ class Reconstructor:
         if m.task != self.task:
             raise ModelError(f"model {self.meta.get('name')} does {self.task}, the input is a {m.task} measurement")
         op, y = m.operator, m.y
-        cond_phys = op.naive_inverse(y).float()  # (1, 1, X, Y, Z) on the output grid
+        cond_phys = m.naive_inverse().float()  # (1, 1, X, Y, Z) on the output grid
         norm = Normalisation.from_dict(self.meta["normalisation"]).fit(cond_phys)
         cond = norm.forward(cond_phys)
         axis = self.slice_axis

@@ -24,7 +24,7 @@ def reconstruction_metrics(preds: list[torch.Tensor], refs: list[torch.Tensor]) 
 
 def _middle_slice(t: torch.Tensor):
     a = t.detach().float().cpu()
-    while a.ndim > 3:
+    while a.ndim > 2 and a.shape[0] == 1:  # drop batch / channel dims
         a = a[0]
     if a.ndim == 3:  # (X, Y, Z): show the middle axial slice
         a = a[..., a.shape[-1] // 2]
