@@ -40,6 +40,15 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if it is true on any: ranks must stop at the same step or DDP hangs."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def ranks_agree(model: torch.nn.Module, info: DistInfo) -> bool:
     """True when every rank holds bit-identical weights (DDP's promise, checked at the end of training)."""
     import hashlib

@@ -140,13 +140,16 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
         progress.update(**logs)
         if step % cfg.train.log_every == 0:
             tracker.log_metrics({f"train/{k}": v for k, v in logs.items()}, step)
-        if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps):
+        # a time budget ends the run like the last step does: with a checkpoint, so --resume loses nothing
+        out_of_time = common.any_rank(bool(cfg.train.max_minutes) and (time.time() - t_start) > 60 * cfg.train.max_minutes,
+                                      dist_info)
+        if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or out_of_time):
             state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                      "run_id": tracker.run_id, "rng": common.rng_state()}
             if refiner is not None:
                 state["refiner"] = refiner.state_dict()
             common.save_checkpoint(ckpt_path, state)
-        if cfg.train.max_minutes and (time.time() - t_start) > 60 * cfg.train.max_minutes:
+        if out_of_time:
             break
     progress.close()
     agree = common.ranks_agree(unet, dist_info)

@@ -102,13 +102,16 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
         if dist_info.is_main and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
             metrics = _validate(common.unwrap(model), val, dev, out_dir, step, tracker)
             history.append({"step": step, **metrics})
-        if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps):
+        # a time budget ends the run like the last step does: with a checkpoint, so --resume loses nothing
+        out_of_time = common.any_rank(bool(cfg.train.max_minutes) and (time.time() - t_start) > 60 * cfg.train.max_minutes,
+                                      dist_info)
+        if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or out_of_time):
             state = {"vae": common.unwrap(model).state_dict(), "opt": opt.state_dict(), "step": step,
                      "run_id": tracker.run_id, "rng": common.rng_state()}
             if use_adv:
                 state.update(disc=common.unwrap(disc).state_dict(), opt_d=opt_d.state_dict())
             common.save_checkpoint(ckpt_path, state)
-        if cfg.train.max_minutes and (time.time() - t_start) > 60 * cfg.train.max_minutes:
+        if out_of_time:
             break
     progress.close()
     agree = common.ranks_agree(model, dist_info)
