@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from medldm.errors import InputError, ModelError
+from medldm.io.volume import Volume
+from medldm.sampling.measurement import simulate
+from medldm.sampling.reconstructor import Reconstructor
+from tests.conftest import phantom
+from tests.helpers import make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {t: Reconstructor.load(make_tiny_bundle(root / t, t, "MR"), device="cpu") for t in ("denoise", "recon", "sr")}
+
+
+def volume(shape=(21, 18, 9), spacing=(1.0, 1.0, 1.0)):
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-10, 4, 2.5]
+    return Volume((phantom(shape) * 300 + 10)[None].astype(np.float32), affine, "MR")
+
+
+def test_denoise_keeps_geometry_odd_sizes(models):
+    vol = volume()
+    res = models["denoise"](vol, steps=2, seed=1)
+    assert res.volume.array.shape == vol.array.shape
+    np.testing.assert_array_equal(res.volume.affine, vol.affine)
+    assert res.provenance["input_sha256"] and res.provenance["task"] == "denoise"
+    assert res.timings["total"] > 0
+
+
+def test_same_seed_same_output_and_batch_size_does_not_matter(models):
+    vol = volume()
+    a = models["denoise"](vol, steps=2, seed=3, batch_size=4).volume.array
+    b = models["denoise"](vol, steps=2, seed=3, batch_size=9).volume.array
+    c = models["denoise"](vol, steps=2, seed=4).volume.array
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-2)  # batch shape changes float32 summation order only
+    assert not np.allclose(a, c)
+
+
+def test_uncertainty_zero_when_deterministic_positive_when_not(models):
+    vol = volume()
+    det = models["denoise"](vol, steps=2, samples=3, use_diffusion=False)
+    assert np.abs(det.uncertainty.array).max() < 1e-5
+    sto = models["denoise"](vol, steps=2, samples=3)
+    assert sto.uncertainty.array.mean() > 0
+
+
+def test_recon_data_consistency_lowers_the_residual(models):
+    truth = volume((24, 20, 4))
+    m = simulate(truth, "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    off = models["recon"](m, steps=2, dc=False)
+    on = models["recon"](m, steps=2, dc=True)
+    assert on.residual < 1e-3 < off.residual
+    latent = models["recon"](m, steps=4, dc=False, latent_dc_every=2)
+    assert latent.volume.array.shape == truth.array.shape
+
+
+def test_sr_output_grid_covers_the_input_field_of_view(models):
+    coarse = volume((20, 16, 5), spacing=(1.0, 1.0, 4.0))
+    res = models["sr"](coarse, steps=2)
+    assert res.volume.array.shape == (1, 20, 16, 20)
+    fine = res.volume.affine
+    assert np.allclose(np.linalg.norm(fine[:3, :3], axis=0), [1, 1, 1])
+    # the first coarse voxel's lower edge coincides with the first fine voxel's lower edge
+    edge_coarse = coarse.affine @ np.array([0, 0, -0.5, 1])
+    edge_fine = fine @ np.array([0, 0, -0.5, 1])
+    np.testing.assert_allclose(edge_coarse, edge_fine, atol=1e-9)
+    assert res.residual < 1e-4
+
+
+def test_task_mismatch_and_bad_inputs(models):
+    with pytest.raises(InputError, match="k-space"):
+        models["recon"](volume(), steps=1)
+    with pytest.raises(InputError, match="NaN"):
+        bad = volume()
+        bad.array[0, 0, 0, 0] = np.nan
+        models["denoise"](bad, steps=1)
+    with pytest.raises(ModelError):
+        Reconstructor.load("no-such-model")
+    with pytest.raises(ValueError):
+        models["denoise"](volume(), steps=0)
+
+
+def test_measured_kspace_uses_the_magnitude(models):
+    from medldm.sampling.measurement import from_kspace
+
+    img = torch.as_tensor(phantom((16, 16, 3)))
+    k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(img.permute(2, 0, 1) * 1j, dim=(-2, -1)), norm="ortho"),
+                           dim=(-2, -1))  # purely imaginary image: its real part is zero, its magnitude is not
+    m = from_kspace(k.numpy(), np.ones(16))
+    np.testing.assert_allclose(m.naive_inverse()[0, 0].numpy(), img.numpy(), atol=1e-5)
