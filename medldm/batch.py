@@ -18,6 +18,7 @@ takes units i with i % world == r, keeps ``manifest.rank{r}.json``, and rank 0 m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,17 +31,21 @@ from pathlib import Path
 import numpy as np
 
 from medldm import __version__
-from medldm.batch_units import TASKS, Unit, discover
+from medldm.batch_units import (MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover, exit_code,  # noqa: F401
+                                 format_plan, format_table, merge_rank_manifests, read_previous, summarise, utc_now,
+                                 write_json_atomic)
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES, Volume
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-
 
 class UsageError(MedldmError):
     """Bad options or nothing to do: exit code 2."""
+
+
+class _Unexpected(MedldmError):
+    """A library step raised something other than our typed errors: the unit fails with the step named."""
 
 
 @dataclass
@@ -76,6 +81,9 @@ class _Context:
                 self._models[name] = rec
             except MedldmError as err:
                 self._models[name] = err
+            except Exception as err:  # noqa: BLE001 - damaged weights, out of memory: same answer for every unit
+                first = (str(err).splitlines() or [""])[0]
+                self._models[name] = ModelError(f"model {name!r} cannot be loaded ({type(err).__name__}: {first})")
         rec = self._models[name]
         if isinstance(rec, Exception):
             raise rec
@@ -86,24 +94,6 @@ class _Context:
 
 
 # ----------------------------------------------------------------------------------------- one unit
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_input(unit: Unit):
@@ -133,26 +123,57 @@ def _load_input(unit: Unit):
     return m, None, "MR"
 
 
-def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]:
-    from medldm.io import write_dicom_series, write_fastmri_recon_h5, write_nifti
+@contextlib.contextmanager
+def _stage(what: str):
+    """Label an exception that is not one of ours with the step it came from: the unit's reason says where."""
+    try:
+        yield
+    except MedldmError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        first = (str(err).splitlines() or [""])[0]
+        raise _Unexpected(f"unexpected {type(err).__name__} while {what}: {first}") from err
 
-    data, volume, modality = _load_input(unit)
-    if modality is None and ctx.model:  # NIfTI without a stated modality: the chosen model's says it
-        modality = unit.modality
+
+def _check_geometry(volume: Volume) -> None:
+    # The readers accept Inf positions and zero spacings; the NIfTI writer (qform) and SR then fail obscurely.
+    aff = volume.affine
+    if not np.all(np.isfinite(aff)) or abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
+        raise InputError(volume.meta.get("source"), "voxel geometry is not finite or degenerate (check "
+                                                    "ImagePositionPatient/ImageOrientationPatient/PixelSpacing or "
+                                                    "the NIfTI affine)")
+
+
+def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]:
+    with _stage("reading the input"):
+        data, volume, modality = _load_input(unit)
+    if volume is not None:
+        _check_geometry(volume)
     name = ctx.model_name(modality)
     rec = ctx.reconstructor(name, modality)
-    result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor)
+    with _stage("reconstructing"):
+        result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor)
     if not np.all(np.isfinite(result.volume.array)):
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
+
+    with _stage("writing the outputs"):
+        return _write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.meta.get("name") or name)
+
+
+def _write_outputs(unit, ctx, tmp, result, volume, modality, name, model_name) -> tuple[dict, dict]:
+    from medldm.io import write_dicom_series, write_fastmri_recon_h5, write_nifti
 
     tmp.mkdir(parents=True)
     outputs = {"reconstruction": write_nifti(result.volume, tmp / "reconstruction.nii.gz")}
     if result.uncertainty is not None:
         outputs["uncertainty"] = write_nifti(result.uncertainty, tmp / "uncertainty.nii.gz")
     if unit.kind == "dicom":
-        description = (f"medldm {__version__} {ctx.task} by model {rec.meta.get('name') or name} ({name}); "
+        description = (f"medldm {__version__} {ctx.task} by model {model_name} ({name}); "
                        f"{ctx.steps} steps, {ctx.samples} samples, seed {ctx.seed}")
-        write_dicom_series(result.volume, tmp / "dicom", source_meta=volume.meta.get("dicom"),
+        # A corrupt source header can put numbers where UIDs belong; the writer would raise on them.
+        template = {k: v for k, v in (volume.meta.get("dicom") or {}).items()
+                    if not k.endswith("UID") or isinstance(v, str)}
+        write_dicom_series(result.volume, tmp / "dicom", source_meta=template,
                            derivation_description=description, modality=modality)
         outputs["dicom"] = tmp / "dicom"
     if unit.kind == "fastmri":
@@ -180,6 +201,11 @@ def _commit(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+# Output file -> manifest key; also rebuilds the outputs of a unit whose manifest entry was lost to a kill.
+OUTPUT_KEYS = {"reconstruction.nii.gz": "reconstruction", "uncertainty.nii.gz": "uncertainty", "dicom": "dicom",
+               "reconstruction.h5": "reconstruction_h5", "provenance.json": "provenance"}
+
+
 def _entry(unit: Unit) -> dict:
     entry = {"id": unit.id, "kind": unit.kind, "inputs": [str(p) for p in unit.inputs], "status": None,
              "reason": "", "outputs": {}, "seconds": 0.0, "modality": unit.modality}
@@ -192,7 +218,8 @@ def _done_entry(unit: Unit, ctx: _Context, final: Path) -> dict:
     prev = ctx.previous.get(unit.id) or {}
     entry = {**_entry(unit), **{k: v for k, v in prev.items() if k not in ("status", "reason", "seconds")}}
     if not entry.get("outputs"):  # killed between the rename and the manifest write
-        entry["outputs"] = {p.name.split(".")[0]: f"{unit.id}/{p.name}" for p in sorted(final.iterdir())}
+        entry["outputs"] = {OUTPUT_KEYS[p.name]: f"{unit.id}/{p.name}" for p in sorted(final.iterdir())
+                            if p.name in OUTPUT_KEYS}
     entry.update(status="skipped", reason="already done", previous_status=prev.get("status", "ok"),
                  previous_seconds=prev.get("seconds"))
     return entry
@@ -207,9 +234,10 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
     final, tmp = ctx.out / unit.id, ctx.out / f".{unit.id}.tmp"
     if final.is_dir() and not ctx.overwrite:
         return _done_entry(unit, ctx, final)
-    if tmp.exists():
-        log.info("unit %s: removing the leftovers of an interrupted run", unit.id)
-        shutil.rmtree(tmp)
+    for leftover in (tmp, ctx.out / f".{unit.id}.old"):  # a kill mid-write or mid-_commit
+        if leftover.exists():
+            log.info("unit %s: removing the leftovers of an interrupted run", unit.id)
+            shutil.rmtree(leftover)
     t0 = time.perf_counter()
     try:
         outputs, info = _reconstruct_into(unit, ctx, tmp)
@@ -228,77 +256,12 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
     return entry
 
 
-# ----------------------------------------------------------------------------------------- manifests
-
-
-def read_previous(out: Path) -> dict:
-    """id -> entry from manifest.json and any rank manifests a killed distributed run left behind."""
-    entries = {}
-    for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.json"))]:
-        try:
-            for e in json.loads(path.read_text(encoding="utf-8")).get("units", []):
-                if e.get("status") == "ok" or e.get("previous_status") == "ok":
-                    entries[e["id"]] = e
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            continue
-    return entries
-
-
-def summarise(units: list[dict]) -> dict:
-    return {s: sum(1 for u in units if u.get("status") == s) for s in ("ok", "failed", "skipped")}
-
-
-def merge_rank_manifests(out: Path, world_size: int, order: list[str] | None = None, *,
-                         remove: bool = True) -> dict:
-    """Merge ``manifest.rank{r}.json`` (r < world_size) into ``manifest.json``, units in ``order``."""
-    out = Path(out)
-    merged, units, missing = None, [], []
-    for r in range(world_size):
-        path = out / f"manifest.rank{r}.json"
-        try:
-            part = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            missing.append(r)
-            continue
-        merged = merged or {k: v for k, v in part.items() if k not in ("units", "rank")}
-        units += part.get("units", [])
-    merged = merged or {}
-    if order is not None:
-        pos = {uid: i for i, uid in enumerate(order)}
-        units.sort(key=lambda e: pos.get(e.get("id"), len(pos)))
-    merged.update(units=units, summary=summarise(units), world_size=world_size, updated=_now())
-    if missing:
-        merged["missing_ranks"] = missing
-    write_json_atomic(out / MANIFEST, merged)
-    if remove and not missing:
-        for r in range(world_size):
-            (out / f"manifest.rank{r}.json").unlink(missing_ok=True)
-    return merged
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def exit_code(units: list[dict]) -> int:
-    return 1 if any(u.get("status") == "failed" for u in units) else 0
-
-
-def format_table(units: list[dict]) -> str:
-    width = max([len("unit")] + [len(u["id"]) for u in units])
-    lines = [f"{'unit':<{width}}  {'status':<7}  {'seconds':>8}  reason"]
-    for u in units:
-        lines.append(f"{u['id']:<{width}}  {u['status']:<7}  {u.get('seconds') or 0.0:>8.2f}  {u.get('reason', '')}")
-    s = summarise(units)
-    lines.append(f"{s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------- entry point
 
 
 def _validate(source: Path, out: Path, task: str, steps: int, samples: int, modality: str | None,
-              factor: int | None, model: str | None) -> None:
+              factor: int | None, model: str | None) -> dict:
+    """The model's model.json (empty without --model) once the options make sense, else UsageError."""
     if task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if steps < 1 or samples < 1:
@@ -324,20 +287,8 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
             raise UsageError(f"--model {model}: {err}") from None
         if meta.get("task") != task:
             raise UsageError(f"--model {model} does {meta.get('task')!r}, not --task {task}")
-
-
-def _plan(units: list[Unit], ctx: _Context) -> str:
-    lines = []
-    for u in units:
-        if u.skip or u.fail:
-            what = f"{'skip' if u.skip else 'fail'}: {u.skip or u.fail}"
-        elif (ctx.out / u.id).is_dir() and not ctx.overwrite:
-            what = "skip: already done"
-        else:
-            name = ctx.model or (f"{u.modality.lower()}-{ctx.task}" if u.modality else "? (pass --modality)")
-            what = f"run {ctx.task} with model {name}"
-        lines.append(f"{u.id}  {u.kind:<12} {len(u.inputs):>4} file(s)  {u.modality or '-':<2}  {what}")
-    return "\n".join(lines)
+        return meta
+    return {}
 
 
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
@@ -347,10 +298,12 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written)."""
     source, out = Path(input), Path(output)
     try:
-        _validate(source, out, task, steps, samples, modality, factor, model)
+        meta = _validate(source, out, task, steps, samples, modality, factor, model)
         units, ignored = discover(source, task, modality)
-        if model is not None:  # a NIfTI that does not say its modality is taken to be what the model is for
-            _fill_modality_from_model(units, model)
+        model_modality = str(meta.get("modality") or "").upper()
+        for u in units:  # a NIfTI that does not say its modality is taken to be what the chosen model is for
+            if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
+                u.modality, u.modality_source = model_modality, "model"
         if not any(u.runnable or u.fail for u in units):
             raise UsageError(f"nothing to reconstruct with --task {task} under {source} ({len(units)} unit(s) "
                              f"found, all not applicable; {len(ignored)} other file(s) ignored)")
@@ -361,20 +314,20 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite)
     if dry_run:
         if rank == 0:
-            print(_plan(units, ctx))
+            print(format_plan(units, out, task, model, overwrite))
             print(f"{len(units)} unit(s); {len(ignored)} other file(s) ignored; dry run: nothing written")
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
     ctx.previous = read_previous(out)
-    from medldm.batch_dist import finish_distributed, start_distributed
-
-    group = start_distributed(world) if world > 1 else None
+    owned = _start_distributed() if world > 1 else False
     mine = [u for i, u in enumerate(units) if i % world == rank]
-    header = {"medldm_version": __version__, "created": _now(), "input": str(source), "output": str(out),
+    header = {"medldm_version": __version__, "created": utc_now(), "input": str(source), "output": str(out),
               "task": task, "model": model, "parameters": {"steps": steps, "samples": samples, "seed": seed,
                                                            "factor": factor, "modality": modality},
-              "ignored": ignored[:200], "ignored_count": len(ignored)}
+              "ignored": ignored[:MAX_IGNORED_LISTED], "ignored_count": len(ignored)}
+    if any(u.runnable for u in mine):  # torch and the networks import once here, not inside the first unit's seconds
+        import medldm.sampling.reconstructor  # noqa: F401
     path = out / (MANIFEST if world == 1 else f"manifest.rank{rank}.json")
     entries: list[dict] = []
     from tqdm.auto import tqdm
@@ -384,23 +337,14 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
             bar.set_postfix_str(unit.id, refresh=False)
             entries.append(process_unit(unit, ctx))
             write_json_atomic(path, {**header, "rank": rank, "units": entries, "summary": summarise(entries),
-                                     "updated": _now()})
+                                     "updated": utc_now()})
     if world == 1:
+        for stale in out.glob("manifest.rank*.json"):  # a killed torchrun's progress, now carried into manifest.json
+            stale.unlink(missing_ok=True)
         print(format_table(entries))
         print(f"manifest: {path}")
         return exit_code(entries)
-    return finish_distributed(group, out, world, rank, [u.id for u in units])
-
-
-def _fill_modality_from_model(units: list[Unit], model: str) -> None:
-    from medldm.sampling.reconstructor import resolve_model
-
-    folder, _ = resolve_model(model)
-    meta = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8"))
-    value = str(meta.get("modality") or "").upper()
-    for u in units:
-        if u.kind == "nifti" and u.modality is None and value in MODALITIES:
-            u.modality, u.modality_source = value, "model"
+    return _finish_distributed(owned, out, world, rank, [u.id for u in units])
 
 
 def _device(device: str | None, world: int) -> str | None:
@@ -412,3 +356,33 @@ def _device(device: str | None, world: int) -> str | None:
     if not torch.cuda.is_available():
         return device
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % torch.cuda.device_count()}"
+
+
+def _start_distributed() -> bool:
+    """Join torchrun's process group (gloo: only barriers and one small broadcast travel); True if we made it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    # Ranks reach the barrier after their own units, which can take hours apart: the default 30 min is too short.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return True
+
+
+def _finish_distributed(owned: bool, out: Path, world: int, rank: int, order: list[str]) -> int:
+    import torch.distributed as dist
+
+    dist.barrier()
+    code = [0]
+    if rank == 0:
+        merged = merge_rank_manifests(out, world, order)
+        print(format_table(merged["units"]))
+        print(f"manifest: {out / MANIFEST}")
+        code = [exit_code(merged["units"])]
+    # Every rank exits with the merged code: torchrun tears the others down when one exits non-zero first.
+    dist.broadcast_object_list(code, src=0)
+    if owned:
+        dist.destroy_process_group()
+    return int(code[0])

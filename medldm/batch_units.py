@@ -1,23 +1,31 @@
-"""Discovery for `medldm reconstruct`: turn an input folder (or file) into units of work.
+"""Units and manifests for `medldm reconstruct`: turn an input folder (or file) into units of work.
 
 A unit is one DICOM image series (grouped by SeriesInstanceUID, wherever its files live), one NIfTI file or
 one fastMRI .h5 file. Files that cannot become a unit by themselves but say something about the input (a
 non-image DICOM object, an unreadable .dcm) become units that are skipped or failed up front, so the
-manifest accounts for them.
+manifest accounts for them. The manifest helpers (atomic JSON, rank merge, summary table) live here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medldm.errors import InputError
 from medldm.io.volume import MODALITIES
 
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
 TASKS = ("denoise", "recon", "sr")
 IMAGE_KINDS = ("dicom", "nifti")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -26,7 +34,7 @@ _H5_SUFFIXES = (".h5", ".hdf5")
 _BIDS_MR = ("t1w", "t2w", "flair", "pdw", "pd", "t2starw", "t2star", "pdt2", "t1map", "t2map", "r1map", "r2map",
             "inplanet1", "inplanet2", "angio", "dwi", "bold", "asl", "m0scan", "mtr", "mese", "megre", "unit1")
 _BIDS_CT = ("ct",)
-MAX_IGNORED_LISTED = 100
+MAX_IGNORED_LISTED = 200  # the manifest lists this many ignored files; ignored_count has them all
 
 
 @dataclass
@@ -144,11 +152,67 @@ def _single_dicom(path: Path, task: str, explicit: str | None) -> Unit:
     return _series_unit(info, task, explicit)
 
 
+def _find_series(root: Path):
+    from medldm.io.dicom_read import find_dicom_series
+
+    try:
+        return find_dicom_series(root)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # pydicom decodes header values lazily, so one file with a corrupt VR or value can escape the reader's
+        # own checks and abort the whole scan; rescanning file by file confines it to a failed unit.
+        log.warning("DICOM scan stopped on %s; rescanning file by file", type(exc).__name__)
+        return _find_series_per_file(root)
+
+
+def _find_series_per_file(root: Path):
+    """find_dicom_series with every header access guarded; same grouping, sorting and skip reasons."""
+    from medldm.io import dicom_read as dr
+
+    groups: dict[str, list] = {}
+    seen: dict[str, Path] = {}
+    skipped = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        ds, reason = dr._try_read(path, defer_size=1024)
+        if ds is None:
+            skipped.append((path, reason))
+            continue
+        try:
+            if dr._file_meta(ds, "MediaStorageSOPClassUID") == dr._DICOMDIR_UID:
+                skipped.append((path, "DICOMDIR (directory index)"))
+                continue
+            if "PixelData" not in ds:
+                skipped.append((path, f"no pixel data ({dr._sop_class_name(ds)})"))
+                continue
+            uid, sop = str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+            number = ds.get("SeriesNumber")
+            info = dr.SeriesInfo(uid, [path], dr._modality(ds), str(ds.get("SeriesDescription", "") or ""),
+                                 int(number) if number not in (None, "") else None,
+                                 str(ds.get("SOPClassUID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""))
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).splitlines() or [""])[0][:200]
+            skipped.append((path, f"unreadable DICOM header ({type(exc).__name__}: {first})"))
+            continue
+        if not uid:
+            skipped.append((path, "no SeriesInstanceUID"))
+        elif sop and sop in seen:
+            skipped.append((path, f"duplicate copy of SOPInstanceUID already in {seen[sop]}"))
+        else:
+            seen[sop] = path
+            groups.setdefault(uid, []).append(info)
+    series = []
+    for members in groups.values():
+        first = members[0]
+        first.files = [m.files[0] for m in members]
+        series.append(first)
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
+    return dr.SeriesList(series, skipped)
+
+
 def discover(source: str | Path, task: str, modality: str | None = None) -> tuple[list[Unit], list[dict]]:
     """Units in a stable order (DICOM series, NIfTI, .h5, then unreadable and non-image files) and the files
     ignored (not DICOM, NIfTI or .h5; DICOMDIRs; duplicate copies of an instance)."""
-    from medldm.io.dicom_read import find_dicom_series
-
     src = Path(source)
     if not src.exists():
         raise InputError(src, "does not exist")
@@ -168,7 +232,7 @@ def discover(source: str | Path, task: str, modality: str | None = None) -> tupl
                 others.append(unit)
 
     if src.is_dir():
-        found = find_dicom_series(src)
+        found = _find_series(src)
         series = [_series_unit(info, task, modality) for info in found]
         for path, reason in found.skipped:
             add_file(path, reason)
@@ -198,3 +262,104 @@ def discover(source: str | Path, task: str, modality: str | None = None) -> tupl
             unit.id = f"{unit.id}-{short_hash(*map(str, unit.inputs))[:6]}"
         seen.add(unit.id)
     return units, ignored
+
+
+# ----------------------------------------------------------------------------------------- manifests
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_previous(out: Path) -> dict:
+    """id -> entry from manifest.json and any rank manifests a killed distributed run left behind."""
+    entries = {}
+    for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.json"))]:
+        try:
+            for e in json.loads(path.read_text(encoding="utf-8")).get("units", []):
+                if e.get("status") == "ok" or e.get("previous_status") == "ok":
+                    entries[e["id"]] = e
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def summarise(units: list[dict]) -> dict:
+    return {s: sum(1 for u in units if u.get("status") == s) for s in ("ok", "failed", "skipped")}
+
+
+def merge_rank_manifests(out: Path, world_size: int, order: list[str] | None = None, *,
+                         remove: bool = True) -> dict:
+    """Merge ``manifest.rank{r}.json`` (r < world_size) into ``manifest.json``, units in ``order``."""
+    out = Path(out)
+    merged, units, missing = None, [], []
+    for r in range(world_size):
+        path = out / f"manifest.rank{r}.json"
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            missing.append(r)
+            continue
+        merged = merged or {k: v for k, v in part.items() if k not in ("units", "rank")}
+        units += part.get("units", [])
+    merged = merged or {}
+    if order is not None:
+        pos = {uid: i for i, uid in enumerate(order)}
+        units.sort(key=lambda e: pos.get(e.get("id"), len(pos)))
+    merged.update(units=units, summary=summarise(units), world_size=world_size, updated=utc_now())
+    if missing:
+        merged["missing_ranks"] = missing
+    write_json_atomic(out / MANIFEST, merged)
+    if remove and not missing:
+        for r in range(world_size):
+            (out / f"manifest.rank{r}.json").unlink(missing_ok=True)
+    return merged
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def exit_code(units: list[dict]) -> int:
+    return 1 if any(u.get("status") == "failed" for u in units) else 0
+
+
+def format_table(units: list[dict]) -> str:
+    width = max([len("unit")] + [len(u["id"]) for u in units])
+    lines = [f"{'unit':<{width}}  {'status':<7}  {'seconds':>8}  reason"]
+    for u in units:
+        lines.append(f"{u['id']:<{width}}  {u['status']:<7}  {u.get('seconds') or 0.0:>8.2f}  {u.get('reason', '')}")
+    s = summarise(units)
+    lines.append(f"{s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped")
+    return "\n".join(lines)
+
+
+
+
+def format_plan(units: list[Unit], out: Path, task: str, model: str | None, overwrite: bool) -> str:
+    """The --dry-run listing: each unit and what a real run would do with it."""
+    lines, width = [], max(len(u.id) for u in units)
+    for u in units:
+        if u.skip or u.fail:
+            what = f"{'skip' if u.skip else 'fail'}: {u.skip or u.fail}"
+        elif (Path(out) / u.id).is_dir() and not overwrite:
+            what = "skip: already done"
+        else:
+            name = model or (f"{u.modality.lower()}-{task}" if u.modality else "? (pass --modality)")
+            what = f"run {task} with model {name}"
+        lines.append(f"{u.id:<{width}}  {u.kind:<12} {len(u.inputs):>4} file(s)  {u.modality or '-':<2}  {what}")
+    return "\n".join(lines)

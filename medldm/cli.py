@@ -135,18 +135,50 @@ def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (repea
 
 
 @app.command()
-def register(model: str = typer.Argument(..., help="Model folder or shipped model name."),
+def register(model: str = typer.Argument(..., help="Model folder, shipped model name or MLflow URI."),
              name: str = typer.Option(..., help="Registered model name."),
-             alias: Optional[str] = typer.Option("champion", help="Alias to set on the new version.")):
-    """Log a model as an MLflow pyfunc and register a new version."""
-    _fail(NotImplementedError("`medldm register` is not implemented yet (issue #7)"), 3)
+             alias: Optional[str] = typer.Option("champion", help="Alias to set on the new version."),
+             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db."),
+             no_example: bool = typer.Option(False, "--no-example", help="Skip MLflow's input-example check (faster).")):
+    """Log a model as an MLflow pyfunc (safetensors + config + card) and register a new version."""
+    from medldm.serving import register_model
+
+    try:
+        info = register_model(model, name, alias=alias, tracking_uri=tracking_uri, input_example=not no_example)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"registered {info['name']} version {info['version']}: {info['model_uri']}")
 
 
 @app.command()
-def demo():
-    """The main job on embedded defaults: degrade a bundled scan, reconstruct it, compare with baselines."""
-    _fail(NotImplementedError("`medldm demo` is not implemented yet (issue #8). Working today: `medldm data prepare`, "
-                              "`medldm train vae|ldm`, and the Python API `medldm.Reconstructor`."), 3)
+def serve(model_uri: str = typer.Argument(..., help="models:/NAME@alias or runs:/ID/model"),
+          host: str = typer.Option("127.0.0.1"), port: int = typer.Option(5000),
+          timeout: int = typer.Option(600, help="Request timeout in seconds."),
+          max_payload_mb: float = typer.Option(256, help="Largest accepted request (MEDLDM_MAX_PAYLOAD_MB).")):
+    """Serve a registered model with `mlflow models serve --env-manager local` (POST /invocations)."""
+    from medldm.serving import serve as start, stop
+
+    proc = start(model_uri, host=host, port=port, timeout_s=timeout, env={"MEDLDM_MAX_PAYLOAD_MB": str(max_payload_mb)})
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        stop(proc)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_output"), help="Where inputs, outputs, figures and the table go."),
+         steps: int = typer.Option(20, help="Sampling steps."),
+         samples: int = typer.Option(2, help="Samples per volume (uncertainty map)."),
+         model: list[str] = typer.Option([], help="Only these shipped models (default: all).")):
+    """The main job on embedded defaults: degrade held-out real scans, write them as DICOM / k-space,
+    register the shipped models in the local MLflow registry, run `medldm reconstruct` through the
+    registry URIs, and compare with classical baselines. A second run reuses everything."""
+    from medldm.demo import run_demo
+
+    try:
+        run_demo(out, steps=steps, samples=samples, models=model or None)
+    except MedldmError as err:
+        _fail(err)
 
 
 def main():

@@ -48,7 +48,7 @@ def resolve_model(name_or_uri: str | Path) -> tuple[Path, dict]:
         from medldm.serving import download_model
 
         return download_model(s)
-    if (SHIPPED_DIR / s / "model.json").is_file():
+    if "/" not in s and "\\" not in s and (SHIPPED_DIR / s / "model.json").is_file():
         return SHIPPED_DIR / s, {"source": "shipped", "name": s}
     p = Path(s)
     if (p / "model.json").is_file():

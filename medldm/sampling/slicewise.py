@@ -20,10 +20,13 @@ from medldm.training.ldm import LatentCodec, condition_input
 PAD_MULTIPLE = 16
 
 
+MIN_SIZE = 32  # the refiner's instance norm needs more than one voxel at its coarsest level (1/16)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Zero-pad the last two dims up to a multiple; returns the padded tensor and the original size."""
+    """Zero-pad the last two dims up to a multiple (and at least MIN_SIZE); returns it and the original size."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = max((-h) % multiple, MIN_SIZE - h), max((-w) % multiple, MIN_SIZE - w)
     return F.pad(x, (0, pw, 0, ph)), (h, w)
 
 
