@@ -99,12 +99,11 @@ def reconstruct(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
 ):
-    """Batch reconstruction of DICOM series, NIfTI and fastMRI .h5 files."""
-    try:
-        from medldm.batch import run_batch
-    except ImportError:
-        _fail(NotImplementedError("`medldm reconstruct` is not implemented yet (issue #6); "
-                                  "use the Python API medldm.Reconstructor for single volumes"), 3)
+    """Batch reconstruction of DICOM series, NIfTI and fastMRI .h5 files.
+
+    Exit codes: 0 all units ok or skipped, 1 any unit failed (see OUTPUT/manifest.json), 2 usage error."""
+    from medldm.batch import run_batch
+
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
                      factor=factor, device=device, dry_run=dry_run, overwrite=overwrite)
     raise typer.Exit(code)
