@@ -13,17 +13,16 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
 from medldm.errors import InputError
+from medldm.io.dicom_values import (as_float, as_floats, as_int, decode_header, error_text, jsonable,
+                                   parse_file, text_value)
 from medldm.io.volume import MODALITIES, Volume
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,20 @@ TEMPLATE_KEYWORDS = (
     "KVP", "ConvolutionKernel", "XRayTubeCurrent", "ExposureTime", "Exposure", "RescaleType",
 )
 
+# Elements the reader, the batch and the writer's template use: one that does not decode makes a file unreadable.
+_NEEDED = frozenset(TEMPLATE_KEYWORDS) | {
+    "TransferSyntaxUID", "MediaStorageSOPClassUID", "SOPClassUID", "SOPInstanceUID",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+}
+
 
 @dataclass
 class SeriesInfo:
-    """One image series found on disk (files may live in several folders)."""
+    """One image series found on disk (files may live in several folders).
+
+    ``unreadable`` lists (path, why) for image files that name this series but whose header cannot be used:
+    the series is incomplete, and read_dicom_series refuses it naming the first such file.
+    """
 
     series_uid: str
     files: list[Path]
@@ -66,6 +75,7 @@ class SeriesInfo:
     series_number: int | None = None
     sop_class_uid: str = ""
     study_uid: str = ""
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def folders(self) -> list[Path]:
@@ -83,39 +93,21 @@ class SeriesList(list):
         self.skipped: list[tuple[Path, str]] = list(skipped)
 
 
-def _looks_like_raw_dicom(path: Path) -> bool:
-    # Old files without the 128-byte preamble start directly with a group 0002 or 0008 element.
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return False
-    if len(head) < 8:
-        return False
-    group = int.from_bytes(head[:2], "little")
-    return group in (0x0002, 0x0008) and int.from_bytes(head[2:4], "little") < 0x0100
-
-
-def _try_read(path: Path, **kwargs) -> tuple[pydicom.FileDataset | None, str]:
-    """(dataset, "") or (None, why); never raises for a bad file."""
+def _read_header(path: Path, **kwargs) -> tuple[pydicom.FileDataset | None, str]:
+    """(dataset, "") for a usable file, (dataset, why) when it parsed but a header value cannot be decoded,
+    (None, why) when it cannot be parsed at all."""
     with warnings.catch_warnings():
         # pydicom warns on every slightly non-conformant value; the reader reports real problems itself.
         warnings.simplefilter("ignore")
-        try:
-            return pydicom.dcmread(path, **kwargs), ""
-        except InvalidDicomError:
-            if not _looks_like_raw_dicom(path):
-                return None, "not a DICOM file"
-            try:
-                return pydicom.dcmread(path, force=True, **kwargs), ""
-            except Exception as exc:  # noqa: BLE001 - any parse failure means "unusable file"
-                return None, f"unreadable DICOM ({type(exc).__name__}: {exc})"
-        except IsADirectoryError:
-            return None, "is a folder"
-        except OSError as exc:
-            return None, f"cannot open ({exc.strerror or exc})"
-        except Exception as exc:  # noqa: BLE001
-            return None, f"unreadable DICOM ({type(exc).__name__}: {exc})"
+        ds, why = parse_file(path, **kwargs)
+        return ds, (decode_header(ds, _NEEDED) if ds is not None else why)
+
+
+def _try_read(path: Path, **kwargs) -> tuple[pydicom.FileDataset | None, str]:
+    """(dataset, "") or (None, why); never raises for a bad file. Every header value except pixel data and
+    deferred ones is decoded here, so reading them later cannot raise pydicom's lazy decoding errors."""
+    ds, why = _read_header(path, **kwargs)
+    return (None, why) if why else (ds, "")
 
 
 def _file_meta(ds, keyword: str) -> str:
@@ -133,59 +125,79 @@ def _modality(ds) -> str | None:
     return m if m in MODALITIES else None
 
 
+def _scan_entry(path: Path, ds) -> tuple[SeriesInfo | None, str, str]:
+    """(one-file SeriesInfo, SOPInstanceUID, "") for an image file, else (None, "", why it is left out)."""
+    if _file_meta(ds, "MediaStorageSOPClassUID") == _DICOMDIR_UID:
+        return None, "", "DICOMDIR (directory index)"
+    if "PixelData" not in ds:
+        return None, "", f"no pixel data ({_sop_class_name(ds)})"
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not uid:
+        return None, "", "no SeriesInstanceUID"
+    info = SeriesInfo(uid, [path], _modality(ds), str(ds.get("SeriesDescription", "") or ""),
+                      as_int(ds, "SeriesNumber", path), str(ds.get("SOPClassUID", "") or ""),
+                      str(ds.get("StudyInstanceUID", "") or ""))
+    return info, str(ds.get("SOPInstanceUID", "") or ""), ""
+
+
 def find_dicom_series(folder: str | os.PathLike) -> SeriesList:
     """Scan ``folder`` recursively and group image files by SeriesInstanceUID.
 
-    Non-DICOM files, DICOMDIRs and objects without pixel data (structured reports, presentation states...)
-    are left out and listed in the result's ``skipped`` with a reason. Series are sorted by series number.
+    Non-DICOM files, DICOMDIRs, objects without pixel data (structured reports, presentation states...) and
+    files whose header cannot be used are left out and listed in the result's ``skipped`` with a reason; an image
+    file of the last kind is also listed in its series' ``unreadable``, which read_dicom_series then refuses.
+    Series are sorted by series number.
     """
     root = Path(folder)
     if not root.is_dir():
         raise InputError(root, "not a folder")
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    groups: dict[str, list[SeriesInfo]] = {}
+    unreadable: dict[str, list[tuple[Path, str]]] = {}
     seen_sops: dict[str, Path] = {}
     skipped: list[tuple[Path, str]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         # defer_size keeps pixel data on disk while the header is parsed: scanning stays cheap.
-        ds, reason = _try_read(path, defer_size=1024)
+        ds, reason = _read_header(path, defer_size=1024)
         if ds is None:
             skipped.append((path, reason))
             continue
-        if _file_meta(ds, "MediaStorageSOPClassUID") == _DICOMDIR_UID:
-            skipped.append((path, "DICOMDIR (directory index)"))
-            continue
-        if "PixelData" not in ds:
-            skipped.append((path, f"no pixel data ({_sop_class_name(ds)})"))
-            continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid:
-            skipped.append((path, "no SeriesInstanceUID"))
-            continue
-        sop = str(ds.get("SOPInstanceUID", "") or "")
-        if sop and sop in seen_sops:
+        info, sop = None, ""
+        if not reason:
+            try:
+                info, sop, reason = _scan_entry(path, ds)
+            except InputError as err:
+                reason = err.problem
+            except Exception as exc:  # noqa: BLE001 - e.g. a deferred value that does not decode
+                reason = f"unreadable DICOM header ({error_text(exc)})"
+        if info is None:
+            skipped.append((path, reason))
+            uid = text_value(ds, "SeriesInstanceUID") if reason.startswith(("unreadable", "invalid")) else ""
+            if uid and "PixelData" in ds:  # a slice of that series: reading the others would leave it out
+                unreadable.setdefault(uid, []).append((path, reason))
+        elif sop and sop in seen_sops:
             # The same instance copied into two folders would otherwise look like a duplicate slice.
             skipped.append((path, f"duplicate copy of SOPInstanceUID already in {seen_sops[sop]}"))
-            continue
-        if sop:
-            seen_sops[sop] = path
-        groups.setdefault(uid, []).append((path, ds))
+        else:
+            if sop:
+                seen_sops[sop] = path
+            groups.setdefault(info.series_uid, []).append(info)
 
     series = []
     for uid, members in groups.items():
-        first = members[0][1]
-        number = first.get("SeriesNumber")
-        series.append(SeriesInfo(
-            series_uid=uid,
-            files=[p for p, _ in members],
-            modality=_modality(first),
-            description=str(first.get("SeriesDescription", "") or ""),
-            series_number=int(number) if number not in (None, "") else None,
-            sop_class_uid=str(first.get("SOPClassUID", "") or ""),
-            study_uid=str(first.get("StudyInstanceUID", "") or ""),
-        ))
+        first = members[0]
+        first.files = [m.files[0] for m in members]
+        first.unreadable = unreadable.get(uid, [])
+        series.append(first)
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
     log.debug("found %d image series under %s (%d files skipped)", len(series), root, len(skipped))
     return SeriesList(series, skipped)
+
+
+def _require_complete(info: SeriesInfo) -> None:
+    if info.unreadable:
+        path, why = info.unreadable[0]
+        more = f" ({len(info.unreadable) - 1} more such file(s))" if len(info.unreadable) > 1 else ""
+        raise InputError(path, f"{why}; series {info.series_uid} is incomplete without this file{more}")
 
 
 def _resolve(source) -> tuple[list[Path], str]:
@@ -193,6 +205,7 @@ def _resolve(source) -> tuple[list[Path], str]:
     if isinstance(source, SeriesInfo):
         if not source.files:
             raise InputError(source.series_uid, "series has no files")
+        _require_complete(source)
         return list(source.files), f"series {source.series_uid}"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -205,6 +218,7 @@ def _resolve(source) -> tuple[list[Path], str]:
                     f"{s.series_uid} (#{s.series_number}, {s.description!r}, {len(s)} files)" for s in found
                 )
                 raise InputError(path, f"contains {len(found)} image series, pick one with find_dicom_series(): {listing}")
+            _require_complete(found[0])
             return list(found[0].files), str(path)
         if not path.exists():
             raise InputError(path, "does not exist")
@@ -213,19 +227,6 @@ def _resolve(source) -> tuple[list[Path], str]:
     if not files:
         raise InputError(None, "no DICOM files given")
     return files, str(files[0].parent) if len(files) > 1 else str(files[0])
-
-
-def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        raise InputError(path, f"missing {keyword}: not a cross-sectional image with known geometry")
-    try:
-        arr = np.asarray([float(v) for v in (value if n > 1 else [value])], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(path, f"invalid {keyword} {value!r}") from exc
-    if arr.shape != (n,):
-        raise InputError(path, f"{keyword} must have {n} values, got {len(arr)}")
-    return arr
 
 
 def _decoder_available(ts: str) -> bool:
@@ -244,7 +245,9 @@ def _pixels(ds, path: Path) -> np.ndarray:
             warnings.simplefilter("ignore")
             px = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises RuntimeError/ValueError/NotImplementedError
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if ts is not None and not UID(ts).is_transfer_syntax:
+            raise InputError(path, f"unknown transfer syntax {ts!r} ({error_text(exc)})") from None
         if ts is not None and UID(ts).is_compressed:
             if not _decoder_available(ts):
                 raise InputError(path, (
@@ -253,29 +256,12 @@ def _pixels(ds, path: Path) -> np.ndarray:
                     f"(e.g. gdcmconv --raw); decoder said: {first_line}"
                 )) from None
             raise InputError(path, f"corrupt {UID(ts).name} pixel data ({first_line})") from None
-        raise InputError(path, f"cannot decode pixel data ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise InputError(path, f"cannot decode pixel data ({error_text(exc)})") from None
     if px.ndim != 2:
         raise InputError(path, f"expected one 2D greyscale frame per file, pixel data has shape {px.shape}")
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    try:
-        slope = 1.0 if slope in (None, "") else float(slope)
-        intercept = 0.0 if intercept in (None, "") else float(intercept)
-    except (TypeError, ValueError):
-        raise InputError(path, f"invalid RescaleSlope/RescaleIntercept {slope!r}/{intercept!r}") from None
+    slope, intercept = as_float(ds, "RescaleSlope", path, 1.0), as_float(ds, "RescaleIntercept", path, 0.0)
     # Per slice: some scanners (Philips MR) vary the slope from slice to slice.
     return px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-
-
-def _jsonable(value):
-    if value is None or isinstance(value, (bytes, bytearray, DicomSequence)):
-        return None
-    if isinstance(value, (list, tuple, MultiValue)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, int):
-        return int(value)
-    return str(value)
 
 
 def _template(slices: list[tuple[Path, pydicom.Dataset]]) -> dict:
@@ -283,7 +269,7 @@ def _template(slices: list[tuple[Path, pydicom.Dataset]]) -> dict:
     tpl = {}
     for kw in TEMPLATE_KEYWORDS:
         if kw in first:
-            value = _jsonable(first.get(kw))
+            value = jsonable(first.get(kw))
             if value is not None:
                 tpl[kw] = value
     tpl["SOPInstanceUIDs"] = [str(ds.get("SOPInstanceUID", "")) for _, ds in slices]
@@ -316,24 +302,26 @@ def read_dicom_series(source: SeriesInfo | str | os.PathLike | Sequence[str | os
 
 def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
     for path, ds in slices:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        if (as_int(ds, "NumberOfFrames", path) or 1) > 1:
             raise InputError(path, "multi-frame (enhanced) DICOM is not supported; convert to single-frame files")
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        if (as_int(ds, "SamplesPerPixel", path) or 1) != 1:
             raise InputError(path, "colour (SamplesPerPixel > 1) images are not supported")
 
-    sizes = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in slices}
+    sizes = {(as_int(ds, "Rows", p) or 0, as_int(ds, "Columns", p) or 0) for p, ds in slices}
     if len(sizes) > 1:
         raise InputError(label, f"inconsistent rows/columns within the series: {sorted(sizes)}")
 
     first_path, first = slices[0]
-    iop0 = _floats(first, "ImageOrientationPatient", 6, first_path)
-    spacing0 = _floats(first, "PixelSpacing", 2, first_path)
+    iop0 = as_floats(first, "ImageOrientationPatient", 6, first_path)
+    spacing0 = as_floats(first, "PixelSpacing", 2, first_path)
+    if np.any(spacing0 <= 0):
+        raise InputError(first_path, f"PixelSpacing must be positive, got {spacing0.tolist()}")
     for path, ds in slices[1:]:
-        iop = _floats(ds, "ImageOrientationPatient", 6, path)
+        iop = as_floats(ds, "ImageOrientationPatient", 6, path)
         if np.max(np.abs(iop - iop0)) > _ORIENT_TOL:
             raise InputError(label, f"mixed orientations within the series: {path.name} has {np.round(iop, 4).tolist()}, "
                                     f"{first_path.name} has {np.round(iop0, 4).tolist()} (localiser mixed in?)")
-        ps = _floats(ds, "PixelSpacing", 2, path)
+        ps = as_floats(ds, "PixelSpacing", 2, path)
         if np.max(np.abs(ps - spacing0)) > 1e-3 * max(float(spacing0.max()), 1e-6):
             raise InputError(label, f"inconsistent PixelSpacing within the series: {ps.tolist()} vs {spacing0.tolist()}")
 
@@ -343,7 +331,7 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
         raise InputError(first_path, f"degenerate ImageOrientationPatient {iop0.tolist()}")
     normal /= np.linalg.norm(normal)
 
-    positions = np.stack([_floats(ds, "ImagePositionPatient", 3, p) for p, ds in slices])
+    positions = np.stack([as_floats(ds, "ImagePositionPatient", 3, p) for p, ds in slices])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     slices = [slices[i] for i in order]
@@ -369,8 +357,8 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
         # Mean step vector, not normal*step: keeps gantry-tilted (sheared) stacks in their true place.
         step_vec = (positions[-1] - positions[0]) / (n - 1)
     else:
-        thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
-        step_vec = normal * float(thick)
+        thick = as_float(first, "SpacingBetweenSlices", first_path) or as_float(first, "SliceThickness", first_path)
+        step_vec = normal * (thick or 1.0)
 
     stack = np.stack([_pixels(ds, p) for p, ds in slices])  # (Z, rows, cols)
     array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0))[None])  # (1, X=cols, Y=rows, Z)
@@ -381,6 +369,10 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
     lps[:3, 2] = step_vec
     lps[:3, 3] = positions[0]
     affine = LPS_TO_RAS @ lps
+    with np.errstate(all="ignore"):  # overflow is what is being checked for
+        det = np.linalg.det(affine[:3, :3]) if np.all(np.isfinite(affine)) else np.nan
+        if not (np.isfinite(det) and abs(det) > 1e-12):
+            raise InputError(label, f"voxel geometry is not finite or degenerate (affine {affine.tolist()})")
 
     ordered = [p for p, _ in slices]
     meta = {

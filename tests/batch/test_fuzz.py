@@ -88,8 +88,6 @@ def _broken_series(folder: Path, name: str) -> list[Path]:
     return paths
 
 
-@pytest.mark.xfail(strict=True, reason="reader crash class: a non-InputError escapes medldm/io/dicom_read.py; "
-                                      "remove this marker once the reader turns it into an InputError")
 @pytest.mark.parametrize("name", list(READER_CRASHES))
 def test_known_reader_crash_classes(tmp_path, name):
     from medldm.errors import InputError

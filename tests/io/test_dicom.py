@@ -202,6 +202,139 @@ def test_bad_nan_inf(tmp_path):
         read_dicom_series(tmp_path)
 
 
+def _set_vr(path, tag: tuple[int, int], vr: bytes) -> None:
+    """Overwrite the explicit VR of ``tag`` in the file: pydicom parses it, and only fails when decoding the value."""
+    raw = bytearray(path.read_bytes())
+    i = raw.find(tag[0].to_bytes(2, "little") + tag[1].to_bytes(2, "little"), 132)
+    assert i > 0
+    raw[i + 4: i + 6] = vr
+    path.write_bytes(bytes(raw))
+
+
+def _set_raw(path, keyword: str, vr: str, value) -> None:
+    """Store ``value`` under ``keyword`` with ``vr`` whether or not it is valid DICOM."""
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+
+    modes = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    config.settings.reading_validation_mode = config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds = pydicom.dcmread(path)
+        ds[keyword] = DataElement(keyword, vr, value, validation_mode=config.IGNORE)
+        ds.save_as(path, enforce_file_format=False)
+    finally:
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = modes
+
+
+# pydicom decodes values lazily: these files parse, and only fail once the value is used.
+LATE_DECODE = {
+    "Modality": ((0x0008, 0x0060), b"SL", "BytesLengthException"),  # "MR" is 2 bytes, SL needs 4
+    "SOPInstanceUID": ((0x0008, 0x0018), b"UK", "Unknown Value Representation"),
+    "PixelSpacing": ((0x0028, 0x0030), b"Ds", "Unknown Value Representation"),
+    "RescaleSlope": ((0x0028, 0x1053), b"FD", "BytesLengthException"),
+}
+
+
+@pytest.mark.parametrize("keyword", list(LATE_DECODE))
+def test_bad_header_value_that_only_fails_when_decoded(tmp_path, keyword):
+    tag, vr, why = LATE_DECODE[keyword]
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 4)))
+    _set_vr(paths[0], tag, vr)
+    # Read directly: the file is refused with the element and the decoder's complaint.
+    with pytest.raises(InputError, match="unreadable DICOM header") as err:
+        read_dicom_series(paths)
+    assert str(paths[0]) in str(err.value) and keyword in str(err.value) and why in str(err.value)
+    # Found: the file is skipped, and its series is known to be incomplete, so reading it refuses too.
+    found = find_dicom_series(tmp_path)
+    assert [len(s) for s in found] == [3] and found[0].unreadable[0][0] == paths[0]
+    assert dict(found.skipped)[paths[0]].startswith("unreadable DICOM header")
+    for source in (found[0], tmp_path):
+        with pytest.raises(InputError, match="is incomplete without this file") as err:
+            read_dicom_series(source)
+        assert str(err.value).startswith(str(paths[0]))
+    # Left out, the first slice would silently shorten the volume: the caller has to ask for that.
+    assert read_dicom_series(found[0].files).array.shape == (1, 8, 8, 3)
+
+
+def test_undecodable_element_the_reader_never_uses_is_ignored(tmp_path):
+    data = synthetic_data(shape=(8, 8, 3))
+    paths = write_series(tmp_path, data)
+    _set_vr(paths[1], (0x0020, 0x0013), b"SL")  # InstanceNumber "2 ": 2 bytes, not an SL
+    found = find_dicom_series(tmp_path)
+    assert [len(s) for s in found] == [3] and not found.skipped and not found[0].unreadable
+    np.testing.assert_array_equal(read_dicom_series(found[0]).array[0], data)
+
+
+@pytest.mark.parametrize("keyword,tag,vr,match", [
+    ("Rows", (0x0028, 0x0010), b"LT", r"invalid Rows '\\x08': expected one integer"),
+    ("Rows", (0x0028, 0x0010), b"PN", "invalid Rows .*: expected one integer"),
+    ("Columns", (0x0028, 0x0011), b"AE", "invalid Columns .*: expected one integer"),
+    ("SamplesPerPixel", (0x0028, 0x0002), b"DA", "invalid SamplesPerPixel .*: expected one integer"),
+])
+def test_bad_integer_of_wrong_type(tmp_path, keyword, tag, vr, match):
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 2)))
+    _set_vr(paths[0], tag, vr)
+    with pytest.raises(InputError, match=match) as err:
+        read_dicom_series(paths)
+    assert str(paths[0]) in str(err.value)
+
+
+def test_bad_series_number_marks_the_series_incomplete(tmp_path):
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 3)))
+    _set_vr(paths[0], (0x0020, 0x0011), b"AT")  # "7 " decodes to an empty list of tags
+    _set_raw(paths[1], "SeriesNumber", "IS", ["7", "8"])  # two values where one belongs
+    found = find_dicom_series(tmp_path)
+    reasons = dict(found.skipped)
+    assert reasons[paths[0]] == "invalid SeriesNumber []: expected one integer"
+    assert reasons[paths[1]].startswith("invalid SeriesNumber [")
+    assert found[0].files == paths[2:] and [p for p, _ in found[0].unreadable] == paths[:2]
+    with pytest.raises(InputError, match=r"invalid SeriesNumber \[\].*incomplete.*\(1 more such file"):
+        read_dicom_series(found[0])
+
+
+def test_bad_single_slice_thickness_of_wrong_type(tmp_path):
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 1)))
+    _set_vr(paths[0], (0x0018, 0x0050), b"US")
+    with pytest.raises(InputError, match=r"invalid SliceThickness \[.*\]: expected one number"):
+        read_dicom_series(paths[0])
+
+
+def test_bad_unknown_transfer_syntax(tmp_path):
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 2)))
+    ds = pydicom.dcmread(paths[1])
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    ds.save_as(paths[1], enforce_file_format=False)
+    with pytest.raises(InputError, match=r"unknown transfer syntax '1\.2\.3\.4'") as err:
+        read_dicom_series(paths)
+    assert str(paths[1]) in str(err.value)
+
+
+@pytest.mark.parametrize("keyword,value,match", [
+    ("ImagePositionPatient", "1e999\\0\\0", r"ImagePositionPatient \[inf, 0\.0, 0\.0\] is not finite"),
+    ("ImagePositionPatient", "0\\nan\\0", "ImagePositionPatient .* is not finite"),
+    ("ImageOrientationPatient", "nan\\0\\0\\0\\1\\0", "ImageOrientationPatient .* is not finite"),
+    ("PixelSpacing", "inf\\1", "PixelSpacing .* is not finite"),
+    ("PixelSpacing", "0\\0", "PixelSpacing must be positive"),
+    ("PixelSpacing", "-1\\1", "PixelSpacing must be positive"),
+    ("RescaleIntercept", "-inf", "RescaleIntercept .* is not finite"),
+])
+def test_bad_non_finite_geometry_and_rescale(tmp_path, keyword, value, match):
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 3)))
+    for path in paths:
+        _set_raw(path, keyword, "DS", value)
+    with pytest.raises(InputError, match=match):
+        read_dicom_series(paths)
+
+
+@pytest.mark.parametrize("spacing", ["1e-300\\1e-300", "1e308\\1e308"])
+def test_bad_geometry_degenerate_or_overflowing(tmp_path, spacing):
+    """Each value finite, but the voxel volume is 0 or overflows: the last check before a volume leaves."""
+    paths = write_series(tmp_path, synthetic_data(shape=(8, 8, 1)))
+    _set_raw(paths[0], "PixelSpacing", "DS", spacing)
+    with pytest.raises(InputError, match="voxel geometry is not finite or degenerate"):
+        read_dicom_series(paths[0])
+
+
 # ---------------------------------------------------------------- writer
 
 
