@@ -1,126 +1,40 @@
-"""MONAI dictionary pipelines that turn the prepared NIfTI datalist into training patches.
+"""MONAI dictionary pipelines that turn the prepared NIfTI datalist into volumes and training patches.
 
-Intensity normalisation is a first-class, serialisable object (:class:`Normalisation`) rather than a bare
-MONAI transform because a trained model must carry it: inference has to apply the same mapping to its
-input and map its output back to scanner units (HU for CT, the input's own scale for MR).
+Intensity normalisation is :class:`medldm.models.normalisation.Normalisation`, the object saved with every
+model, so data seen in training is mapped exactly as the Reconstructor maps its input at inference.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset, PersistentDataset, load_decathlon_datalist
+from monai.data.utils import pickle_hashing
 
 from medldm.errors import ConfigError, InputError
+from medldm.models.normalisation import Normalisation
 
-# CT window: -1024 HU (air, the scanner floor) .. 2000 HU (dense cortical bone). Anything above (dental
-# metal, the densest petrous bone) is clipped, so inverse() is exact only inside the window.
-CT_WINDOW = (-1024.0, 2000.0)
-MR_PERCENTILES = (0.5, 99.5)
 # Normalised value above which a voxel counts as foreground for cropping and slice picking: far above the
 # background of MR (0) and CT air (0), below every tissue.
 FOREGROUND_FLOOR = 0.02
 
 
-@dataclass(frozen=True)
-class Normalisation:
-    """Linear map ``[lower, upper] -> [0, 1]`` (optionally clipped) and its inverse.
-
-    ``kind="window"``: fixed data values (CT Hounsfield window). ``kind="percentile"``: lower/upper are the
-    ``p_low``/``p_high`` percentiles *of each volume*; :meth:`fit` computes them, and the fitted object
-    (returned by the MONAI transform under ``"<key>_norm"``) is what inference needs to map outputs back.
-    """
-
-    kind: Literal["percentile", "window"]
-    lower: float | None = None
-    upper: float | None = None
-    p_low: float = MR_PERCENTILES[0]
-    p_high: float = MR_PERCENTILES[1]
-    clip: bool = True
-
-    def __post_init__(self):
-        if self.kind not in ("percentile", "window"):
-            raise ConfigError(f"normalisation kind must be 'percentile' or 'window', got {self.kind!r}")
-        if self.kind == "window" and (self.lower is None or self.upper is None):
-            raise ConfigError("window normalisation needs lower and upper")
-        if not 0.0 <= self.p_low < self.p_high <= 100.0:
-            raise ConfigError(f"percentiles must satisfy 0 <= p_low < p_high <= 100, got {self.p_low}, {self.p_high}")
-
-    @classmethod
-    def percentile(cls, p_low: float = MR_PERCENTILES[0], p_high: float = MR_PERCENTILES[1], clip: bool = True):
-        return cls("percentile", p_low=p_low, p_high=p_high, clip=clip)
-
-    @classmethod
-    def window(cls, lower: float = CT_WINDOW[0], upper: float = CT_WINDOW[1], clip: bool = True):
-        return cls("window", lower=float(lower), upper=float(upper), clip=clip)
-
-    @property
-    def fitted(self) -> bool:
-        return self.lower is not None and self.upper is not None
-
-    def fit(self, array) -> "Normalisation":
-        """Percentile kind: a copy with this volume's lower/upper. Window kind: itself."""
-        if self.kind == "window":
-            return self
-        a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-        lo, hi = np.percentile(a, [self.p_low, self.p_high])
-        return replace(self, lower=float(lo), upper=float(hi))
-
-    def _scale(self) -> tuple[float, float]:
-        if not self.fitted:
-            raise ConfigError("percentile normalisation is not fitted: call fit(volume) first (or use fit_forward)")
-        width = self.upper - self.lower
-        # A constant image has no range; width 1 keeps forward/inverse finite and still inverse-exact.
-        return self.lower, (width if width > 0 else 1.0)
-
-    def forward(self, array):
-        lo, width = self._scale()
-        y = (array - lo) / width
-        if self.clip:
-            y = y.clamp(0.0, 1.0) if isinstance(y, torch.Tensor) else np.clip(y, 0.0, 1.0)
-        return y
-
-    def inverse(self, array):
-        lo, width = self._scale()
-        return array * width + lo
-
-    def fit_forward(self, array):
-        """(normalised array, fitted Normalisation): keep the second to map outputs back."""
-        fitted = self.fit(array)
-        return fitted.forward(array), fitted
-
-    def to_dict(self) -> dict[str, Any]:
-        # None is omitted so the dict survives torch's default collate (it cannot batch None).
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Normalisation":
-        known = {"kind", "lower", "upper", "p_low", "p_high", "clip"}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown normalisation fields {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def for_modality(cls, modality: str) -> "Normalisation":
-        m = modality.upper()
-        if m == "CT":
-            return cls.window()
-        if m == "MR":
-            return cls.percentile()
+def normalisation_for(modality: str) -> Normalisation:
+    # Normalisation.for_modality maps anything that is not CT to MR; a typo must not silently do that here.
+    if modality.upper() not in ("MR", "CT"):
         raise ConfigError(f"modality must be 'MR' or 'CT', got {modality!r}")
+    return Normalisation.for_modality(modality)
 
 
 class NormaliseIntensityd(mt.MapTransform):
-    """Apply a :class:`Normalisation` (fitted per volume when it is a percentile one); store the fitted
-    parameters under ``"<key>_norm"`` so they travel with the sample."""
+    """Apply a :class:`Normalisation`, fitted per volume when it is a percentile one; store the fitted
+    parameters under ``"<key>_norm"`` so the mapping back to scanner units travels with the sample."""
 
     def __init__(self, keys: KeysCollection, normalisation: Normalisation, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -129,20 +43,25 @@ class NormaliseIntensityd(mt.MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            out, fitted = self.normalisation.fit_forward(d[key])
-            d[key] = out.to(torch.float32) if isinstance(out, torch.Tensor) else out.astype(np.float32)
-            d[f"{key}_norm"] = fitted.to_dict()
+            fitted = self.normalisation.fit(d[key])
+            out = fitted.forward(d[key])
+            d[key] = out.to(torch.float32) if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
+            norm = fitted.to_dict()
+            # Window kind has no scale; a None would break torch's default collate.
+            if fitted.scale is not None:
+                norm["scale"] = fitted.scale
+            d[f"{key}_norm"] = norm
         return d
 
 
-def mr_normalise(keys: KeysCollection = "image", p_low: float = MR_PERCENTILES[0], p_high: float = MR_PERCENTILES[1]):
-    """Per-volume percentile scaling: the ``p_low``..``p_high`` percentiles -> 0..1, clipped."""
-    return NormaliseIntensityd(keys, Normalisation.percentile(p_low, p_high))
+def mr_normalise(keys: KeysCollection = "image", percentile: float = 99.5):
+    """Per-volume division by the ``percentile``-th percentile (scale only, so k-space scales linearly)."""
+    return NormaliseIntensityd(keys, Normalisation(kind="percentile", percentile=percentile))
 
 
-def ct_normalise(keys: KeysCollection = "image", lower: float = CT_WINDOW[0], upper: float = CT_WINDOW[1]):
-    """Fixed HU window ``lower``..``upper`` -> 0..1, clipped (same mapping for every volume)."""
-    return NormaliseIntensityd(keys, Normalisation.window(lower, upper))
+def ct_normalise(keys: KeysCollection = "image", low: float = -1024.0, high: float = 2000.0):
+    """Fixed HU window ``low``..``high`` -> 0..1, the same mapping for every volume."""
+    return NormaliseIntensityd(keys, Normalisation(kind="window", low=low, high=high))
 
 
 def _is_foreground(x):
@@ -221,7 +140,7 @@ def build_train_transforms(
     patch = (patch_size,) * spatial_dims if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
     if len(patch) != spatial_dims or any(p < 1 for p in patch):
         raise ConfigError(f"patch_size {patch_size} does not fit spatial_dims={spatial_dims}")
-    norm = normalisation or Normalisation.for_modality(modality)
+    norm = normalisation or normalisation_for(modality)
     steps: list = [
         mt.LoadImaged(key, reader="NibabelReader", image_only=True),
         mt.EnsureChannelFirstd(key),
@@ -257,27 +176,37 @@ def build_eval_transforms(modality: str, *, key: str = "image", target_spacing: 
     ]
     if target_spacing is not None:
         steps.append(mt.Spacingd(key, pixdim=tuple(target_spacing), mode="bilinear", dtype=np.float32))
-    steps.append(NormaliseIntensityd(key, normalisation or Normalisation.for_modality(modality)))
+    steps.append(NormaliseIntensityd(key, normalisation or normalisation_for(modality)))
     return mt.Compose(steps)
 
 
-def load_datalist(datalist_path: str | Path, split: str, modality: str | None = None) -> list[dict]:
-    """Entries of one split with absolute image paths, keeping only ``image``, ``modality``, ``source``
-    (extra bookkeeping keys differ between entries and would break batch collation)."""
+def load_datalist(datalist_path: str | Path, split: str, modality: str | None = None,
+                  max_items: int | None = None) -> list[dict]:
+    """The first ``max_items`` entries of one split (of ``modality``, if given; entries that name no
+    modality count as any), with image paths resolved against the datalist's folder. Only ``image``,
+    ``modality`` and ``source`` are kept: extra bookkeeping keys differ between entries and would break
+    batch collation."""
     path = Path(datalist_path)
     if not path.is_file():
-        raise InputError(path, "datalist not found; create it with medldm.data.prepare.prepare_data")
+        raise InputError(path, "datalist not found; create it with `medldm data prepare`")
     try:
-        keys = json.loads(path.read_text()).keys()
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(path, f"datalist is not valid JSON: {e}") from e
-    if split not in keys:
-        raise InputError(path, f"datalist has no split {split!r} (has {sorted(keys)})")
+    if split not in raw:
+        raise InputError(path, f"datalist has no split {split!r} (has {sorted(raw)})")
     items = load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=path.parent)
-    out = [{k: it[k] for k in ("image", "modality", "source") if k in it} for it in items]
+    # MONAI also rewrites any other value that names an existing path: "CT" next to a ct/ folder on a
+    # case-insensitive filesystem would become a path, so only its resolved image is taken.
+    out = []
+    for it, entry in zip(items, raw[split]):
+        entry = entry if isinstance(entry, dict) else {}  # a "test" split may list bare paths
+        out.append({"image": it["image"], **{k: entry[k] for k in ("modality", "source") if k in entry}})
     if modality is not None:
-        out = [it for it in out if it.get("modality", "").upper() == modality.upper()]
-    return out
+        out = [it for it in out if it.get("modality", modality).upper() == modality.upper()]
+    if not out:
+        raise InputError(path, f"split {split!r} has no entries" + (f" of modality {modality}" if modality else ""))
+    return out[:max_items] if max_items else out
 
 
 def build_dataset(
@@ -288,17 +217,16 @@ def build_dataset(
     cache_dir: str | Path | None = None,
     *,
     modality: str | None = None,
+    max_items: int | None = None,
     num_workers: int = 1,
 ):
-    """MONAI Dataset over one split (optionally one modality).
+    """MONAI Dataset over one split (optionally one modality, the first ``max_items`` entries).
 
     ``cache="memory"`` (CacheDataset) and ``"disk"`` (PersistentDataset under ``cache_dir``) store the
     output of the deterministic prefix of ``transforms`` (load ... normalise/crop), so each epoch only
     pays for the random slicing/cropping.
     """
-    data = load_datalist(datalist_path, split, modality)
-    if not data:
-        raise InputError(datalist_path, f"split {split!r} has no entries" + (f" of modality {modality}" if modality else ""))
+    data = load_datalist(datalist_path, split, modality, max_items)
     if cache == "none":
         return Dataset(data, transform=transforms)
     if cache == "memory":
@@ -307,5 +235,7 @@ def build_dataset(
         if cache_dir is None:
             raise ConfigError("cache='disk' needs cache_dir")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(data, transform=transforms, cache_dir=cache_dir)
+        # Cache files are keyed by the entry; hashing the deterministic transforms too keeps pipelines that
+        # share a cache_dir (train vs eval, other spacing or normalisation) from reading each other's volumes.
+        return PersistentDataset(data, transform=transforms, cache_dir=cache_dir, hash_transform=pickle_hashing)
     raise ConfigError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")

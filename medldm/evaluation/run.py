@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medldm.data.transforms import load_datalist
 from medldm.evaluation.cases import crop_centre, make_cases
 from medldm.evaluation.evaluate import evaluate_cases, markdown_table, write_tables
 from medldm.io.nifti import read_nifti
 from medldm.sampling.reconstructor import Reconstructor, shipped_models
 from medldm.tracking import Tracker
-from medldm.training.data import read_datalist
 
 
 def validation_volumes(datalist: str | Path, modality: str, crop: tuple[int, int, int] | None = None,
                        max_volumes: int | None = None) -> dict:
-    items = read_datalist(datalist, "validation", modality, max_volumes)
+    items = load_datalist(datalist, "validation", modality, max_volumes)
     out = {}
     for item in items:
         vol = read_nifti(item["image"], modality=modality)

@@ -1,5 +1,5 @@
-"""Training batches from a Decathlon-style datalist: MONAI CacheDataset of whole normalised volumes,
-then patches drawn by a generator seeded with (seed, step).
+"""Training batches from a Decathlon-style datalist: whole normalised volumes (medldm.data.transforms,
+optionally cached in memory or on disk), then patches drawn by a generator seeded with (seed, step).
 
 Drawing each step's patches from (seed, step) alone makes a resumed run see exactly the batches the
 killed run would have seen, without saving loader state.
@@ -7,61 +7,26 @@ killed run would have seen, without saving loader state.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, Orientationd, SpatialPad
+from monai.data import Dataset
+from monai.transforms import SpatialPad
 
 from medldm.config import DataConfig
-from medldm.errors import InputError
-from medldm.models.normalisation import Normalisation
+from medldm.data.transforms import build_dataset, build_eval_transforms
 
 FOREGROUND = 0.05  # normalised intensity above which a voxel counts as foreground when choosing patch centres
 
 
-def read_datalist(path: str | Path, split: str, modality: str | None = None, max_items: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "datalist not found: run `medldm data prepare` first")
-    data = json.loads(path.read_text())
-    if split not in data:
-        raise InputError(path, f"datalist has no '{split}' list")
-    items = []
-    for entry in data[split]:
-        if modality and entry.get("modality", modality).upper() != modality.upper():
-            continue
-        image = Path(entry["image"])
-        items.append({**entry, "image": str(image if image.is_absolute() else path.parent / image)})
-    if not items:
-        raise InputError(path, f"no '{split}' entries with modality {modality}")
-    return items[:max_items] if max_items else items
-
-
-def _normalise_volume(modality: str):
-    norm = Normalisation.for_modality(modality)
-
-    def apply(a):
-        return norm.fit(a).forward(a).float() if isinstance(a, torch.Tensor) else norm.fit(a).forward(a)
-
-    return apply
-
-
 def volume_dataset(cfg: DataConfig, split: str) -> Dataset:
-    items = read_datalist(cfg.datalist, split, cfg.modality, cfg.max_volumes)
-    transforms = Compose([
-        LoadImaged("image", reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd("image"),
-        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        EnsureTyped("image", dtype=torch.float32, track_meta=False),
-        Lambdad("image", _normalise_volume(cfg.modality)),
-    ])
-    if cfg.cache == "memory":
-        return CacheDataset(items, transforms, progress=False, num_workers=0)
-    return Dataset(items, transforms)
+    """Whole normalised volumes (``"image"``: (1, X, Y, Z) in RAS) of one split."""
+    # The disk cache lives beside the data it was computed from, so it is shared by every run on that datalist.
+    cache_dir = Path(cfg.datalist).parent / ".cache" / "persistent"
+    return build_dataset(cfg.datalist, split, build_eval_transforms(cfg.modality), cache=cfg.cache, cache_dir=cache_dir,
+                         modality=cfg.modality, max_items=cfg.max_volumes, num_workers=0)
 
 
 def slices_first(volume: torch.Tensor, axis: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -7,59 +8,68 @@ import torch
 from monai.data import DataLoader, list_data_collate
 
 from medldm.data.transforms import (
-    Normalisation,
+    NormaliseIntensityd,
     build_dataset,
     build_eval_transforms,
     build_train_transforms,
     ct_normalise,
+    load_datalist,
     mr_normalise,
 )
 from medldm.errors import ConfigError, InputError
+from medldm.models.normalisation import Normalisation
 
 
 def test_window_round_trip_and_dict():
-    n = Normalisation.window(-1024, 2000)
+    n = Normalisation(kind="window")
     x = np.linspace(-1024, 2000, 101, dtype=np.float32)
     y = n.forward(x)
     assert y.min() == 0 and y.max() == 1
     np.testing.assert_allclose(n.inverse(y), x, atol=1e-3)
-    assert n.forward(np.array([3000.0]))[0] == 1.0  # clipped above the window
-    m = Normalisation.from_dict(json.loads(json.dumps(n.to_dict())))
-    assert m == n
+    assert n.forward(np.array([3000.0]))[0] > 1.0  # not clipped: inverse stays exact outside the window
+    assert Normalisation.from_dict(json.loads(json.dumps(n.to_dict()))) == n
 
 
-def test_percentile_fit_round_trip_numpy_and_torch():
+def test_percentile_is_scale_only_numpy_and_torch():
     rng = np.random.default_rng(0)
     x = rng.normal(100, 20, (1, 20, 20, 20)).astype(np.float32)
-    unfitted = Normalisation.percentile(0.5, 99.5)
-    with pytest.raises(ConfigError):
+    unfitted = Normalisation(kind="percentile")
+    with pytest.raises(ValueError):
         unfitted.forward(x)
-    y, fitted = unfitted.fit_forward(x)
-    assert fitted.lower == pytest.approx(np.percentile(x, 0.5)) and y.min() == 0 and y.max() == 1
-    inside = (x > fitted.lower) & (x < fitted.upper)
-    np.testing.assert_allclose(fitted.inverse(y)[inside], x[inside], rtol=1e-5)
-    restored = Normalisation.from_dict(fitted.to_dict())
-    t = torch.from_numpy(x)
-    yt = restored.forward(t)
+    fitted = unfitted.fit(x)
+    assert fitted.scale == pytest.approx(np.percentile(x, 99.5))
+    np.testing.assert_allclose(fitted.forward(x), x / fitted.scale, rtol=1e-6)  # no offset, no clipping
+    np.testing.assert_allclose(fitted.forward(3 * x), 3 * fitted.forward(x), rtol=1e-6)  # linear
+    np.testing.assert_allclose(fitted.inverse(fitted.forward(x)), x, rtol=1e-5)
+    restored = Normalisation.from_dict({**fitted.to_dict(), "scale": fitted.scale})
+    yt = restored.forward(torch.from_numpy(x))
     assert isinstance(yt, torch.Tensor)
-    np.testing.assert_allclose(restored.inverse(yt).numpy()[inside], x[inside], rtol=1e-5)
+    np.testing.assert_allclose(restored.inverse(yt).numpy(), x, rtol=1e-5)
 
 
 def test_normalisation_validation():
     with pytest.raises(ConfigError):
         Normalisation("zscore")
     with pytest.raises(ConfigError):
-        Normalisation.from_dict({"kind": "window", "lower": 0, "upper": 1, "gain": 2})
-    const = Normalisation.percentile().fit(np.full((4, 4), 5.0))
-    assert np.isfinite(const.forward(np.full((4, 4), 5.0))).all()
+        Normalisation.from_dict({"kind": "window", "low": 0, "high": 1, "gain": 2})
+    with pytest.raises(ConfigError):
+        build_eval_transforms("PET")  # for_modality alone would silently treat it as MR
+    zeros = Normalisation().fit(np.zeros((4, 4)))
+    assert np.isfinite(zeros.forward(np.zeros((4, 4)))).all()
 
 
 def test_dict_transforms_store_fitted_parameters():
     x = torch.linspace(0, 1000, 1000).reshape(1, 10, 10, 10)
     d = mr_normalise()({"image": x})
-    assert d["image"].max() == 1 and d["image_norm"]["kind"] == "percentile" and "upper" in d["image_norm"]
+    p995 = float(np.percentile(x.numpy(), 99.5))
+    assert d["image_norm"] == {"kind": "percentile", "percentile": 99.5, "low": -1024.0, "high": 2000.0,
+                               "scale": pytest.approx(p995)}
+    assert d["image"].dtype == torch.float32 and d["image"].min() == 0 and d["image"].max() > 1
+    torch.testing.assert_close(Normalisation.from_dict(d["image_norm"]).inverse(d["image"]), x)
     d = ct_normalise()({"image": x})
-    assert d["image_norm"] == {"kind": "window", "lower": -1024.0, "upper": 2000.0, "p_low": 0.5, "p_high": 99.5, "clip": True}
+    assert d["image_norm"] == Normalisation(kind="window").to_dict()
+    d = NormaliseIntensityd("image", Normalisation(kind="window"))({"image": x.numpy().astype(np.float64)})
+    assert d["image"].dtype == np.float32
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +98,11 @@ def test_2d_patches(tiny_datalist):
     assert isinstance(samples, list) and len(samples) == 5
     for s in samples:
         assert tuple(s["image"].shape) == (1, 32, 32) and s["image"].dtype == torch.float32
-        assert 0 <= float(s["image"].min()) and float(s["image"].max()) <= 1
+        assert float(s["image"].min()) >= 0  # scale-only: background stays 0, the top 0.5% lies above 1
         assert s["slice_axis"] == 2 and s["image"].max() > 0  # empty slices are skipped
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=list_data_collate)))
     assert tuple(batch["image"].shape) == (10, 1, 32, 32)
-    assert batch["image_norm"]["kind"] == ["percentile"] * 10
+    assert batch["image_norm"]["kind"] == ["percentile"] * 10 and batch["image_norm"]["scale"].shape == (10,)
 
 
 def test_2d_random_planes_with_padding(tiny_datalist):
@@ -110,7 +120,7 @@ def test_3d_patches_and_caching(tiny_datalist, tmp_path, cache):
     for s in samples:
         assert tuple(s["image"].shape) == (1, 16, 16, 24)
         assert float(s["image"].min()) >= 0 and float(s["image"].max()) <= 1
-        assert s["image_norm"]["kind"] == "window"
+        assert s["image_norm"] == Normalisation(kind="window").to_dict()
 
 
 def test_target_spacing_and_eval(tiny_datalist):
@@ -131,3 +141,25 @@ def test_bad_inputs(tiny_datalist, tmp_path):
         build_dataset(tiny_datalist, "test", None)
     with pytest.raises(ConfigError):
         build_dataset(tiny_datalist, "training", None, cache="disk")
+
+
+def test_load_datalist_filters_and_limits(tiny_datalist, tmp_path):
+    mr = load_datalist(tiny_datalist, "training", "mr")
+    assert [Path(it["image"]).name for it in mr] == ["v0.nii.gz", "v1.nii.gz"]
+    assert Path(mr[0]["image"]).is_file() and set(mr[0]) == {"image", "modality", "source"}
+    assert len(load_datalist(tiny_datalist, "training", "MR", max_items=1)) == 1
+    assert len(load_datalist(tiny_datalist, "training", max_items=5)) == 3
+    with pytest.raises(InputError):
+        load_datalist(tiny_datalist, "validation", "CT")
+    # An entry naming no modality counts as any; a modality that is also a file name stays a modality.
+    (tmp_path / "CT").touch()
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz", "modality": "CT"}]}))
+    assert [it.get("modality") for it in load_datalist(path, "training", "CT")] == [None, "CT"]
+
+
+def test_disk_cache_is_keyed_by_pipeline(tiny_datalist, tmp_path):
+    cropping = build_train_transforms(3, 8, "MR", num_samples=1)  # its cached prefix crops to the foreground
+    build_dataset(tiny_datalist, "validation", cropping, cache="disk", cache_dir=tmp_path)[0]
+    ev = build_dataset(tiny_datalist, "validation", build_eval_transforms("MR"), cache="disk", cache_dir=tmp_path)
+    assert tuple(ev[0]["image"].shape) == (1, 40, 36, 20)
