@@ -65,6 +65,37 @@ def condition_input(c: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     return torch.cat([c, level.reshape(-1, *([1] * (c.ndim - 1))).expand(-1, 1, *c.shape[2:])], dim=1)
 
 
+def _validation_pairs(cfg: LDMRunConfig, random_op, norm: Normalisation, n: int = 4) -> list[tuple]:
+    """Held-out images degraded once with fixed seeds: (truth, naive inverse), normalised."""
+    images = validation_images(cfg.data, max_images=n)
+    return [(x, degrade_batch(x, random_op, norm, [1000 + i])[0]) for i, x in enumerate(images)]
+
+
+@torch.no_grad()
+def _validate(cfg, vae_bundle, unet, refiner, pairs, out_dir: Path, step: int, tracker) -> dict:
+    """10-step DDIM restoration of the validation pairs with the EMA weights (no data consistency)."""
+    from medldm.sampling.slicewise import restore_slices
+    from medldm.training.validate import reconstruction_metrics, save_slice_figure
+
+    meta = {**vae_bundle.meta, "scheduler": cfg.scheduler.model_dump()}
+    bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=unet.eval(), refiner=refiner.eval() if refiner else None)
+    preds, refs = [], []
+    for truth, cond in pairs:
+        out = restore_slices(bundle, cond.cpu(), samples=1, steps=10, seed=0, sampler=None, batch_size=8)
+        preds.append(out["output"][0].clamp_min(0))
+        refs.append(truth.cpu())
+    if refiner is not None:
+        refiner.train()
+    metrics = reconstruction_metrics(preds, refs)
+    tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+    naive = reconstruction_metrics([c.cpu() for _, c in pairs], refs)
+    tracker.log_metrics({f"val/naive_{k}": v for k, v in naive.items()}, step)
+    fig = save_slice_figure([refs[0], pairs[0][1], preds[0]], ["truth", "naive inverse", "medldm"],
+                            out_dir / "figures" / f"ldm_step{step:06d}.png")
+    tracker.log_artifact(fig, "figures")
+    return {**metrics, **{f"naive_{k}": v for k, v in naive.items()}}
+
+
 def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, device: str | None = None) -> Path:
     out_dir = Path(out_dir)
     dev = common.pick_device(device)
@@ -104,6 +135,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
     batches = train_batches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank, start_step=step)
     progress = common.Progress(cfg.train.steps, step, f"ldm {cfg.name}", dist_info.is_main)
     t_start, history = time.time(), []
+    val = _validation_pairs(cfg, random_op, train_norm) if dist_info.is_main else []
     while step < cfg.train.steps:
         x = next(batches).to(dev)
         rng = np.random.default_rng([cfg.train.seed, dist_info.rank, step])
@@ -140,6 +172,8 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
         progress.update(**logs)
         if step % cfg.train.log_every == 0:
             tracker.log_metrics({f"train/{k}": v for k, v in logs.items()}, step)
+        if dist_info.is_main and val and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            history.append({"step": step, **_validate(cfg, vae_bundle, ema.module, refiner, val, out_dir, step, tracker)})
         # a time budget ends the run like the last step does: with a checkpoint, so --resume loses nothing
         out_of_time = common.any_rank(bool(cfg.train.max_minutes) and (time.time() - t_start) > 60 * cfg.train.max_minutes,
                                       dist_info)

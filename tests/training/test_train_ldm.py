@@ -36,6 +36,8 @@ def test_tiny_ldm_trains_and_reconstructs(tiny_datalist, tiny_vae, mlflow_tmp, t
     assert bundle.meta["latent_scale"] == load_bundle(tiny_vae).meta["latent_scale"]
     run = mlflow.get_run(bundle.meta["training"]["mlflow_run_id"])
     assert "train/diff" in run.data.metrics and run.data.tags["medldm.task"] == "denoise"
+    assert "val/psnr" in run.data.metrics and "val/naive_psnr" in run.data.metrics
+    assert (tmp_path / "ldm" / "figures" / "ldm_step000004.png").is_file()
     # the trained model restores a (noisy) volume of odd size with its geometry intact
     affine = np.diag([1.0, 1.2, 2.0, 1.0])
     affine[:3, 3] = [5, -3, 7]
