@@ -43,6 +43,8 @@ def variants(task: str, steps: int) -> dict[str, dict]:
         rows["medldm latent+DC"] = {**base, "refine": False, "dc": True}
         rows["medldm +refiner"] = {**base, "refine": True, "dc": False}
     rows["medldm (default)"] = {**base, "refine": True, "dc": True}
+    if task in ("recon", "sr"):
+        rows["medldm +latent opt"] = {**base, "refine": True, "dc": True, "latent_opt_steps": 10}
     if task == "recon":
         rows["medldm +latent DC"] = {**base, "refine": True, "dc": True, "latent_dc_every": 5}
     return rows

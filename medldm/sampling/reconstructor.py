@@ -93,7 +93,8 @@ class Reconstructor:
         raise InputError(None, f"cannot reconstruct from a {type(data).__name__}; pass a Volume, a path or a Measurement")
 
     def __call__(self, data, *, steps: int = 20, samples: int = 1, seed: int = 0, factor: int | None = None,
-                 sigma: float | None = None, dc: bool = True, latent_dc_every: int = 0, refine: bool = True,
+                 sigma: float | None = None, dc: bool = True, dc_weight: float | None = None, latent_dc_every: int = 0,
+                 latent_opt_steps: int = 0, refine: bool = True,
                  use_diffusion: bool = True, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
                  progress: bool = False) -> ReconstructionResult:
         if samples < 1 or steps < 1:
@@ -118,6 +119,15 @@ class Reconstructor:
             x_vol = op.data_consistency(x_vol, sub_y)
             return norm.forward(x_vol[0, 0].movedim(axis, 0)[:, None]).to(x_slices)
 
+        def data_loss(x_slices, idx):
+            """||A x - y||^2 / ||y||^2 on the slices idx (differentiable), in physical units."""
+            if m.task == "sr" and axis == op.axis:
+                raise ModelError("latent optimisation along the degraded axis is not slice-separable")
+            sub_y = y.index_select(2 + axis, idx.to(y.device))
+            x_vol = norm.inverse(x_slices[:, 0].movedim(0, axis))[None, None].cpu()
+            r = op.A(x_vol) - sub_y
+            return (r.abs() ** 2).sum() / (sub_y.abs() ** 2).sum().clamp_min(1e-12)
+
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -128,13 +138,16 @@ class Reconstructor:
             out = restore_slices(self.bundle, slices, samples=samples, steps=steps, seed=seed, sampler=None,
                                  batch_size=batch_size, eta=eta, refine=refine, use_diffusion=use_diffusion,
                                  correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
-                                 correct_every=latent_dc_every, progress=bar.update if bar else None)
+                                 correct_every=latent_dc_every,
+                                 data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
+                                 latent_opt_steps=latent_opt_steps, progress=bar.update if bar else None)
         if bar:
             bar.close()
         t_sample = time.time()
         vols = norm.inverse(out["output"][:, :, 0].movedim(1, 1 + axis))  # (K, X, Y, Z) physical units
         if dc and m.task in ("recon", "sr"):
-            vols = torch.cat([op.data_consistency(v[None, None], y)[0] for v in vols])
+            # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
+            vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
         t_dc = time.time()
         mean = vols.mean(0)
         std = vols.std(0, unbiased=True) if samples > 1 else None
@@ -150,7 +163,8 @@ class Reconstructor:
                                                       "format": self.meta.get("format"),
                                                       "mlflow_run_id": self.meta.get("training", {}).get("mlflow_run_id")},
             "task": m.task, "modality": modality,
-            "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "latent_dc_every": latent_dc_every,
+            "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
+                           "latent_dc_every": latent_dc_every, "latent_opt_steps": latent_opt_steps,
                            "refine": refine, "use_diffusion": use_diffusion, "eta": eta},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

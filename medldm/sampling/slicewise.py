@@ -33,11 +33,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torc
 def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, steps: int, seed: int, sampler: str | None,
                    batch_size: int, eta: float = 0.0, refine: bool = True, use_diffusion: bool = True,
                    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, correct_every: int = 0,
+                   data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
 
     ``correct(x_img, slice_index)`` is data consistency in normalised image space for latent DC.
+    ``data_loss(x_img, slice_index)`` (differentiable) drives ``latent_opt_steps`` Adam steps on the final
+    latent so that the decoded image explains the measurements (InverseSR-style latent optimisation).
     """
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
@@ -74,6 +78,9 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                                correct=corr, correct_every=correct_every, progress=progress)
             else:
                 z = c  # "VAE only": decode the encoded naive inverse
+            if data_loss is not None and latent_opt_steps > 0:
+                z = optimise_latent(codec, z, lambda x, a=a, b=b: data_loss(x[..., :h, :w], torch.arange(a, b)),
+                                    latent_opt_steps, latent_opt_lr)
             x_dec = codec.decode(z)
             x_out = x_dec
             if refine and bundle.refiner is not None:
@@ -82,3 +89,16 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
             output[k, a:b] = x_out[..., :h, :w].float().cpu()
     return {"decoded": decoded, "output": output}
+
+
+def optimise_latent(codec: LatentCodec, z: torch.Tensor, loss_fn, steps: int, lr: float) -> torch.Tensor:
+    """A few Adam steps on z minimising loss_fn(decode(z)); the decoder stays frozen."""
+    z = z.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(codec.vae.decode(z / codec.scale))
+            (z.grad,) = torch.autograd.grad(loss, z)  # gradient for z only, none accumulated in the decoder
+            opt.step()
+    return z.detach()

@@ -92,3 +92,14 @@ def test_measured_kspace_uses_the_magnitude(models):
                            dim=(-2, -1))  # purely imaginary image: its real part is zero, its magnitude is not
     m = from_kspace(k.numpy(), np.ones(16))
     np.testing.assert_allclose(m.naive_inverse()[0, 0].numpy(), img.numpy(), atol=1e-5)
+
+
+def test_latent_optimisation_lowers_the_data_residual(models):
+    truth = volume((24, 20, 4))
+    m = simulate(truth, "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    plain = models["recon"](m, steps=2, dc=False, refine=False)
+    opt = models["recon"](m, steps=2, dc=False, refine=False, latent_opt_steps=15)
+    assert opt.residual < plain.residual
+    soft = models["recon"](m, steps=2, dc=True, dc_weight=1.0)
+    hard = models["recon"](m, steps=2, dc=True)
+    assert hard.residual < soft.residual < models["recon"](m, steps=2, dc=False).residual
