@@ -122,10 +122,21 @@ class TrainConfig(Strict):
     ssim_weight: float = Field(0.0, ge=0)
     adv_weight: float = Field(0.0, ge=0)
     adv_start: int = Field(0, ge=0)
+    # MONAI PerceptualLoss, only from LOCAL weights (torchvision ResNet-50 state dict): never downloads
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weights_path: str | None = None
     # LDM: condition noise augmentation (max std of noise added to the encoded condition)
     cond_noise_max: float = Field(0.1, ge=0)
     refiner_weight: float = Field(1.0, ge=0)
     max_minutes: float | None = Field(None, gt=0)
+
+
+    @model_validator(mode="after")
+    def _perceptual_needs_local_weights(self):
+        if self.perceptual_weight > 0 and not self.perceptual_weights_path:
+            raise ValueError("perceptual_weight > 0 needs perceptual_weights_path (a local ResNet-50 state dict); "
+                             "medldm never downloads weights")
+        return self
 
 
 class TrackingConfig(Strict):

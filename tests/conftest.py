@@ -34,7 +34,7 @@ def tiny_datalist(tmp_path_factory):
         vol = phantom(seed=i) * 800.0  # MR-like arbitrary units
         name = f"mr_{i}.nii.gz"
         nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 1.5, 1.0])), root / name)
-        entries[split].append({"image": name, "modality": "MR"})
+        entries[split].append({"image": name, "modality": "MR", "source": "phantom"})
     (root / "datalist.json").write_text(json.dumps(entries))
     return root / "datalist.json"
 

@@ -55,3 +55,9 @@ def test_overrides_apply_and_validate(tmp_path):
     assert load_config(p, overrides={"train.steps": 7}).train.steps == 7
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(p, overrides={"train.steps": -1})
+
+
+def test_perceptual_loss_requires_local_weights(tmp_path):
+    p = write(tmp_path, "kind: vae\nname: x\ntrain: {perceptual_weight: 0.1}\n")
+    with pytest.raises(ConfigError, match="never downloads"):
+        load_config(p)

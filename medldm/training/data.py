@@ -7,6 +7,7 @@ killed run would have seen, without saving loader state.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -95,3 +96,18 @@ def _centre(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     x = SpatialPad(size)(x) if any(s < p for s, p in zip(x.shape[1:], size)) else x
     start = [(s - p) // 2 for s, p in zip(x.shape[1:], size)]
     return x[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(start, size))]
+
+
+DATA_CARDS = {"mni152": "mni152", "synthetic": "synthetic_subjects", "invesalius_head_ct": "head_ct_invesalius",
+              "itk_t1": "itk_t1_validation"}
+
+
+def data_card_ids(datalist: str | Path, modality: str) -> str:
+    """The data cards (data_cards/<id>.md) behind a datalist's entries of one modality, for run tags."""
+    try:
+        data = json.loads(Path(datalist).read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    sources = {e.get("source", "unknown") for k in ("training", "validation") for e in data.get(k, [])
+               if e.get("modality", modality).upper() == modality.upper()}
+    return ",".join(sorted(DATA_CARDS.get(s, s) for s in sources))

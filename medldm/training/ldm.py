@@ -25,7 +25,7 @@ from medldm.physics.registry import build_random_operator
 from medldm.sampling.samplers import predict_x0, training_target
 from medldm.tracking import Tracker
 from medldm.training import common
-from medldm.training.data import train_batches, validation_images
+from medldm.training.data import data_card_ids, train_batches, validation_images
 
 
 class LatentCodec:
@@ -131,11 +131,14 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
 
     tracker = Tracker(cfg.tracking.enabled and dist_info.is_main, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"ldm-{cfg.name}", params=cfg.model_dump(), run_id=run_id,
-                  tags={"medldm.stage": "ldm", "medldm.task": cfg.degradation.task, "medldm.modality": cfg.data.modality})
+                  tags={"medldm.stage": "ldm", "medldm.task": cfg.degradation.task, "medldm.modality": cfg.data.modality,
+                        "medldm.data_cards": data_card_ids(cfg.data.datalist, cfg.data.modality)})
+    tracker.log_dict(cfg.model_dump(), "config.json")
     batches = train_batches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank, start_step=step)
     progress = common.Progress(cfg.train.steps, step, f"ldm {cfg.name}", dist_info.is_main)
     t_start, history = time.time(), []
-    val = _validation_pairs(cfg, random_op, train_norm) if dist_info.is_main else []
+    # 3D models: no sampling-based validation yet (the Reconstructor samples 2D models only)
+    val = _validation_pairs(cfg, random_op, train_norm) if dist_info.is_main and dims == 2 else []
     while step < cfg.train.steps:
         x = next(batches).to(dev)
         rng = np.random.default_rng([cfg.train.seed, dist_info.rank, step])

@@ -18,8 +18,25 @@ from medldm.models.bundle import ModelBundle, save_bundle
 from medldm.models.normalisation import Normalisation
 from medldm.tracking import Tracker
 from medldm.training import common
-from medldm.training.data import train_batches, validation_images
+from medldm.training.data import data_card_ids, train_batches, validation_images
 from medldm.training.validate import reconstruction_metrics, save_slice_figure
+
+
+def build_perceptual_loss(weights_path: str, spatial_dims: int):
+    """MONAI PerceptualLoss on a torchvision ResNet-50 loaded from a local file (fake 3D in 3D)."""
+    from pathlib import Path as _P
+
+    from medldm.errors import ConfigError
+
+    if not _P(weights_path).is_file():
+        raise ConfigError(f"train.perceptual_weights_path: {weights_path} not found")
+    try:
+        from monai.losses import PerceptualLoss
+
+        return PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", pretrained=True,
+                              pretrained_path=weights_path, is_fake_3d=spatial_dims == 3).eval()
+    except ImportError as err:
+        raise ConfigError(f"the perceptual loss needs torchvision matching your torch ({err})") from None
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -51,6 +68,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.lr) if use_adv else None
     adv_loss = PatchAdversarialLoss(criterion="least_squares") if use_adv else None
     ssim_loss = SSIMLoss(spatial_dims=dims, data_range=1.0) if cfg.train.ssim_weight > 0 else None
+    perceptual = build_perceptual_loss(cfg.train.perceptual_weights_path, dims).to(dev) if cfg.train.perceptual_weight > 0 else None
 
     ckpt_path = out_dir / "checkpoint.pt"
     step, run_id = 0, None
@@ -67,7 +85,9 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
 
     tracker = Tracker(cfg.tracking.enabled and dist_info.is_main, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"vae-{cfg.name}", params=cfg.model_dump(), run_id=run_id,
-                  tags={"medldm.stage": "vae", "medldm.modality": cfg.data.modality})
+                  tags={"medldm.stage": "vae", "medldm.modality": cfg.data.modality,
+                        "medldm.data_cards": data_card_ids(cfg.data.datalist, cfg.data.modality)})
+    tracker.log_dict(cfg.model_dump(), "config.json")
     batches = train_batches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank, start_step=step)
     val = validation_images(cfg.data) if dist_info.is_main else []
     progress = common.Progress(cfg.train.steps, step, f"vae {cfg.name}", dist_info.is_main)
@@ -82,6 +102,8 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
             loss = l1 + cfg.train.kl_weight * kl_loss(mu.float(), sigma.float())
             if ssim_loss is not None:
                 loss = loss + cfg.train.ssim_weight * ssim_loss(recon.float().clamp(0, 1.5), x)
+            if perceptual is not None:
+                loss = loss + cfg.train.perceptual_weight * perceptual(recon.float(), x)
             adv_on = use_adv and step >= cfg.train.adv_start
             if adv_on:
                 loss = loss + cfg.train.adv_weight * adv_loss(disc(recon.float())[-1], target_is_real=True, for_discriminator=False)

@@ -59,3 +59,15 @@ def test_torchrun_two_cpu_ranks_end_identical(tiny_datalist, tmp_path):
     meta = json.loads((tmp_path / "ddp" / "model" / "model.json").read_text())
     assert meta["training"]["world_size"] == 2
     assert meta["training"]["ranks_identical"] is True
+
+
+@pytest.mark.slow
+def test_tiny_3d_vae_then_ldm(tiny_datalist, tmp_path):
+    over = {"data.datalist": str(tiny_datalist), "tracking.enabled": False, "data.spatial_dims": 3,
+            "data.patch_size": [32, 32, 16], "train.steps": 2}  # the refiner needs > 16 voxels per axis somewhere
+    vae = train_vae(load_config(CONFIGS / "vae-mr-tiny.yaml", "vae", over), tmp_path / "vae3d")
+    cfg = load_config(CONFIGS / "ldm-mr-denoise-tiny.yaml", "ldm", {**over, "vae_path": str(vae)})
+    bundle = load_bundle(train_ldm(cfg, tmp_path / "ldm3d"))
+    assert bundle.spatial_dims == 3 and bundle.unet is not None
+    with pytest.raises(Exception, match="3D models"):
+        Reconstructor(bundle)

@@ -31,6 +31,7 @@ def test_tiny_vae_trains_logs_and_loads(tiny_datalist, mlflow_tmp, tmp_path):
     run = mlflow.get_run(runs.run_id[0])
     assert "val/psnr" in run.data.metrics and "train/loss" in run.data.metrics
     assert run.data.params["vae.latent_channels"] == "2"
+    assert run.data.tags["medldm.data_cards"] == "phantom"  # the datalist entries name their source
     assert (tmp_path / "run" / "figures").is_dir()
 
 
