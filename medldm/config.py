@@ -78,9 +78,15 @@ class UNetConfig(Strict):
 
 
 class RefinerConfig(Strict):
-    """A small pixel-space MONAI BasicUNet: (decoded estimate, naive inverse) -> residual correction."""
+    """A small pixel-space MONAI BasicUNet: (decoded estimate, naive inverse) -> residual correction.
+
+    ``residual_on`` says what the correction is added to. "naive": the naive inverse, so an untrained
+    refiner already returns the measurement's own image and training only has to add what the latent
+    estimate knows (far more sample-efficient on CPU budgets); "decoded": the decoded latent estimate.
+    """
 
     enabled: bool = True
+    residual_on: Literal["naive", "decoded"] = "naive"
     features: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 16])
 
     @model_validator(mode="after")

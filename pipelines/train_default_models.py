@@ -62,7 +62,7 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int) -> Path:
     rec = Reconstructor.load(model_dir)
     vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], EVAL_CROP)
     out = ROOT / "outputs" / "shipped-eval"
-    rows = evaluate_cases(rec, make_cases(rec.task, rec.meta["modality"], vols), out, steps=steps, samples=4)
+    rows = evaluate_cases(rec, make_cases(rec.task, rec.meta["modality"], vols), out, steps=steps, samples=2)
     bundle = load_bundle(model_dir)
     default = [r for r in rows if r["method"] == "medldm (default)"]
     bundle.meta["metrics"] = {**bundle.meta.get("metrics", {}),

@@ -52,7 +52,11 @@ def build_unet(cfg: UNetConfig, spatial_dims: int, latent_channels: int) -> Diff
 
 def build_refiner(cfg: RefinerConfig, spatial_dims: int) -> BasicUNet:
     # Inputs: decoded latent estimate and the naive inverse; output: a residual added to the estimate.
-    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(cfg.features))
+    net = BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(cfg.features))
+    # Zero last layer: an untrained refiner is the identity on what its output is added to.
+    torch.nn.init.zeros_(net.final_conv.weight)
+    torch.nn.init.zeros_(net.final_conv.bias)
+    return net
 
 
 def build_scheduler(cfg: SchedulerConfig, kind: str | None = None, spatial_dims: int = 2):

@@ -77,7 +77,7 @@ def _validate(cfg, vae_bundle, unet, refiner, pairs, out_dir: Path, step: int, t
     from medldm.sampling.slicewise import restore_slices
     from medldm.training.validate import reconstruction_metrics, save_slice_figure
 
-    meta = {**vae_bundle.meta, "scheduler": cfg.scheduler.model_dump()}
+    meta = {**vae_bundle.meta, "scheduler": cfg.scheduler.model_dump(), "refiner": cfg.refiner.model_dump()}
     bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=unet.eval(), refiner=refiner.eval() if refiner else None)
     preds, refs = [], []
     for truth, cond in pairs:
@@ -160,7 +160,8 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
             loss = loss_diff
             if refiner_t is not None:
                 decoded = codec.decode(predict_x0(scheduler, z_t, t, out.detach())).float()
-                refined = decoded + refiner_t(torch.cat([decoded, cond], 1)).float()
+                base = cond if cfg.refiner.residual_on == "naive" else decoded
+                refined = base + refiner_t(torch.cat([decoded, cond], 1)).float()
                 loss_ref = F.l1_loss(refined, x)
                 loss = loss + cfg.train.refiner_weight * loss_ref
         opt.zero_grad(set_to_none=True)
