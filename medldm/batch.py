@@ -144,11 +144,31 @@ def _check_geometry(volume: Volume) -> None:
                                                     "the NIfTI affine)")
 
 
+def available_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(n_voxels: int, samples: int, factor: int = 1) -> None:
+    """Refuse, with the numbers, a unit whose float32 working set would not fit in free memory.
+
+    Slices are sampled in fixed-size batches, so the network's memory does not grow with the volume; what
+    grows is the volume itself: the input, naive inverse, K samples (x2 during assembly), mean and std, on
+    the output grid (SR: ``factor`` times more voxels).
+    """
+    need = 4 * n_voxels * factor * (2 * samples + 6)
+    free = available_memory_bytes()
+    if need > 0.8 * free:
+        raise InputError(None, f"volume of {n_voxels:,} voxels needs about {need / 2**30:.1f} GiB with {samples} "
+                               f"sample(s) but {free / 2**30:.1f} GiB is free: use fewer --samples, crop the volume, "
+                               "or run on a larger machine")
+
+
 def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]:
     with _stage("reading the input"):
         data, volume, modality = _load_input(unit)
     if volume is not None:
         _check_geometry(volume)
+        check_memory(int(np.prod(volume.spatial_shape)), ctx.samples, ctx.factor or 1)
     name = ctx.model_name(modality)
     rec = ctx.reconstructor(name, modality)
     with _stage("reconstructing"):

@@ -84,3 +84,13 @@ def test_summary_table():
     assert lines[0].split() == ["unit", "status", "seconds", "reason"]
     assert "2.50" in lines[1] and lines[-1] == "1 ok, 1 failed, 0 skipped"
     assert exit_code([_unit("a", "ok"), _unit("b", "skipped")]) == 0
+
+
+def test_volume_too_large_for_memory_gets_a_clear_reason(monkeypatch):
+    import medldm.batch as batch
+    from medldm.errors import InputError
+
+    monkeypatch.setattr(batch, "available_memory_bytes", lambda: 2**30)
+    batch.check_memory(100_000, samples=4)  # 5.6 MB: fine
+    with pytest.raises(InputError, match="GiB is free"):
+        batch.check_memory(512**3, samples=4)
