@@ -40,3 +40,19 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
         "degradation": {"task": task, "kwargs": kwargs}, "cond_noise_max": 0.1, "metrics": {}, "training": {},
     }
     return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)
+
+
+def make_tiny_3d_bundle(folder: str | Path, task: str = "denoise", modality: str = "MR", seed: int = 0,
+                        patch=(32, 32, 16)) -> Path:
+    torch.manual_seed(seed)
+    vae = build_vae(TINY_VAE, 3)
+    unet = build_unet(TINY_UNET, 3, TINY_VAE.latent_channels)
+    ref = build_refiner(TINY_REFINER, 3)
+    meta = {
+        "name": f"tiny3d-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality, "spatial_dims": 3,
+        "slice_axis": 2, "patch_size": list(patch), "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
+        "normalisation": Normalisation.for_modality(modality).to_dict(), "unet": TINY_UNET.model_dump(),
+        "scheduler": SchedulerConfig().model_dump(), "refiner": TINY_REFINER.model_dump(),
+        "degradation": {"task": task, "kwargs": {}}, "cond_noise_max": 0.1, "metrics": {}, "training": {},
+    }
+    return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)

@@ -22,6 +22,7 @@ from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.normalisation import Normalisation
 from medldm.sampling import measurement as meas
 from medldm.sampling.slicewise import restore_slices
+from medldm.sampling.volumetric import restore_volume
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 
@@ -61,8 +62,6 @@ class Reconstructor:
     def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None):
         if bundle.unet is None:
             raise ModelError(f"{bundle.path}: a VAE-only model cannot reconstruct; train an LDM on it")
-        if bundle.spatial_dims != 2:
-            raise ModelError("3D models are trained by medldm but not yet sampled by the Reconstructor (issue #4)")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bundle = bundle.to(self.device).eval()
         self.meta = bundle.meta
@@ -134,17 +133,26 @@ class Reconstructor:
 
             n_batches = -(-slices.shape[0] // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
-        with torch.no_grad():
-            out = restore_slices(self.bundle, slices, samples=samples, steps=steps, seed=seed, sampler=None,
-                                 batch_size=batch_size, eta=eta, refine=refine, use_diffusion=use_diffusion,
-                                 correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
-                                 correct_every=latent_dc_every,
-                                 data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
-                                 latent_opt_steps=latent_opt_steps, progress=bar.update if bar else None)
+        if self.bundle.spatial_dims == 3:
+            if latent_dc_every or latent_opt_steps:
+                raise ModelError("latent DC and latent optimisation are implemented for 2D models only")
+            out = restore_volume(self.bundle, cond, samples=samples, steps=steps, seed=seed, eta=eta, refine=refine,
+                                 use_diffusion=use_diffusion, progress=bar.update if bar else None)
+            vols_n = out["output"][:, 0]  # (K, X, Y, Z)
+        else:
+            with torch.no_grad():
+                out = restore_slices(
+                    self.bundle, slices, samples=samples, steps=steps, seed=seed, sampler=None, batch_size=batch_size,
+                    eta=eta, refine=refine, use_diffusion=use_diffusion,
+                    correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
+                    correct_every=latent_dc_every,
+                    data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
+                    latent_opt_steps=latent_opt_steps, progress=bar.update if bar else None)
+            vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         if bar:
             bar.close()
         t_sample = time.time()
-        vols = norm.inverse(out["output"][:, :, 0].movedim(1, 1 + axis))  # (K, X, Y, Z) physical units
+        vols = norm.inverse(vols_n)  # (K, X, Y, Z) physical units
         if dc and m.task in ("recon", "sr"):
             # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
             vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
