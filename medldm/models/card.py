@@ -5,6 +5,29 @@ from __future__ import annotations
 from medldm.evaluation.evaluate import markdown_table
 
 
+BASELINE_PREFIXES = ("medldm", "VAE(truth)")
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line per case: the default output against the best classical baseline and the VAE ceiling."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case]
+        ours = next((r for r in rs if r["method"] == "medldm (default)"), None)
+        base = [r for r in rs if not r["method"].startswith(BASELINE_PREFIXES)]
+        ceiling = next((r for r in rs if r["method"] == "VAE(truth)"), None)
+        if ours is None or not base:
+            continue
+        best = max(base, key=lambda r: r["psnr"])
+        word = "beats" if ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"] else "does NOT beat"
+        line = (f"- {case}: medldm {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f} {word} the best classical baseline "
+                f"({best['method']}: {best['psnr']:.2f} dB / {best['ssim']:.3f})")
+        if ceiling:
+            line += f"; VAE ceiling {ceiling['psnr']:.2f} dB"
+        lines.append(line)
+    return "\n".join(lines) or "- no comparable rows"
+
+
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
     vae_t = t.get("vae_training") or {}
@@ -31,6 +54,9 @@ Trained degradation: `{deg}`.
 - VAE: {vae_t.get('steps')} steps, {vae_t.get('seconds')} s; diffusion U-Net + refiner: {t.get('steps')} steps,
   {t.get('seconds')} s, on {machine}.
 - Reproduce: `{command}`
+
+## Verdict
+{verdict(rows)}
 
 ## Validation (held-out data, fastMRI metric conventions; see medldm/evaluation/metrics.py)
 {markdown_table(rows)}

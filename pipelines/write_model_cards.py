@@ -1,0 +1,39 @@
+"""Rewrite the model card (README.md) of every shipped model from its model.json and its saved evaluation rows.
+
+    python pipelines/write_model_cards.py
+
+Used after changing the card template; train_default_models.py writes the same cards at install time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medldm.models.card import model_card  # noqa: E402
+from medldm.sampling.reconstructor import SHIPPED_DIR, shipped_models  # noqa: E402
+
+
+def main():
+    for name in shipped_models():
+        rows_path = ROOT / "outputs" / "shipped-eval" / f"{name}-rows.json"
+        if not rows_path.is_file():
+            print(f"{name}: no evaluation rows at {rows_path}; card left as is")
+            continue
+        meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
+        command = f"python pipelines/train_default_models.py --only {name}   # configs: configs/ldm-{name}-cpu.yaml"
+        machine = f"{platform.machine()} CPU, 2 cores (torch CPU build)"
+        card = model_card(meta, json.loads(rows_path.read_text()), command, machine)
+        (SHIPPED_DIR / name / "README.md").write_text(card)
+        shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")
+        print(f"{name}: card written")
+
+
+if __name__ == "__main__":
+    main()
