@@ -166,7 +166,7 @@ def serve(model_uri: str = typer.Argument(..., help="models:/NAME@alias or runs:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_output"), help="Where inputs, outputs, figures and the table go."),
-         steps: int = typer.Option(20, help="Sampling steps."),
+         steps: int = typer.Option(10, help="Sampling steps."),
          samples: int = typer.Option(2, help="Samples per volume (uncertainty map)."),
          model: list[str] = typer.Option([], help="Only these shipped models (default: all).")):
     """The main job on embedded defaults: degrade held-out real scans, write them as DICOM / k-space,
