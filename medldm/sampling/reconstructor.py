@@ -59,13 +59,15 @@ def resolve_model(name_or_uri: str | Path) -> tuple[Path, dict]:
 
 
 class Reconstructor:
-    def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None):
+    def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None,
+                 amp: bool = True):
         if bundle.unet is None:
             raise ModelError(f"{bundle.path}: a VAE-only model cannot reconstruct; train an LDM on it")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bundle = bundle.to(self.device).eval()
         self.meta = bundle.meta
         self.origin = origin or {}
+        self.amp = amp  # bfloat16 autocast for the networks on CUDA; CPU always runs float32
 
     @classmethod
     def load(cls, name_or_uri: str | Path, device: str | None = None) -> "Reconstructor":
@@ -133,6 +135,23 @@ class Reconstructor:
 
             n_batches = -(-slices.shape[0] // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
+        from medldm.training.common import autocast
+
+        with autocast(self.device, self.amp):
+            vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
+                                  use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
+                                  latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar)
+        if bar:
+            bar.close()
+        t_sample = time.time()
+        vols = norm.inverse(vols_n.float())  # (K, X, Y, Z) physical units
+        return self._finish(m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, steps=steps, seed=seed,
+                            latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
+                            use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
+
+    def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
+                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar) -> torch.Tensor:
+        """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
                 raise ModelError("latent DC and latent optimisation are implemented for 2D models only")
@@ -149,10 +168,12 @@ class Reconstructor:
                     data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
-        if bar:
-            bar.close()
-        t_sample = time.time()
-        vols = norm.inverse(vols_n)  # (K, X, Y, Z) physical units
+        return vols_n
+
+    def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
+                latent_opt_steps, refine, use_diffusion, eta, keep_samples) -> ReconstructionResult:
+        """Final data consistency, mean/std over samples, geometry and provenance."""
+        op, y = m.operator, m.y
         if dc and m.task in ("recon", "sr"):
             # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
             vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
