@@ -176,10 +176,15 @@ def _example_record() -> dict:
     return {"array": vol.tolist(), "spacing": [1.0, 1.0, 3.0], "steps": 1, "samples": 1, "seed": 0}
 
 
+def _metric_name(key: str) -> str:
+    """MLflow metric names allow alphanumerics and _-. :/ only (case names such as 'sigma5%' do not fit)."""
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in str(key))
+
+
 def _metric_tags(metrics: dict, prefix: str = "metric.") -> dict[str, str]:
     from medldm.tracking import flatten
 
-    return {f"{prefix}{k}"[:250]: str(v)[:5000] for k, v in flatten(metrics or {}).items()}
+    return {_metric_name(f"{prefix}{k}")[:250]: str(v)[:5000] for k, v in flatten(metrics or {}).items()}
 
 
 def register_model(model: str | os.PathLike, name: str, alias: str | None = "champion",
@@ -226,7 +231,7 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
             mlflow.log_params({"model": str(meta.get("name")), "task": meta.get("task"), "modality": meta.get("modality"),
                                "registered_name": name})
             if meta.get("metrics"):
-                numeric = {k: float(v) for k, v in (meta["metrics"] or {}).items()
+                numeric = {_metric_name(k): float(v) for k, v in (meta["metrics"] or {}).items()
                            if isinstance(v, (int, float)) and math.isfinite(float(v))}
                 if numeric:
                     mlflow.log_metrics(numeric)

@@ -202,3 +202,20 @@ def test_small_volume_through_pyfunc(pyfunc):
     b = pyfunc.predict(None, pd.DataFrame([{"array": arr, "steps": 1}]))[0]
     c = pyfunc.predict(None, [ReconstructionRequest.model_validate({"array": arr, "steps": 1})])[0]
     assert a["array"] == b["array"] == c["array"] and np.asarray(a["array"]).shape == (32, 32, 3)
+
+
+def test_metric_names_outside_mlflow_charset_are_registered(store, tiny_model):
+    import json
+
+    from mlflow import MlflowClient
+
+    from medldm.serving import ensure_registered
+
+    meta = json.loads((tiny_model / "model.json").read_text())
+    meta["metrics"] = {**meta.get("metrics", {}), "val_itk_sigma5%_psnr": 30.4}
+    (tiny_model / "model.json").write_text(json.dumps(meta))
+    first = ensure_registered(tiny_model, "tiny-pct")
+    again = ensure_registered(tiny_model, "tiny-pct")  # same weights: reused, not registered twice
+    assert first["registered"] and not again["registered"] and again["version"] == first["version"]
+    mv = MlflowClient().get_model_version_by_alias("tiny-pct", "champion")
+    assert float(mv.tags["metric.val_itk_sigma5__psnr"]) == 30.4  # '%' is not allowed in MLflow names
