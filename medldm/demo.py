@@ -10,6 +10,7 @@ medldm with the ground truth. Everything is reused on a second run (inputs, regi
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -76,9 +77,14 @@ def degrade(name: str, truth: Volume) -> Measurement:
 
 def write_input(name: str, m: Measurement, folder: Path) -> None:
     """What a scanner or PACS would hand over: a DICOM series, or raw k-space for undersampled MRI."""
+    stamp = json.dumps({"settings": SETTINGS[name][0], "shape": list(m.y.shape), "affine": np.round(m.affine, 6).tolist()},
+                       sort_keys=True)
+    if folder.exists() and (folder / "settings.json").is_file() and (folder / "settings.json").read_text() == stamp:
+        return  # reuse: same degradation of the same volume
     if folder.exists():
-        return
+        shutil.rmtree(folder)  # the demo's own input from an older version or settings
     tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     if name == "mr-recon":
         k = m.y[0, 0].permute(2, 0, 1).numpy().astype(np.complex64)  # (X, Y, Z) -> fastMRI [slices, H, W]
@@ -94,6 +100,7 @@ def write_input(name: str, m: Measurement, folder: Path) -> None:
             arr = np.round(arr)
         write_dicom_series(Volume(arr, affine, m.modality, {}), tmp / "dicom", series_description_suffix="",
                            derivation_description=f"medldm demo input: {SETTINGS[name][1]}")
+    (tmp / "settings.json").write_text(stamp)
     tmp.replace(folder)
 
 
