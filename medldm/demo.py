@@ -147,7 +147,8 @@ def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2,
         for method, pred in [("input", naive), *outputs.items()]:
             r = M.all_metrics(gt, pred)
             rows.append({"model": name, "method": method, "psnr": r["psnr"], "ssim": r["ssim"],
-                         "seconds": unit.get("seconds") if method.startswith("medldm") else None})
+                         # a reused unit reports the seconds of the run that made it
+                         "seconds": unit.get("previous_seconds", unit.get("seconds")) if method.startswith("medldm") else None})
         fig = case_figure(gt, naive, outputs, std, out / "figures" / f"{name}.png", title=f"{name}: {SETTINGS[name][1]}")
         print(f"[{name}] done in {time.time() - t0:.0f} s; figure: {fig}")
     _print_table(rows, out)
