@@ -75,4 +75,7 @@ class Normalisation:
 
     @classmethod
     def for_modality(cls, modality: str) -> "Normalisation":
-        return cls(kind="window") if modality.upper() == "CT" else cls(kind="percentile")
+        mod = str(modality).upper()
+        if mod not in ("MR", "CT"):  # a typo must not silently get MR's normalisation
+            raise ConfigError(f"modality must be 'MR' or 'CT', got {modality!r}")
+        return cls(kind="window") if mod == "CT" else cls(kind="percentile")

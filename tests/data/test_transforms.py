@@ -7,15 +7,7 @@ import pytest
 import torch
 from monai.data import DataLoader, list_data_collate
 
-from medldm.data.transforms import (
-    NormaliseIntensityd,
-    build_dataset,
-    build_eval_transforms,
-    build_train_transforms,
-    ct_normalise,
-    load_datalist,
-    mr_normalise,
-)
+from medldm.data.transforms import NormaliseIntensityd, build_dataset, build_eval_transforms, load_datalist
 from medldm.errors import ConfigError, InputError
 from medldm.models.normalisation import Normalisation
 
@@ -53,20 +45,20 @@ def test_normalisation_validation():
     with pytest.raises(ConfigError):
         Normalisation.from_dict({"kind": "window", "low": 0, "high": 1, "gain": 2})
     with pytest.raises(ConfigError):
-        build_eval_transforms("PET")  # for_modality alone would silently treat it as MR
+        build_eval_transforms("PET")  # a typo must not silently get MR's normalisation
     zeros = Normalisation().fit(np.zeros((4, 4)))
     assert np.isfinite(zeros.forward(np.zeros((4, 4)))).all()
 
 
 def test_dict_transforms_store_fitted_parameters():
     x = torch.linspace(0, 1000, 1000).reshape(1, 10, 10, 10)
-    d = mr_normalise()({"image": x})
+    d = NormaliseIntensityd("image", Normalisation(kind="percentile"))({"image": x})
     p995 = float(np.percentile(x.numpy(), 99.5))
     assert d["image_norm"] == {"kind": "percentile", "percentile": 99.5, "low": -1024.0, "high": 2000.0,
                                "scale": pytest.approx(p995)}
     assert d["image"].dtype == torch.float32 and d["image"].min() == 0 and d["image"].max() > 1
     torch.testing.assert_close(Normalisation.from_dict(d["image_norm"]).inverse(d["image"]), x)
-    d = ct_normalise()({"image": x})
+    d = NormaliseIntensityd("image", Normalisation(kind="window"))({"image": x})
     assert d["image_norm"] == Normalisation(kind="window").to_dict()
     d = NormaliseIntensityd("image", Normalisation(kind="window"))({"image": x.numpy().astype(np.float64)})
     assert d["image"].dtype == np.float32
@@ -90,51 +82,28 @@ def tiny_datalist(tmp_path_factory):
     return path
 
 
-def test_2d_patches(tiny_datalist):
-    tf = build_train_transforms(2, (32, 32), "MR", num_samples=5)
-    ds = build_dataset(tiny_datalist, "training", tf, modality="MR")
-    assert len(ds) == 2
-    samples = ds[0]
-    assert isinstance(samples, list) and len(samples) == 5
-    for s in samples:
-        assert tuple(s["image"].shape) == (1, 32, 32) and s["image"].dtype == torch.float32
-        assert float(s["image"].min()) >= 0  # scale-only: background stays 0, the top 0.5% lies above 1
-        assert s["slice_axis"] == 2 and s["image"].max() > 0  # empty slices are skipped
-    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=list_data_collate)))
-    assert tuple(batch["image"].shape) == (10, 1, 32, 32)
-    assert batch["image_norm"]["kind"] == ["percentile"] * 10 and batch["image_norm"]["scale"].shape == (10,)
-
-
-def test_2d_random_planes_with_padding(tiny_datalist):
-    tf = build_train_transforms(2, 48, "MR", num_samples=6, slice_axes=(0, 1, 2), crop_foreground=False)
-    for s in build_dataset(tiny_datalist, "training", tf, modality="MR")[1]:
-        assert tuple(s["image"].shape) == (1, 48, 48)
-
-
 @pytest.mark.parametrize("cache", ["none", "memory", "disk"])
-def test_3d_patches_and_caching(tiny_datalist, tmp_path, cache):
-    tf = build_train_transforms(3, (16, 16, 24), "CT", num_samples=3)  # 24 > 20 slices: padded
-    ds = build_dataset(tiny_datalist, "training", tf, cache=cache, cache_dir=tmp_path / "c", modality="CT")
-    samples = ds[0]
-    assert len(samples) == 3
-    for s in samples:
-        assert tuple(s["image"].shape) == (1, 16, 16, 24)
-        assert float(s["image"].min()) >= 0 and float(s["image"].max()) <= 1
-        assert s["image_norm"] == Normalisation(kind="window").to_dict()
+def test_eval_volumes_collate_and_cache(tiny_datalist, tmp_path, cache):
+    ds = build_dataset(tiny_datalist, "training", build_eval_transforms("MR"), cache=cache, cache_dir=tmp_path / "c",
+                       modality="MR")
+    assert len(ds) == 2
+    d = ds[0]
+    assert tuple(d["image"].shape) == (1, 40, 36, 20) and d["image"].dtype == torch.float32
+    assert float(d["image"].min()) >= 0  # scale-only: background stays 0
+    batch = next(iter(DataLoader(ds, batch_size=1, collate_fn=list_data_collate)))
+    assert batch["image_norm"]["kind"] == ["percentile"] and batch["image_norm"]["scale"].shape == (1,)
+    ct = build_dataset(tiny_datalist, "training", build_eval_transforms("CT"), cache=cache, cache_dir=tmp_path / "c",
+                       modality="CT")[0]
+    assert 0 <= float(ct["image"].min()) and float(ct["image"].max()) <= 1
+    assert ct["image_norm"] == Normalisation(kind="window").to_dict()
 
 
-def test_target_spacing_and_eval(tiny_datalist):
-    tf = build_train_transforms(3, 8, "MR", target_spacing=(2.0, 2.0, 2.0), num_samples=1)
-    assert tuple(build_dataset(tiny_datalist, "training", tf, modality="MR")[0][0]["image"].shape) == (1, 8, 8, 8)
-    ev = build_dataset(tiny_datalist, "validation", build_eval_transforms("MR"))
-    assert tuple(ev[0]["image"].shape) == (1, 40, 36, 20)
+def test_target_spacing(tiny_datalist):
+    ev = build_dataset(tiny_datalist, "validation", build_eval_transforms("MR", target_spacing=(2.0, 2.0, 2.0)))
+    assert tuple(ev[0]["image"].shape) == (1, 20, 18, 20)
 
 
 def test_bad_inputs(tiny_datalist, tmp_path):
-    with pytest.raises(ConfigError):
-        build_train_transforms(4, 8, "MR")
-    with pytest.raises(ConfigError):
-        build_train_transforms(2, (8, 8, 8), "MR")
     with pytest.raises(InputError):
         build_dataset(tmp_path / "missing.json", "training", None)
     with pytest.raises(InputError):
@@ -159,7 +128,7 @@ def test_load_datalist_filters_and_limits(tiny_datalist, tmp_path):
 
 
 def test_disk_cache_is_keyed_by_pipeline(tiny_datalist, tmp_path):
-    cropping = build_train_transforms(3, 8, "MR", num_samples=1)  # its cached prefix crops to the foreground
-    build_dataset(tiny_datalist, "validation", cropping, cache="disk", cache_dir=tmp_path)[0]
+    resampled = build_eval_transforms("MR", target_spacing=(2.0, 2.0, 2.0))  # another pipeline, other shapes
+    build_dataset(tiny_datalist, "validation", resampled, cache="disk", cache_dir=tmp_path)[0]
     ev = build_dataset(tiny_datalist, "validation", build_eval_transforms("MR"), cache="disk", cache_dir=tmp_path)
     assert tuple(ev[0]["image"].shape) == (1, 40, 36, 20)

@@ -52,3 +52,19 @@ def test_tiny_3d_vae(tiny_datalist, tmp_path):
                                      "train.steps": 2})
     bundle = load_bundle(train_vae(cfg, tmp_path / "r3"))
     assert bundle.spatial_dims == 3
+
+
+@pytest.mark.parametrize("dims,patch,axis", [(2, [24, 20], 2), (2, [24, 16], 0), (3, [16, 16, 12], 2)])
+def test_train_batches_shape_and_seeded_by_step(tiny_datalist, dims, patch, axis):
+    from itertools import islice
+
+    from medldm.config import DataConfig
+    from medldm.training.data import train_batches
+
+    cfg = DataConfig(datalist=str(tiny_datalist), spatial_dims=dims, patch_size=patch, batch_size=3, slice_axis=axis)
+    a = list(islice(train_batches(cfg, seed=1), 3))
+    assert all(tuple(b.shape) == (3, 1, *patch) for b in a)
+    assert float(a[0].max()) > 0  # patches are centred on foreground
+    resumed = next(train_batches(cfg, seed=1, start_step=2))
+    torch.testing.assert_close(resumed, a[2], rtol=0, atol=0)
+    assert not torch.equal(a[0], a[1])
