@@ -35,12 +35,20 @@ def slices_first(volume: torch.Tensor, axis: int) -> torch.Tensor:
     return volume[0].movedim(axis, 0)[:, None]
 
 
-def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generator, slice_axis: int = 2) -> torch.Tensor:
-    """One patch (1, *patch) from a (1, X, Y, Z) volume; 2D patches are planes normal to ``slice_axis``."""
+def foreground_slices(volume: torch.Tensor, slice_axis: int) -> torch.Tensor:
+    """Indices of the slices along ``slice_axis`` that hold any foreground."""
+    return torch.nonzero(slices_first(volume, slice_axis).amax(dim=(1, 2, 3)) > FOREGROUND).flatten()
+
+
+def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generator, slice_axis: int = 2,
+                  fg: torch.Tensor | None = None) -> torch.Tensor:
+    """One patch (1, *patch) from a (1, X, Y, Z) volume; 2D patches are planes normal to ``slice_axis``.
+    ``fg``: the volume's ``foreground_slices`` when already known (a whole-volume scan per patch costs as
+    much as the rest of the patch drawing)."""
     dims = len(patch)
     if dims == 2:
+        fg = foreground_slices(volume, slice_axis) if fg is None else fg
         volume = slices_first(volume, slice_axis)  # (S, 1, A, B)
-        fg = torch.nonzero(volume.amax(dim=(1, 2, 3)) > FOREGROUND).flatten()
         z = int(fg[rng.integers(len(fg))]) if len(fg) and rng.random() < 0.95 else int(rng.integers(volume.shape[0]))
         volume = volume[z]
     spatial = volume.shape[1:]
@@ -60,15 +68,16 @@ def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generat
 def train_batches(cfg: DataConfig, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
     """Infinite iterator of (B, 1, *patch) float tensors in normalised units."""
     ds = volume_dataset(cfg, "training")
-    volumes = [ds[i]["image"] for i in range(len(ds))] if cfg.cache == "memory" else None
+    volumes = [torch.as_tensor(ds[i]["image"]) for i in range(len(ds))] if cfg.cache == "memory" else None
+    fgs = [foreground_slices(v, cfg.slice_axis) for v in volumes] if volumes is not None and cfg.spatial_dims == 2 else None
     step = start_step
     while True:
         rng = np.random.default_rng([seed, step])
         patches = []
         for _ in range(cfg.batch_size):
             i = int(rng.integers(len(ds)))
-            vol = volumes[i] if volumes is not None else ds[i]["image"]
-            patches.append(_random_patch(torch.as_tensor(vol), cfg.patch_size, rng, cfg.slice_axis))
+            vol = volumes[i] if volumes is not None else torch.as_tensor(ds[i]["image"])
+            patches.append(_random_patch(vol, cfg.patch_size, rng, cfg.slice_axis, fgs[i] if fgs else None))
         yield torch.stack(patches)
         step += 1
 
