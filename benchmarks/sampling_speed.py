@@ -54,7 +54,7 @@ def monai_overhead(model: str, steps: int = 20, reps: int = 3) -> dict:
     from medldm.models.builders import build_scheduler
     from medldm.sampling.reconstructor import Reconstructor
     from medldm.sampling.samplers import sample
-    from medldm.training.ldm import condition_input
+    from medldm.models.latent import condition_input
 
     rec = Reconstructor.load(model, device="cpu")
     b = rec.bundle

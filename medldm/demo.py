@@ -16,7 +16,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from medldm.errors import InputError
 from medldm.evaluation import metrics as M
@@ -25,7 +24,7 @@ from medldm.evaluation.baselines import naive as naive_baseline
 from medldm.evaluation.figures import case_figure
 from medldm.io import read_nifti, write_dicom_series
 from medldm.io.volume import Volume
-from medldm.sampling.measurement import Measurement
+from medldm.sampling.measurement import Measurement, simulate
 
 CROP = (128, 160, 16)  # keeps the whole demo (four models) within a few minutes on 2 cores
 SETTINGS = {  # task -> (operator kwargs, description)
@@ -63,16 +62,7 @@ def _shift_k(k0: int) -> np.ndarray:
 
 
 def degrade(name: str, truth: Volume) -> Measurement:
-    from medldm.physics.registry import build_random_operator
-    from medldm.physics.resolution import fine_to_coarse_affine
-    from medldm.training.ldm import sample_operator
-
-    task = name.split("-", 1)[1]
-    x = torch.as_tensor(truth.array, dtype=torch.float32)[None]
-    op = sample_operator(build_random_operator(task, truth.modality, **SETTINGS[name][0]), 0, x)
-    y = op.forward(x, generator=torch.Generator().manual_seed(0))
-    meta = {"input_affine": fine_to_coarse_affine(truth.affine, op.axis, op.factor)} if task == "sr" else {}
-    return Measurement(y, op, truth.affine.copy(), truth.modality, meta)
+    return simulate(truth, name.split("-", 1)[1], 0, **SETTINGS[name][0])
 
 
 def write_input(name: str, m: Measurement, folder: Path) -> None:

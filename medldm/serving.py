@@ -51,6 +51,7 @@ from mlflow.exceptions import MlflowException
 
 from medldm import __version__
 from medldm.errors import MedldmError, ModelError
+from medldm.tracking import flatten, mlflow_name
 
 EXPERIMENT = "medldm-registry"
 # The pinned environment of the model; medldm itself is the code (env_manager="local" uses the installed one).
@@ -68,7 +69,7 @@ mlflow.models.set_model(MedldmPyfunc())
 
 
 from medldm.serving_requests import (  # noqa: E402,F401 - re-exported for clients and tests
-    ReconstructionRequest, ReconstructionResponse, RequestError, _array_volume, _check_params, _decode_nifti, _records,
+    ReconstructionRequest, ReconstructionResponse, _array_volume, _check_params, _decode_nifti, _records,
     _mb, bad_request, max_payload_bytes, volume_to_nifti_b64,
 )
 
@@ -176,15 +177,9 @@ def _example_record() -> dict:
     return {"array": vol.tolist(), "spacing": [1.0, 1.0, 3.0], "steps": 1, "samples": 1, "seed": 0}
 
 
-def _metric_name(key: str) -> str:
-    """MLflow metric names allow alphanumerics and _-. :/ only (case names such as 'sigma5%' do not fit)."""
-    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in str(key))
-
-
 def _metric_tags(metrics: dict, prefix: str = "metric.") -> dict[str, str]:
-    from medldm.tracking import flatten
 
-    return {_metric_name(f"{prefix}{k}")[:250]: str(v)[:5000] for k, v in flatten(metrics or {}).items()}
+    return {mlflow_name(f"{prefix}{k}")[:250]: str(v)[:5000] for k, v in flatten(metrics or {}).items()}
 
 
 def register_model(model: str | os.PathLike, name: str, alias: str | None = "champion",
@@ -231,7 +226,7 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
             mlflow.log_params({"model": str(meta.get("name")), "task": meta.get("task"), "modality": meta.get("modality"),
                                "registered_name": name})
             if meta.get("metrics"):
-                numeric = {_metric_name(k): float(v) for k, v in (meta["metrics"] or {}).items()
+                numeric = {mlflow_name(k): float(v) for k, v in (meta["metrics"] or {}).items()
                            if isinstance(v, (int, float)) and math.isfinite(float(v))}
                 if numeric:
                     mlflow.log_metrics(numeric)

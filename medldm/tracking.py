@@ -23,6 +23,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def mlflow_name(key: str) -> str:
+    """MLflow metric and tag names allow alphanumerics and _-. :/ only; map anything else (e.g. the '%' of
+    a case named 'sigma5%', the '=' of 'I0=1e4') to '_'."""
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in str(key))
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -61,7 +67,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            self._mlflow.log_metrics({mlflow_name(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:

@@ -66,8 +66,7 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int) -> Path:
     bundle = load_bundle(model_dir)
     default = [r for r in rows if r["method"] == "medldm (default)"]
     bundle.meta["metrics"] = {**bundle.meta.get("metrics", {}),
-                              **{f"val_{r['case']}_{k}".replace("/", "_").replace("%", "pct"): r[k] for r in default
-                                 for k in ("psnr", "ssim")}}
+                              **{f"val_{r['case']}_{k}".replace("/", "_"): r[k] for r in default for k in ("psnr", "ssim")}}
     dest = SHIPPED_DIR / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

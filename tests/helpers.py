@@ -21,19 +21,19 @@ TINY_REFINER = RefinerConfig(features=[4, 4, 8, 8, 16, 4])
 
 
 def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = "MR", seed: int = 0,
-                     slice_axis: int | None = None, scheduler: str = "ddpm", refiner: bool = True) -> Path:
+                     slice_axis: int | None = None, scheduler: str = "ddpm", refiner: bool = True,
+                     spatial_dims: int = 2, patch=None) -> Path:
+    """``spatial_dims=3``: a 3D model whose training patch (default 32x32x16) the tests' volumes exceed."""
     torch.manual_seed(seed)
-    vae = build_vae(TINY_VAE, 2)
-    unet = build_unet(TINY_UNET, 2, TINY_VAE.latent_channels)
-    ref = build_refiner(TINY_REFINER, 2) if refiner else None
-    if ref is not None:  # start as identity so outputs stay in range
-        for p in ref.parameters():
-            p.data.mul_(0.01)
+    vae = build_vae(TINY_VAE, spatial_dims)
+    unet = build_unet(TINY_UNET, spatial_dims, TINY_VAE.latent_channels)
+    ref = build_refiner(TINY_REFINER, spatial_dims) if refiner else None
     kwargs = {"factors": [2]} if task == "sr" else {}
     meta = {
-        "name": f"tiny-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality, "spatial_dims": 2,
-        "slice_axis": (0 if task == "sr" else 2) if slice_axis is None else slice_axis,
-        "patch_size": [32, 32], "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
+        "name": f"tiny-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality,
+        "spatial_dims": spatial_dims, "slice_axis": (0 if task == "sr" else 2) if slice_axis is None else slice_axis,
+        "patch_size": list(patch or ([32, 32] if spatial_dims == 2 else [32, 32, 16])),
+        "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
         "normalisation": Normalisation.for_modality(modality).to_dict(), "unet": TINY_UNET.model_dump(),
         "scheduler": SchedulerConfig(kind=scheduler).model_dump(),
         "refiner": TINY_REFINER.model_copy(update={"enabled": refiner}).model_dump(),
@@ -41,18 +41,3 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
     }
     return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)
 
-
-def make_tiny_3d_bundle(folder: str | Path, task: str = "denoise", modality: str = "MR", seed: int = 0,
-                        patch=(32, 32, 16)) -> Path:
-    torch.manual_seed(seed)
-    vae = build_vae(TINY_VAE, 3)
-    unet = build_unet(TINY_UNET, 3, TINY_VAE.latent_channels)
-    ref = build_refiner(TINY_REFINER, 3)
-    meta = {
-        "name": f"tiny3d-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality, "spatial_dims": 3,
-        "slice_axis": 2, "patch_size": list(patch), "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
-        "normalisation": Normalisation.for_modality(modality).to_dict(), "unet": TINY_UNET.model_dump(),
-        "scheduler": SchedulerConfig().model_dump(), "refiner": TINY_REFINER.model_dump(),
-        "degradation": {"task": task, "kwargs": {}}, "cond_noise_max": 0.1, "metrics": {}, "training": {},
-    }
-    return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)

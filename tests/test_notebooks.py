@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (small settings via MEDLDM_NOTEBOOK_QUICK=1)."""
 
-import os
 from pathlib import Path
 
 import nbformat

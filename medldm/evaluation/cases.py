@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from medldm.io.volume import Volume
-from medldm.sampling.measurement import Measurement
+from medldm.sampling.measurement import Measurement, simulate
 
 SETTINGS: dict[tuple[str, str], dict[str, dict]] = {
     ("recon", "MR"): {"4x": {"accelerations": [4], "center_fractions": [0.08]},
@@ -45,19 +44,10 @@ def crop_centre(volume: Volume, size: tuple[int, int, int] | None) -> Volume:
 
 
 def make_cases(task: str, modality: str, volumes: dict[str, Volume], seed: int = 0) -> list[Case]:
-    from medldm.physics.registry import build_random_operator
-    from medldm.physics.resolution import fine_to_coarse_affine
-    from medldm.training.ldm import sample_operator
-
     cases = []
     for vol_name, vol in volumes.items():
-        x = torch.as_tensor(np.ascontiguousarray(vol.array), dtype=torch.float32)[None]
         for setting, kwargs in SETTINGS[(task, modality)].items():
-            op = sample_operator(build_random_operator(task, modality, **kwargs), seed, x)
-            y = op.forward(x, generator=torch.Generator().manual_seed(seed))
-            meta = {"setting": setting, "operator": op.params()}
-            if task == "sr":
-                meta["input_affine"] = fine_to_coarse_affine(vol.affine, op.axis, op.factor)
-            m = Measurement(y, op, vol.affine.copy(), modality, meta)
+            m = simulate(vol, task, seed, **kwargs)
+            m.meta["setting"] = setting
             cases.append(Case(f"{vol_name}/{setting}", vol, m))
     return cases

@@ -31,7 +31,7 @@ def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:
     norm = Normalisation.from_dict(rec.meta["normalisation"]).fit(t)
     axis = rec.slice_axis
     slices = norm.forward(t).movedim(axis, 0)[:, None]
-    out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, sampler=None, batch_size=16,
+    out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, batch_size=16,
                          refine=False, use_diffusion=False)["decoded"]
     return norm.inverse(out[0, :, 0].movedim(0, axis)).numpy()
 
@@ -87,8 +87,7 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
     write_tables(rows, out_dir, stem=str(rec.meta.get("name")))
     if tracker is not None:
         for r in rows:
-            key = f"{r['model']}/{r['case']}/{r['method']}".replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus_")
-            key = "".join(c if c.isalnum() or c in "_-./" else "_" for c in key)
+            key = f"{r['model']}/{r['case']}/{r['method']}".replace("+", "plus ")  # Tracker makes it a valid name
             tracker.log_metrics({f"{key}/psnr": r["psnr"], f"{key}/ssim": r["ssim"]})
         tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.md", "tables")
         tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.csv", "tables")

@@ -31,8 +31,6 @@ def case_figure(truth: np.ndarray, naive: np.ndarray, outputs: dict[str, np.ndar
     lo, hi = float(np.percentile(truth, 0.5)), float(np.percentile(truth, 99.5))
     fig, axes = plt.subplots(3, len(cols), figsize=(2.2 * len(cols), 6.8), squeeze=False)
     for j, (name, vol) in enumerate(cols):
-        if vol.shape != truth.shape:  # e.g. a coarse input: show it on its own grid
-            vol = np.asarray(vol)
         err_like = name.startswith(("|error|", "std"))
         for i, plane in enumerate(planes(vol)):
             ax = axes[i, j]

@@ -7,7 +7,6 @@ the voxel index axes i, j, k. ``affine`` maps voxel indices (i, j, k, 1) to worl
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,10 +58,3 @@ class Volume:
             bad = int(np.size(self.array) - np.count_nonzero(np.isfinite(self.array)))
             raise InputError(self.meta.get("source"), f"volume contains {bad} NaN/Inf voxels")
         return self
-
-    def content_hash(self) -> str:
-        """sha256 of the array bytes and affine: identifies the input in provenance records."""
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.array).tobytes())
-        h.update(np.ascontiguousarray(self.affine).tobytes())
-        return h.hexdigest()

@@ -54,8 +54,12 @@ class Operator(ABC):
 
 
 class RandomOperator(ABC):
-    """Draws an ``Operator``'s parameters from a per-volume seed, without touching the global RNG."""
+    """Draws an ``Operator``'s parameters from a per-volume seed, without touching the global RNG.
+
+    ``image`` is the (B, C, X, Y[, Z]) tensor the operator will degrade. Some draws need it (a sigma relative
+    to its intensity, the fine size a thick-slice naive inverse must return); the others ignore it.
+    """
 
     @abstractmethod
-    def sample(self, seed: int) -> Operator:
+    def sample(self, seed: int, image: torch.Tensor | None = None) -> Operator:
         ...

@@ -283,7 +283,6 @@ class RandomLowDoseCT(RandomOperator):
     recorded so that non-square sinograms can be taken back.
     """
 
-    image_dependent = True
     operator_cls = LowDoseCT
 
     def __init__(self, I0_range=(1e3, 1e5), views: int = 180, pixel_mm: float = 1.0,

@@ -116,7 +116,6 @@ class RandomRicianNoise(RandomOperator):
     Without an image (``sample(seed)``), the reference is 1.0: the image is assumed normalised.
     """
 
-    image_dependent = True
 
     def __init__(self, sigma_range: Sequence[float] = (0.01, 0.1), reference: str = "p99.5"):
         lo, hi = (float(v) for v in sigma_range)

@@ -278,7 +278,6 @@ class RandomThickSlice(RandomOperator):
     """k drawn uniformly from ``factors``. ``sample(seed, image)`` records the fine size of ``image``
     ((B, C, X, Y[, Z]) tensor) along the axis, so the naive inverse matches the image exactly."""
 
-    image_dependent = True
 
     def __init__(self, factors: Sequence[int] = (2, 3, 4), axis: int = -1, profile: str = "box"):
         if profile not in PROFILES:
@@ -298,7 +297,6 @@ class RandomThickSlice(RandomOperator):
 class RandomInPlaneDownsample(RandomOperator):
     """In-plane factor k drawn uniformly from ``factors``; records the image's (X, Y) when given."""
 
-    image_dependent = True
 
     def __init__(self, factors: Sequence[int] = (2, 4), profile: str = "box"):
         if profile not in PROFILES:

@@ -80,10 +80,7 @@ class DegradeD(MapTransform, Randomizable):
         for key, ckey in self.key_iterator(d, self.condition_keys):
             img = d[key]
             x = self._to_batch(img)
-            if getattr(self.random_operator, "image_dependent", False):
-                op = self.random_operator.sample(seed, image=x)
-            else:
-                op = self.random_operator.sample(seed)
+            op = self.random_operator.sample(seed, image=x)
             with torch.no_grad():
                 y = op(x)
                 cond = op.naive_inverse(y)

@@ -91,18 +91,14 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
 def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measurement:
     """Research helper: degrade a clean volume with a randomly drawn operator (recorded in meta)."""
     from medldm.physics.registry import build_random_operator
-    from medldm.physics.resolution import coarse_to_fine_affine, fine_to_coarse_affine
+    from medldm.physics.resolution import fine_to_coarse_affine
 
     modality = volume.modality or "MR"
-    from medldm.training.ldm import sample_operator
-
     x = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
-    op = sample_operator(build_random_operator(task, modality, **random_kwargs), seed, x)
+    op = build_random_operator(task, modality, **random_kwargs).sample(seed, image=x)
     y = op.forward(x, generator=torch.Generator().manual_seed(seed))
     affine = volume.affine.copy()
     meta = {"simulated": op.params(), "seed": seed}
-    if task == "sr":
-        # the simulated thick-slice input lives on a coarse grid; the answer on the original fine grid
+    if task == "sr":  # the thick-slice input lives on a coarse grid; the answer on the original fine grid
         meta["input_affine"] = fine_to_coarse_affine(affine, op.axis, op.factor)
-        assert np.allclose(coarse_to_fine_affine(meta["input_affine"], op.axis, op.factor), affine)
     return Measurement(y, op, affine, modality, meta)

@@ -85,6 +85,11 @@ class Reconstructor:
     def measurement_for(self, data, factor: int | None = None, sigma: float | None = None) -> meas.Measurement:
         if isinstance(data, meas.Measurement):
             return data
+        if isinstance(data, (str, Path)) and Path(data).suffix.lower() in (".h5", ".hdf5"):
+            from medldm.io import read_fastmri_h5
+
+            kspace, mask, _ = read_fastmri_h5(data)  # the measurement itself, not its zero-filled image
+            return meas.from_kspace(kspace, mask)
         if isinstance(data, (str, Path)):
             from medldm.io import read_volume
 
@@ -161,7 +166,7 @@ class Reconstructor:
         else:
             with torch.no_grad():
                 out = restore_slices(
-                    self.bundle, slices, samples=samples, steps=steps, seed=seed, sampler=None, batch_size=batch_size,
+                    self.bundle, slices, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
                     eta=eta, refine=refine, use_diffusion=use_diffusion,
                     correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
                     correct_every=latent_dc_every,

@@ -15,7 +15,7 @@ from medldm.models.bundle import ModelBundle
 from medldm.models.builders import build_scheduler
 from medldm.config import SchedulerConfig
 from medldm.sampling.samplers import sample
-from medldm.training.ldm import LatentCodec, condition_input
+from medldm.models.latent import LatentCodec, condition_input
 
 PAD_MULTIPLE = 16
 
@@ -30,7 +30,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torc
     return F.pad(x, (0, pw, 0, ph)), (h, w)
 
 
-def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, steps: int, seed: int, sampler: str | None,
+def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, steps: int, seed: int,
                    batch_size: int, eta: float = 0.0, refine: bool = True, use_diffusion: bool = True,
                    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, correct_every: int = 0,
                    data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,

@@ -19,7 +19,7 @@ from medldm.config import SchedulerConfig
 from medldm.models.builders import build_scheduler
 from medldm.models.bundle import ModelBundle
 from medldm.sampling.samplers import sample
-from medldm.training.ldm import condition_input
+from medldm.models.latent import condition_input
 
 
 def _inferer(roi, overlap: float = 0.25, batch: int = 1) -> SlidingWindowInferer:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medldm.config import LDMRunConfig
 from medldm.models.builders import build_refiner, build_scheduler, build_unet, count_parameters
 from medldm.models.bundle import ModelBundle, load_bundle, save_bundle
+from medldm.models.latent import LatentCodec, condition_input
 from medldm.models.normalisation import Normalisation
 from medldm.physics.registry import build_random_operator
 from medldm.sampling.samplers import predict_x0, training_target
@@ -28,32 +29,12 @@ from medldm.training import common
 from medldm.training.data import data_card_ids, train_batches, validation_images
 
 
-class LatentCodec:
-    """Encode/decode between normalised images and scaled latents with a frozen VAE."""
-
-    def __init__(self, vae: torch.nn.Module, scale: float):
-        self.vae, self.scale = vae, scale
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x)[0] * self.scale
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale)
-
-
-def sample_operator(random_op, seed: int, image: torch.Tensor):
-    """Some operators (thick slices, in-plane) record the image size so the naive inverse matches it."""
-    return random_op.sample(seed, image=image) if getattr(random_op, "image_dependent", False) else random_op.sample(seed)
-
-
 def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list]:
     """Simulate measurements in physical units and return the normalised naive inverses."""
     conds, params = [], []
     for xi, seed in zip(x_n, seeds):
         x_phys = norm.inverse(xi[None].cpu())
-        op = sample_operator(random_op, int(seed), x_phys)
+        op = random_op.sample(int(seed), image=x_phys)
         g = torch.Generator().manual_seed(int(seed))
         y = op.forward(x_phys, generator=g)
         conds.append(norm.forward(op.naive_inverse(y)).float())
@@ -61,8 +42,6 @@ def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list
     return torch.cat(conds).to(x_n.device), params
 
 
-def condition_input(c: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    return torch.cat([c, level.reshape(-1, *([1] * (c.ndim - 1))).expand(-1, 1, *c.shape[2:])], dim=1)
 
 
 def _validation_pairs(cfg: LDMRunConfig, random_op, norm: Normalisation, n: int = 4) -> list[tuple]:
@@ -81,7 +60,7 @@ def _validate(cfg, vae_bundle, unet, refiner, pairs, out_dir: Path, step: int, t
     bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=unet.eval(), refiner=refiner.eval() if refiner else None)
     preds, refs = [], []
     for truth, cond in pairs:
-        out = restore_slices(bundle, cond.cpu(), samples=1, steps=10, seed=0, sampler=None, batch_size=8)
+        out = restore_slices(bundle, cond.cpu(), samples=1, steps=10, seed=0, batch_size=8)
         preds.append(out["output"][0].clamp_min(0))
         refs.append(truth.cpu())
     if refiner is not None:
@@ -118,13 +97,13 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
 
     ckpt_path = out_dir / "checkpoint.pt"
-    step, run_id = 0, None
+    step, run_id, seconds_before = 0, None, 0.0  # seconds spent by earlier legs of a resumed run
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
         unet.load_state_dict(ck["unet"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
         if refiner is not None:
             refiner.load_state_dict(ck["refiner"])
-        step, run_id = ck["step"], ck.get("run_id")
+        step, run_id, seconds_before = ck["step"], ck.get("run_id"), ck.get("seconds", 0.0)
         common.set_rng_state(ck["rng"])
     unet_t = DDP(unet) if dist_info.enabled else unet
     refiner_t = DDP(refiner) if (dist_info.enabled and refiner is not None) else refiner
@@ -183,7 +162,8 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
                                       dist_info)
         if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or out_of_time):
             state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "run_id": tracker.run_id, "rng": common.rng_state()}
+                     "run_id": tracker.run_id, "rng": common.rng_state(),
+                     "seconds": seconds_before + time.time() - t_start}
             if refiner is not None:
                 state["refiner"] = refiner.state_dict()
             common.save_checkpoint(ckpt_path, state)
@@ -202,7 +182,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
             "refiner": cfg.refiner.model_dump(), "degradation": cfg.degradation.model_dump(),
             "cond_noise_max": cfg.train.cond_noise_max,
             "metrics": {**vae_bundle.meta.get("metrics", {})},
-            "training": {"steps": step, "seconds": round(time.time() - t_start, 1), "device": str(dev),
+            "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
                          "unet_parameters": count_parameters(unet),
                          "refiner_parameters": count_parameters(refiner) if refiner is not None else 0,
                          "world_size": dist_info.world_size, "mlflow_run_id": tracker.run_id,

@@ -24,11 +24,9 @@ from medldm.training.validate import reconstruction_metrics, save_slice_figure
 
 def build_perceptual_loss(weights_path: str, spatial_dims: int):
     """MONAI PerceptualLoss on a torchvision ResNet-50 loaded from a local file (fake 3D in 3D)."""
-    from pathlib import Path as _P
-
     from medldm.errors import ConfigError
 
-    if not _P(weights_path).is_file():
+    if not Path(weights_path).is_file():
         raise ConfigError(f"train.perceptual_weights_path: {weights_path} not found")
     try:
         from monai.losses import PerceptualLoss
@@ -71,13 +69,13 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
     perceptual = build_perceptual_loss(cfg.train.perceptual_weights_path, dims).to(dev) if cfg.train.perceptual_weight > 0 else None
 
     ckpt_path = out_dir / "checkpoint.pt"
-    step, run_id = 0, None
+    step, run_id, seconds_before = 0, None, 0.0  # seconds spent by earlier legs of a resumed run
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
         vae.load_state_dict(ck["vae"]); opt.load_state_dict(ck["opt"])
         if use_adv:
             disc.load_state_dict(ck["disc"]); opt_d.load_state_dict(ck["opt_d"])
-        step, run_id = ck["step"], ck.get("run_id")
+        step, run_id, seconds_before = ck["step"], ck.get("run_id"), ck.get("seconds", 0.0)
         common.set_rng_state(ck["rng"])
     model = DDP(vae) if dist_info.enabled else vae
     if use_adv and dist_info.enabled:
@@ -129,7 +127,8 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
                                       dist_info)
         if dist_info.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or out_of_time):
             state = {"vae": common.unwrap(model).state_dict(), "opt": opt.state_dict(), "step": step,
-                     "run_id": tracker.run_id, "rng": common.rng_state()}
+                     "run_id": tracker.run_id, "rng": common.rng_state(),
+                     "seconds": seconds_before + time.time() - t_start}
             if use_adv:
                 state.update(disc=common.unwrap(disc).state_dict(), opt_d=opt_d.state_dict())
             common.save_checkpoint(ckpt_path, state)
@@ -148,7 +147,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
             "patch_size": cfg.data.patch_size, "vae": cfg.vae.model_dump(), "latent_scale": scale,
             "normalisation": Normalisation.for_modality(cfg.data.modality).to_dict(),
             "metrics": {f"vae_{k}": v for k, v in final.items() if k != "step"},
-            "training": {"steps": step, "seconds": round(time.time() - t_start, 1), "device": str(dev),
+            "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
                          "parameters": count_parameters(vae_net), "world_size": dist_info.world_size,
                          "ranks_identical": agree,
                          "mlflow_run_id": tracker.run_id},

@@ -118,3 +118,14 @@ def test_untrained_refiner_is_identity_on_the_naive_inverse(tmp_path):
     vol = volume()
     out = rec(vol, steps=2, sigma=1.0).volume.array
     np.testing.assert_allclose(out, vol.array, rtol=1e-5, atol=1e-3)
+
+
+def test_fastmri_file_is_read_as_its_kspace(models, tmp_path):
+    import h5py
+
+    truth = volume((24, 20, 4))
+    m = simulate(truth, "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["kspace"] = m.y[0, 0].permute(2, 0, 1).numpy().astype(np.complex64)
+    res = models["recon"](tmp_path / "scan.h5", steps=2)
+    assert res.volume.array.shape == truth.array.shape and res.residual < 1e-3

@@ -6,7 +6,7 @@ from medldm.sampling.measurement import simulate
 from medldm.sampling.reconstructor import Reconstructor
 from medldm.sampling.volumetric import sliding_denoiser
 from tests.conftest import phantom
-from tests.helpers import make_tiny_3d_bundle
+from tests.helpers import make_tiny_bundle
 
 
 class Pointwise(torch.nn.Module):
@@ -23,7 +23,7 @@ def test_sliding_denoiser_on_a_constant_field_has_no_seams():
 
 
 def test_3d_model_on_a_volume_larger_than_its_patch(tmp_path):
-    rec = Reconstructor.load(make_tiny_3d_bundle(tmp_path / "m3"), device="cpu")
+    rec = Reconstructor.load(make_tiny_bundle(tmp_path / "m3", spatial_dims=3), device="cpu")
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     vol = Volume((phantom((45, 38, 21)) * 300 + 10)[None].astype(np.float32), affine, "MR")
     a = rec(vol, steps=2, samples=2, seed=0)
@@ -34,7 +34,7 @@ def test_3d_model_on_a_volume_larger_than_its_patch(tmp_path):
 
 
 def test_3d_recon_with_final_data_consistency(tmp_path):
-    rec = Reconstructor.load(make_tiny_3d_bundle(tmp_path / "r3", "recon"), device="cpu")
+    rec = Reconstructor.load(make_tiny_bundle(tmp_path / "r3", "recon", spatial_dims=3), device="cpu")
     truth = Volume((phantom((32, 32, 8)) * 300)[None].astype(np.float32), np.eye(4), "MR")
     m = simulate(truth, "recon", seed=0, accelerations=[4], center_fractions=[0.08])
     assert rec(m, steps=2).residual < 1e-3

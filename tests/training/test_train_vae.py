@@ -38,8 +38,10 @@ def test_tiny_vae_trains_logs_and_loads(tiny_datalist, mlflow_tmp, tmp_path):
 def test_resume_continues_the_same_curve(tiny_datalist, tmp_path):
     off = {"tracking.enabled": False}
     full = train_vae(tiny_cfg(tiny_datalist, **off), tmp_path / "full")
-    train_vae(tiny_cfg(tiny_datalist, **off, **{"train.steps": 3}), tmp_path / "part")
+    first_leg = train_vae(tiny_cfg(tiny_datalist, **off, **{"train.steps": 3}), tmp_path / "part")
+    first_seconds = load_bundle(first_leg).meta["training"]["seconds"]
     resumed = train_vae(tiny_cfg(tiny_datalist, **off), tmp_path / "part", resume=True)
+    assert load_bundle(resumed).meta["training"]["seconds"] > first_seconds  # both legs counted
     a, b = load_file(str(full / "vae.safetensors")), load_file(str(resumed / "vae.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
