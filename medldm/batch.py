@@ -1,11 +1,12 @@
-"""`medldm reconstruct`: batch reconstruction of every DICOM series, NIfTI and fastMRI .h5 file under a folder.
+"""`medldm reconstruct`: batch reconstruction of every DICOM series, NIfTI, fastMRI .h5 and CT sinogram .h5
+file under a folder.
 
 Output layout::
 
     OUTPUT/manifest.json         one entry per unit: id, kind, inputs, status ok|failed|skipped, reason,
                                  outputs (relative to OUTPUT), seconds
     OUTPUT/<id>/reconstruction.nii.gz, uncertainty.nii.gz (samples > 1), provenance.json,
-                dicom/ (DICOM input: derived series), reconstruction.h5 (fastMRI input)
+                dicom/ (DICOM or sinogram input: derived series), reconstruction.h5 (fastMRI input)
 
 Exit codes: 0 when every unit is ok or skipped, 1 when any unit failed, 2 for usage errors (bad task or
 options, missing input, nothing to reconstruct found).
@@ -34,8 +35,9 @@ from medldm import __version__
 from medldm.batch_units import (MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover, exit_code,  # noqa: F401
                                  format_plan, format_table, merge_rank_manifests, read_previous, summarise, utc_now,
                                  write_json_atomic)
+from medldm.batch_io import check_geometry, check_memory, load_input, write_outputs
 from medldm.errors import InputError, MedldmError, ModelError
-from medldm.io.volume import MODALITIES, Volume
+from medldm.io.volume import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class _Context:
     factor: int | None
     device: str | None
     overwrite: bool
+    views: int | None = None
+    dose: float | None = None
     previous: dict = field(default_factory=dict)
     _models: dict = field(default_factory=dict)
 
@@ -96,33 +100,6 @@ class _Context:
 # ----------------------------------------------------------------------------------------- one unit
 
 
-def _load_input(unit: Unit):
-    """(what the Reconstructor takes, the input volume when it is an image, modality)."""
-    from medldm.io import fastmri_h5_to_volume, read_dicom_series, read_fastmri_h5, read_nifti
-
-    path = unit.inputs[0]
-    if unit.kind == "dicom":
-        volume = read_dicom_series(unit.series if unit.series is not None else path)
-        if volume.modality is None:
-            volume = Volume(volume.array, volume.affine, unit.modality, volume.meta)
-        return volume, volume, volume.modality
-    if unit.kind == "nifti":
-        if unit.modality is None:
-            raise InputError(path, "modality unknown (no BIDS sidecar or suffix); pass --modality mr|ct or --model")
-        volume = read_nifti(path, modality=unit.modality)
-        return volume, volume, volume.modality
-    from medldm.sampling.measurement import from_kspace
-
-    kspace, mask, attrs = read_fastmri_h5(path)
-    if not np.all(np.isfinite(kspace.view(np.float32))):
-        raise InputError(path, "k-space contains NaN/Inf values")
-    # The zero-filled volume carries the (H, W, slices) grid and spacing the fastMRI reader derives.
-    grid = fastmri_h5_to_volume(kspace, attrs)
-    m = from_kspace(kspace, mask, grid.affine, "MR")
-    m.meta["source"] = str(path)
-    return m, None, "MR"
-
-
 @contextlib.contextmanager
 def _stage(what: str):
     """Label an exception that is not one of ours with the step it came from: the unit's reason says where."""
@@ -135,39 +112,11 @@ def _stage(what: str):
         raise _Unexpected(f"unexpected {type(err).__name__} while {what}: {first}") from err
 
 
-def _check_geometry(volume: Volume) -> None:
-    # The readers accept Inf positions and zero spacings; the NIfTI writer (qform) and SR then fail obscurely.
-    aff = volume.affine
-    if not np.all(np.isfinite(aff)) or abs(float(np.linalg.det(aff[:3, :3]))) < 1e-12:
-        raise InputError(volume.meta.get("source"), "voxel geometry is not finite or degenerate (check "
-                                                    "ImagePositionPatient/ImageOrientationPatient/PixelSpacing or "
-                                                    "the NIfTI affine)")
-
-
-def available_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_memory(n_voxels: int, samples: int, factor: int = 1) -> None:
-    """Refuse, with the numbers, a unit whose float32 working set would not fit in free memory.
-
-    Slices are sampled in fixed-size batches, so the network's memory does not grow with the volume; what
-    grows is the volume itself: the input, naive inverse, K samples (x2 during assembly), mean and std, on
-    the output grid (SR: ``factor`` times more voxels).
-    """
-    need = 4 * n_voxels * factor * (2 * samples + 6)
-    free = available_memory_bytes()
-    if need > 0.8 * free:
-        raise InputError(None, f"volume of {n_voxels:,} voxels needs about {need / 2**30:.1f} GiB with {samples} "
-                               f"sample(s) but {free / 2**30:.1f} GiB is free: use fewer --samples, crop the volume, "
-                               "or run on a larger machine")
-
-
 def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]:
     with _stage("reading the input"):
-        data, volume, modality = _load_input(unit)
+        data, volume, modality = load_input(unit, ctx.views, ctx.dose, ctx.seed)
     if volume is not None:
-        _check_geometry(volume)
+        check_geometry(volume)
         check_memory(int(np.prod(volume.spatial_shape)), ctx.samples, ctx.factor or 1)
     name = ctx.model_name(modality)
     rec = ctx.reconstructor(name, modality)
@@ -177,37 +126,7 @@ def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
 
     with _stage("writing the outputs"):
-        return _write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.meta.get("name") or name)
-
-
-def _write_outputs(unit, ctx, tmp, result, volume, modality, name, model_name) -> tuple[dict, dict]:
-    from medldm.io import write_dicom_series, write_fastmri_recon_h5, write_nifti
-
-    tmp.mkdir(parents=True)
-    outputs = {"reconstruction": write_nifti(result.volume, tmp / "reconstruction.nii.gz")}
-    if result.uncertainty is not None:
-        outputs["uncertainty"] = write_nifti(result.uncertainty, tmp / "uncertainty.nii.gz")
-    if unit.kind == "dicom":
-        description = (f"medldm {__version__} {ctx.task} by model {model_name} ({name}); "
-                       f"{ctx.steps} steps, {ctx.samples} samples, seed {ctx.seed}")
-        # A corrupt source header can put numbers where UIDs belong; the writer would raise on them.
-        template = {k: v for k, v in (volume.meta.get("dicom") or {}).items()
-                    if not k.endswith("UID") or isinstance(v, str)}
-        write_dicom_series(result.volume, tmp / "dicom", source_meta=template,
-                           derivation_description=description, modality=modality)
-        outputs["dicom"] = tmp / "dicom"
-    if unit.kind == "fastmri":
-        recon = np.transpose(result.volume.array[0], (2, 0, 1))  # (H, W, slices) -> fastMRI's [slices, H, W]
-        outputs["reconstruction_h5"] = write_fastmri_recon_h5(
-            tmp / "reconstruction.h5", recon, {"medldm_version": __version__, "model": name, "task": ctx.task})
-    outputs["provenance"] = tmp / "provenance.json"
-    rel = {k: f"{unit.id}/{Path(p).name}" for k, p in outputs.items()}
-    provenance = {**result.provenance, "unit": {"id": unit.id, "kind": unit.kind,
-                                                "inputs": [str(p) for p in unit.inputs],
-                                                "modality": modality, "modality_source": unit.modality_source},
-                  "model_requested": name, "timings": result.timings, "residual": result.residual, "outputs": rel}
-    write_json_atomic(outputs["provenance"], provenance)
-    return rel, {"model": name, "modality": modality}
+        return write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.meta.get("name") or name)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -280,7 +199,7 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
 
 
 def _validate(source: Path, out: Path, task: str, steps: int, samples: int, modality: str | None,
-              factor: int | None, model: str | None) -> dict:
+              factor: int | None, model: str | None, views: int | None = None, dose: float | None = None) -> dict:
     """The model's model.json (empty without --model) once the options make sense, else UsageError."""
     if task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -290,6 +209,11 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
         raise UsageError(f"--modality must be mr or ct, got {modality!r}")
     if factor is not None and (task != "sr" or factor < 1):
         raise UsageError("--factor takes an integer >= 1 and applies to --task sr only")
+    if views is not None and (task != "recon" or views < 1):
+        raise UsageError("--views takes an integer >= 1 and applies to --task recon only (CT images -> simulated "
+                         "sparse-view sinograms)")
+    if dose is not None and (views is None or not dose > 0):
+        raise UsageError("--dose takes photons per ray > 0 and applies with --views only")
     if not source.exists():
         raise UsageError(f"input {source} does not exist")
     if out.exists() and not out.is_dir():
@@ -313,13 +237,14 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
 
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
-              dry_run: bool = False, overwrite: bool = False) -> int:
+              dry_run: bool = False, overwrite: bool = False, views: int | None = None,
+              dose: float | None = None) -> int:
     """Reconstruct every unit under ``input`` into ``output``. Returns the exit code: 0 all units ok or
     skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written)."""
     source, out = Path(input), Path(output)
     try:
-        meta = _validate(source, out, task, steps, samples, modality, factor, model)
-        units, ignored = discover(source, task, modality)
+        meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose)
+        units, ignored = discover(source, task, modality, simulate_views=views is not None)
         model_modality = str(meta.get("modality") or "").upper()
         for u in units:  # a NIfTI that does not say its modality is taken to be what the chosen model is for
             if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
@@ -331,7 +256,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         print(f"error: {err}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
-    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite)
+    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose)
     if dry_run:
         if rank == 0:
             print(format_plan(units, out, task, model, overwrite))
@@ -344,7 +269,8 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     mine = [u for i, u in enumerate(units) if i % world == rank]
     header = {"medldm_version": __version__, "created": utc_now(), "input": str(source), "output": str(out),
               "task": task, "model": model, "parameters": {"steps": steps, "samples": samples, "seed": seed,
-                                                           "factor": factor, "modality": modality},
+                                                           "factor": factor, "modality": modality,
+                                                           "views": views, "dose": dose},
               "ignored": ignored[:MAX_IGNORED_LISTED], "ignored_count": len(ignored)}
     if any(u.runnable for u in mine):  # torch and the networks import once here, not inside the first unit's seconds
         import medldm.sampling.reconstructor  # noqa: F401

@@ -1,7 +1,7 @@
 """Units and manifests for `medldm reconstruct`: turn an input folder (or file) into units of work.
 
 A unit is one DICOM image series (grouped by SeriesInstanceUID, wherever its files live), one NIfTI file or
-one fastMRI .h5 file. Files that cannot become a unit by themselves but say something about the input (a
+one .h5 file (fastMRI k-space, or a CT sinogram: ``medldm.io.sinogram_h5``). Files that cannot become a unit by themselves but say something about the input (a
 non-image DICOM object, an unreadable .dcm) become units that are skipped or failed up front, so the
 manifest accounts for them. The manifest helpers (atomic JSON, rank merge, summary table) live here too.
 """
@@ -40,7 +40,7 @@ MAX_IGNORED_LISTED = 200  # the manifest lists this many ignored files; ignored_
 @dataclass
 class Unit:
     id: str
-    kind: str  # dicom | nifti | fastmri | dicom-object (non-image, skipped) | file (unreadable, failed)
+    kind: str  # dicom | nifti | fastmri | sinogram | dicom-object (non-image, skipped) | file (unreadable, failed)
     inputs: list[Path]
     modality: str | None = None
     modality_source: str | None = None
@@ -210,9 +210,14 @@ def _find_series_per_file(root: Path):
     return dr.SeriesList(series, skipped)
 
 
-def discover(source: str | Path, task: str, modality: str | None = None) -> tuple[list[Unit], list[dict]]:
+def discover(source: str | Path, task: str, modality: str | None = None,
+             simulate_views: bool = False) -> tuple[list[Unit], list[dict]]:
     """Units in a stable order (DICOM series, NIfTI, .h5, then unreadable and non-image files) and the files
-    ignored (not DICOM, NIfTI or .h5; DICOMDIRs; duplicate copies of an instance)."""
+    ignored (not DICOM, NIfTI or .h5; DICOMDIRs; duplicate copies of an instance).
+
+    ``simulate_views``: recon of CT images by simulating their sparse-view sinograms (``--views``)."""
+    from medldm.io.sinogram_h5 import is_sinogram_h5
+
     src = Path(source)
     if not src.exists():
         raise InputError(src, "does not exist")
@@ -246,16 +251,20 @@ def discover(source: str | Path, task: str, modality: str | None = None) -> tupl
         mod, where = infer_nifti_modality(path, modality)
         units.append(Unit(f"nifti-{task}-{short_hash(task, _rel(path, root))}", "nifti", [path], mod, where))
     for path in sorted(h5):
-        units.append(Unit(f"h5-{task}-{short_hash(task, _rel(path, root))}", "fastmri", [path], "MR", "fastmri"))
+        kind, mod = ("sinogram", "CT") if is_sinogram_h5(path) else ("fastmri", "MR")
+        units.append(Unit(f"h5-{task}-{short_hash(task, _rel(path, root))}", kind, [path], mod, kind))
     units += sorted(others, key=lambda u: (u.kind, str(u.inputs[0])))
 
     for unit in units:
         if not unit.runnable:
             continue
-        if task == "recon" and unit.kind in IMAGE_KINDS:
-            unit.skip = "image input: --task recon reconstructs fastMRI k-space (.h5) only"
-        elif task != "recon" and unit.kind == "fastmri":
-            unit.skip = "fastMRI k-space: reconstructed with --task recon only"
+        if task == "recon" and unit.kind in IMAGE_KINDS and not simulate_views:
+            unit.skip = ("image input: --task recon reconstructs fastMRI k-space and CT sinograms (.h5); "
+                         "add --views N to simulate a CT image's sparse-view sinogram")
+        elif task == "recon" and unit.kind in IMAGE_KINDS and unit.modality not in (None, "CT"):
+            unit.skip = f"--views simulates CT projections; this image is {unit.modality}"
+        elif task != "recon" and unit.kind in ("fastmri", "sinogram"):
+            unit.skip = f"{'fastMRI k-space' if unit.kind == 'fastmri' else 'CT sinogram'}: reconstructed with --task recon only"
     seen: set[str] = set()
     for unit in units:  # two inputs hashing alike would share an output folder
         if unit.id in seen:

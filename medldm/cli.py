@@ -95,17 +95,19 @@ def reconstruct(
     seed: int = typer.Option(0, help="Sampling seed."),
     modality: Optional[str] = typer.Option(None, help="mr | ct (needed for NIfTI when it cannot be inferred)."),
     factor: Optional[int] = typer.Option(None, help="SR factor along the slice axis."),
+    views: Optional[int] = typer.Option(None, help="Research: --task recon of CT images by simulating N-view sinograms."),
+    dose: Optional[float] = typer.Option(None, help="With --views: photons per ray (Poisson noise); default noiseless."),
     device: Optional[str] = _DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
 ):
-    """Batch reconstruction of DICOM series, NIfTI and fastMRI .h5 files.
+    """Batch reconstruction of DICOM series, NIfTI, fastMRI k-space .h5 and CT sinogram .h5 files.
 
     Exit codes: 0 all units ok or skipped, 1 any unit failed (see OUTPUT/manifest.json), 2 usage error."""
     from medldm.batch import run_batch
 
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
-                     factor=factor, device=device, dry_run=dry_run, overwrite=overwrite)
+                     factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose)
     raise typer.Exit(code)
 
 
@@ -118,6 +120,8 @@ def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (repea
              crop: Optional[str] = typer.Option(None, help="Centre crop X,Y,Z of each validation volume (faster)."),
              max_volumes: Optional[int] = typer.Option(None, help="At most this many validation volumes per modality."),
              tracking: bool = typer.Option(True, help="Log one MLflow evaluation run."),
+             fid: bool = typer.Option(False, "--fid", help="Add FID rows (optional extra: local Inception weights; slow on CPU)."),
+             supervised: bool = typer.Option(True, help="Add the supervised U-Net baseline rows where installed."),
              device: Optional[str] = _DEVICE):
     """Evaluate models against classical baselines on held-out data (tables, figures, MLflow run)."""
     from medldm.evaluation.run import evaluate_models
@@ -127,7 +131,7 @@ def evaluate(model: list[str] = typer.Option([], help="Models to evaluate (repea
         _fail(ValueError("--crop needs three integers X,Y,Z"))
     try:
         evaluate_models(model, datalist, out, steps=steps, samples=samples, crop=crop_t, max_volumes=max_volumes,
-                        tracking=tracking, device=device)
+                        tracking=tracking, device=device, fid=fid, supervised=supervised)
     except MedldmError as err:
         _fail(err)
     typer.echo(f"tables and figures in {out}")

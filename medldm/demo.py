@@ -2,7 +2,7 @@
 
 For each shipped model: take a held-out real volume (the MNI152 validation slab for MR, the top of the
 InVesalius head CT for CT), degrade it realistically and write it the way scanners deliver it (a DICOM
-series; fastMRI-style k-space .h5 for undersampled MRI), register the model in the local MLflow registry
+series; fastMRI-style k-space .h5 for undersampled MRI; a sinogram .h5 for sparse-view CT), register the model in the local MLflow registry
 (once), run `medldm reconstruct` through the registry URI, and compare input, classical baseline and
 medldm with the ground truth. Everything is reused on a second run (inputs, registry, finished units).
 """
@@ -32,11 +32,13 @@ SETTINGS = {  # task -> (operator kwargs, description)
     "mr-recon": ({"accelerations": [4], "center_fractions": [0.08]}, "4x random Cartesian k-space, 8% centre"),
     "mr-sr": ({"factors": [4]}, "4 mm thick slices (box profile) from 1 mm"),
     "ct-denoise": ({"I0_range": [1e4, 1e4], "pixel_mm": 0.957}, "low dose: 1e4 incident photons per ray"),
+    "ct-recon": ({"views": [60], "I0_range": [1e5, 1e5], "pixel_mm": 0.957}, "sparse view: 60 of 180 degrees, 1e5 photons per ray"),
+    "ct-sr": ({"factors": [3]}, "4.5 mm thick axial slices (box profile) from 1.5 mm"),
 }
 
 
 # SR is sampled on YZ planes (they contain the thick-slice axis): fewer of them keeps its time in line
-CROPS = {"mr-sr": (64, 160, 16)}
+CROPS = {"mr-sr": (64, 160, 16), "ct-sr": (64, 160, 15), "ct-recon": (128, 128, 8)}
 
 
 def truth_volume(modality: str, crop: tuple[int, int, int] | None = None) -> Volume:
@@ -82,12 +84,21 @@ def write_input(name: str, m: Measurement, folder: Path) -> None:
         with h5py.File(tmp / "undersampled.h5", "w") as f:
             f.create_dataset("kspace", data=k)
             f.create_dataset("mask", data=mask)
+    elif name == "ct-recon":
+        from medldm.io.sinogram_h5 import write_sinogram_h5
+        from medldm.sampling.measurement import to_sinogram
+
+        views = m.operator.views
+        spacing = np.linalg.norm(m.affine[:3, :3], axis=0)
+        write_sinogram_h5(tmp / "sinogram.h5", to_sinogram(m), np.arange(views) * 180.0 / views,
+                          pixel_spacing=spacing[:2], slice_spacing=spacing[2],
+                          I0=m.operator.I0)
     else:
         image = m.naive_inverse() if name == "ct-denoise" else m.y  # CT: the low-dose FBP image
         affine = m.meta.get("input_affine", m.affine)
         arr = image[0].numpy().astype(np.float32)
-        if name == "ct-denoise":
-            arr = np.round(arr)
+        if m.modality == "CT":
+            arr = np.round(arr)  # CT is stored as integer HU
         write_dicom_series(Volume(arr, affine, m.modality, {}), tmp / "dicom", series_description_suffix="",
                            derivation_description=f"medldm demo input: {SETTINGS[name][1]}")
     (tmp / "settings.json").write_text(stamp)

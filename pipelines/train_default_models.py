@@ -1,4 +1,4 @@
-"""Train, evaluate and install the shipped default models (mr-recon, mr-denoise, mr-sr, ct-denoise).
+"""Train, evaluate and install the shipped default models (mr-recon, mr-denoise, mr-sr, ct-denoise, ct-recon, ct-sr).
 
     python pipelines/train_default_models.py [--only mr-recon ...] [--minutes M] [--skip-train]
 
@@ -29,7 +29,7 @@ from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
 from medldm.models.card import model_card  # noqa: E402
 from medldm.sampling.reconstructor import SHIPPED_DIR, Reconstructor  # noqa: E402
 
-MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT"}
+MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT", "ct-recon": "CT", "ct-sr": "CT"}
 EVAL_CROP = (128, 128, 16)  # centre crops keep the evaluation of a model to a few minutes on 2 cores
 
 
@@ -62,7 +62,10 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int) -> Path:
     rec = Reconstructor.load(model_dir)
     vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], EVAL_CROP)
     out = ROOT / "outputs" / "shipped-eval"
-    rows = evaluate_cases(rec, make_cases(rec.task, rec.meta["modality"], vols), out, steps=steps, samples=2)
+    from medldm.evaluation.run import supervised_baseline
+
+    rows = evaluate_cases(rec, make_cases(rec.task, rec.meta["modality"], vols), out, steps=steps, samples=2,
+                          supervised=supervised_baseline(name))
     bundle = load_bundle(model_dir)
     default = [r for r in rows if r["method"] == "medldm (default)"]
     bundle.meta["metrics"] = {**bundle.meta.get("metrics", {}),

@@ -1,12 +1,14 @@
 """Rewrite the model card (README.md) of every shipped model from its model.json and its saved evaluation rows.
 
-    python pipelines/write_model_cards.py
+    python pipelines/write_model_cards.py [--rows outputs/evaluation-full]
 
-Used after changing the card template; train_default_models.py writes the same cards at install time.
+Used after changing the card template, or to put a later `medldm evaluate --out DIR` run (its DIR/<name>.json
+rows: supervised U-Net, FID) into the cards; train_default_models.py writes the same cards at install time.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shutil
@@ -20,9 +22,12 @@ from medldm.models.card import model_card  # noqa: E402
 from medldm.sampling.reconstructor import SHIPPED_DIR, shipped_models  # noqa: E402
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=Path, default=None, help="A `medldm evaluate --out` folder with <name>.json rows.")
+    args = ap.parse_args(argv)
     for name in shipped_models():
-        rows_path = ROOT / "outputs" / "shipped-eval" / f"{name}-rows.json"
+        rows_path = (args.rows / f"{name}.json") if args.rows else ROOT / "outputs" / "shipped-eval" / f"{name}-rows.json"
         if not rows_path.is_file():
             print(f"{name}: no evaluation rows at {rows_path}; card left as is")
             continue

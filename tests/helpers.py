@@ -41,3 +41,11 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
     }
     return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)
 
+
+
+def make_tiny_feature_net(path: str | Path, features: int = 8) -> Path:
+    """A TorchScript stand-in for the FID Inception net (user-supplied weights path): fast, 8 features."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, features))
+    torch.jit.script(net.eval()).save(str(path))
+    return Path(path)

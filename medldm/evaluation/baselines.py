@@ -26,8 +26,9 @@ def naive(m: Measurement) -> np.ndarray:
 
 
 def tv_pocs(m: Measurement, iterations: int = 30, weight: float = 0.02) -> np.ndarray:
-    """Compressed sensing by projection onto convex sets: alternate 2D TV denoising of each slice
-    (Chambolle, weight relative to the 99.5th percentile) with hard k-space data consistency."""
+    """Compressed sensing by alternating 2D TV denoising of each slice (Chambolle, weight relative to the
+    99.5th percentile) with the operator's hard data consistency: a k-space projection for MR (POCS),
+    a few 1/L gradient steps on ||A x - y||^2 in the sinogram domain for sparse-view CT."""
     x = m.naive_inverse().float()
     scale = float(np.percentile(_np(x), 99.5)) or 1.0
     for _ in range(iterations):
@@ -63,6 +64,7 @@ def _available(fn: Callable) -> bool:
 BASELINES: dict[tuple[str, str], dict[str, Callable[[Measurement], np.ndarray]]] = {
     ("recon", "MR"): {"zero-filled": naive, "TV-POCS": tv_pocs},
     ("sr", "MR"): {"cubic": naive},
+    ("recon", "CT"): {"FBP": naive, "TV-iterative": tv_pocs},
     ("sr", "CT"): {"cubic": naive},
     ("denoise", "MR"): {"noisy input": naive, "NLM": nlm, "BM4D": bm4d_baseline},
     ("denoise", "CT"): {"FBP": naive},

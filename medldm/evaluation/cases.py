@@ -1,8 +1,8 @@
 """Validation cases: held-out real volumes degraded with fixed, documented settings and seeds.
 
 Every case is (name, ground truth Volume, Measurement). The settings per task mirror the targets in
-the README: 4x and 8x random Cartesian masks, 4x (and 2x) thick slices, Rician sigma 5%, and CT at
-I0 = 1e4 photons.
+the README: 4x and 8x random Cartesian masks, 4x (and 2x) thick slices, Rician sigma 5%, CT at
+I0 = 1e4 photons (dose), 60 and 90 of 180 views at I0 = 1e5 (sparse view) and 3x thick CT slices.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ SETTINGS: dict[tuple[str, str], dict[str, dict]] = {
     ("recon", "MR"): {"4x": {"accelerations": [4], "center_fractions": [0.08]},
                       "8x": {"accelerations": [8], "center_fractions": [0.04]}},
     ("sr", "MR"): {"4x": {"factors": [4]}, "2x": {"factors": [2]}},
+    ("recon", "CT"): {"60views": {"views": [60], "I0_range": [1e5, 1e5], "pixel_mm": 0.957},
+                      "90views": {"views": [90], "I0_range": [1e5, 1e5], "pixel_mm": 0.957}},
     ("sr", "CT"): {"3x": {"factors": [3]}},
     ("denoise", "MR"): {"sigma5%": {"sigma_range": [0.05, 0.05], "reference": "p99.5"}},
     ("denoise", "CT"): {"I0=1e4": {"I0_range": [1e4, 1e4], "pixel_mm": 0.957}},

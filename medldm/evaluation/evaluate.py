@@ -5,6 +5,10 @@ truth: the latent ceiling); then medldm variants, each adding one piece:
 ``latent`` (diffusion, decoded) -> ``+DC`` -> ``+refiner`` -> ``+refiner+DC`` (the default output)
 -> ``+latent DC`` (data consistency every few steps during sampling too). The default output is also
 run with K samples for the uncertainty map and its calibration (Spearman std vs |error|).
+
+``supervised``: the task's supervised U-Net baseline (``medldm.training.supervised``), a row per case.
+``fid``: an Inception feature network; adds one FID row per method (baselines, supervised, medldm
+default) over all cases together, case "all cases" (FID needs many slices; see ``medldm.evaluation.fid``).
 """
 
 from __future__ import annotations
@@ -50,11 +54,17 @@ def variants(task: str, steps: int) -> dict[str, dict]:
     return rows
 
 
+SUPERVISED_ROW = "supervised U-Net"
+DEFAULT_ROW = "medldm (default)"
+
+
 def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, steps: int = 20, samples: int = 4,
-                   tracker=None) -> list[dict]:
+                   tracker=None, supervised: tuple | None = None, fid=None) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    fid_methods = [*baselines_for(rec.task, rec.meta["modality"]), SUPERVISED_ROW, DEFAULT_ROW]
+    kept: dict[str, list[np.ndarray]] = {m: [] for m in ["truth", *fid_methods]}  # FID is over all cases
     for case in cases:
         truth = case.truth.array[0].astype(np.float32)
         mask = M.foreground_mask(truth)
@@ -69,6 +79,11 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
         for name, fn in baselines_for(case.measurement.task, case.measurement.modality).items():
             t0 = time.time()
             add(name, fn(case.measurement), time.time() - t0)
+        if supervised is not None:
+            from medldm.training.supervised import apply_supervised
+
+            t0 = time.time()
+            add(SUPERVISED_ROW, apply_supervised(*supervised, case.measurement), time.time() - t0)
         t0 = time.time()
         add("VAE(truth)", vae_ceiling(rec, truth), time.time() - t0)
         for name, kw in variants(case.measurement.task, steps).items():
@@ -84,17 +99,38 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
                           title=f"{rec.meta.get('name')} - {case.name}")
         if tracker is not None:
             tracker.log_artifact(fig, "figures")
+        if fid is not None:
+            kept["truth"].append(truth)
+            for m in fid_methods:
+                if m in outputs:
+                    kept[m].append(outputs[m])
+    if fid is not None and cases:
+        rows += fid_rows(rec.meta.get("name"), kept, fid)
     write_tables(rows, out_dir, stem=str(rec.meta.get("name")))
     if tracker is not None:
         for r in rows:
             key = f"{r['model']}/{r['case']}/{r['method']}".replace("+", "plus ")  # Tracker makes it a valid name
-            tracker.log_metrics({f"{key}/psnr": r["psnr"], f"{key}/ssim": r["ssim"]})
+            tracker.log_metrics({f"{key}/{k}": r[k] for k in ("psnr", "ssim", "fid") if k in r})
         tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.md", "tables")
         tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.csv", "tables")
     return rows
 
 
-COLUMNS = ["model", "case", "method", "psnr", "ssim", "nmse", "ssim3d", "psnr_fg", "seconds", "residual", "spearman_std_error"]
+def fid_rows(model_name, kept: dict[str, list[np.ndarray]], features) -> list[dict]:
+    from medldm.evaluation.fid import VolumeFID
+
+    vf = VolumeFID(kept["truth"], features)
+    rows = []
+    for method, preds in kept.items():
+        if method != "truth" and len(preds) == len(kept["truth"]):
+            t0 = time.time()
+            rows.append({"model": model_name, "case": "all cases", "method": method, "fid": round(vf(preds), 2),
+                         "seconds": round(time.time() - t0, 2)})
+    return rows
+
+
+COLUMNS = ["model", "case", "method", "psnr", "ssim", "nmse", "ssim3d", "psnr_fg", "fid", "seconds", "residual",
+           "spearman_std_error"]
 
 
 def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
@@ -114,7 +150,10 @@ def _fmt(v) -> str:
 
 
 def write_tables(rows: list[dict], out_dir: Path, stem: str) -> None:
+    import json
+
     (out_dir / f"{stem}.md").write_text(markdown_table(rows))
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))  # the rows model cards are written from
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()

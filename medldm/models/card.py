@@ -5,26 +5,34 @@ from __future__ import annotations
 from medldm.evaluation.evaluate import markdown_table
 
 
-BASELINE_PREFIXES = ("medldm", "VAE(truth)")
+NOT_CLASSICAL = ("medldm", "VAE(truth)", "supervised")
 
 
 def verdict(rows: list[dict]) -> str:
-    """One line per case: the default output against the best classical baseline and the VAE ceiling."""
+    """One line per case: the default output against the best classical baseline, the supervised U-Net and
+    the VAE ceiling; then the FID line when the rows have one."""
     lines = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        rs = [r for r in rows if r["case"] == case]
+    for case in dict.fromkeys(r["case"] for r in rows if "psnr" in r):
+        rs = [r for r in rows if r["case"] == case and "psnr" in r]
         ours = next((r for r in rs if r["method"] == "medldm (default)"), None)
-        base = [r for r in rs if not r["method"].startswith(BASELINE_PREFIXES)]
+        base = [r for r in rs if not r["method"].startswith(NOT_CLASSICAL)]
         ceiling = next((r for r in rs if r["method"] == "VAE(truth)"), None)
+        sup = next((r for r in rs if r["method"].startswith("supervised")), None)
         if ours is None or not base:
             continue
         best = max(base, key=lambda r: r["psnr"])
         word = "beats" if ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"] else "does NOT beat"
         line = (f"- {case}: medldm {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f} {word} the best classical baseline "
                 f"({best['method']}: {best['psnr']:.2f} dB / {best['ssim']:.3f})")
+        if sup:
+            line += f"; supervised U-Net {sup['psnr']:.2f} dB / {sup['ssim']:.3f}"
         if ceiling:
             line += f"; VAE ceiling {ceiling['psnr']:.2f} dB"
         lines.append(line)
+    fid = {r["method"]: r["fid"] for r in rows if r.get("fid") is not None}
+    if "medldm (default)" in fid:
+        lines.append("- FID (all cases, 3 planes, lower is better): "
+                     + ", ".join(f"{m} {v:.1f}" for m, v in sorted(fid.items(), key=lambda kv: kv[1])))
     return "\n".join(lines) or "- no comparable rows"
 
 
@@ -61,6 +69,8 @@ Trained degradation: `{deg}`.
 ## Validation (held-out data, fastMRI metric conventions; see medldm/evaluation/metrics.py)
 {markdown_table(rows)}
 `VAE(truth)` is the VAE's own reconstruction of the ground truth: the ceiling of any latent-only output.
+`supervised U-Net` is a MONAI BasicUNet of the refiner's size trained on the same data and degradations
+(`pipelines/train_supervised_baselines.py`; its budget is in `medldm/shipped/supervised/<name>/model.json`).
 
 ## Intended use and limits
 Research only: not a medical device, not for diagnosis. Trained on a population-average template, synthetic

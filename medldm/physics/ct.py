@@ -70,6 +70,8 @@ class LowDoseCT(Operator):
     pixel_mm: in-plane pixel size (sets how much attenuation a ray crosses, hence the noise level).
     image_shape: (X, Y) of the slices; only needed to take a sinogram back when X != Y.
     dc_steps: gradient steps taken by ``data_consistency``.
+    angles: explicit view angles in degrees (measured sinograms); ``views`` is then their number. Angle 0
+    integrates along the Y index axis, the detector running along X. FBP weights assume even spacing.
     """
 
     task = "denoise"
@@ -77,7 +79,13 @@ class LowDoseCT(Operator):
 
     def __init__(self, I0: float = 1e4, views: int = 180, pixel_mm: float = 1.0,
                  mu_water: float = MU_WATER_PER_MM, image_shape: Sequence[int] | None = None, noise_seed: int = 0,
-                 dc_steps: int = 5):
+                 dc_steps: int = 5, angles: Sequence[float] | None = None):
+        if angles is not None:
+            angles = [float(a) for a in angles]
+            if not angles or not all(math.isfinite(a) for a in angles):
+                raise ConfigError("angles must be a non-empty list of finite degrees")
+            views = len(angles)
+        self.angles = angles
         if I0 is None:
             I0 = math.inf
         if not I0 > 0:
@@ -125,7 +133,10 @@ class LowDoseCT(Operator):
         if key not in self._cache:
             nx, ny = shape
             d = n_detectors(shape)
-            theta = torch.arange(self.views, dtype=torch.float64) * (math.pi / self.views)
+            if self.angles is not None:
+                theta = torch.tensor(self.angles, dtype=torch.float64) * (math.pi / 180.0)
+            else:
+                theta = torch.arange(self.views, dtype=torch.float64) * (math.pi / self.views)
             s = torch.arange(d, dtype=torch.float64) - (d - 1) / 2  # detector offset, pixels
             t = s.clone()  # position along the ray, pixels
             cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
@@ -254,6 +265,8 @@ class LowDoseCT(Operator):
             p["I0"] = self.I0
         if self.image_shape is not None:
             p["image_shape"] = list(self.image_shape)
+        if self.angles is not None:
+            p["angles"] = list(self.angles)
         return p
 
 

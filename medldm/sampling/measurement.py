@@ -102,3 +102,72 @@ def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measureme
     if task == "sr":  # the thick-slice input lives on a coarse grid; the answer on the original fine grid
         meta["input_affine"] = fine_to_coarse_affine(affine, op.axis, op.factor)
     return Measurement(y, op, affine, modality, meta)
+
+
+def _water_line_integrals(op, shape: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, D, V) line integrals of a water-filled slice grid: post-log data minus these is A(x) in HU."""
+    ones = torch.ones((1, 1, *shape), dtype=torch.float32)
+    return op.mu_water * op.pixel_mm * op._radon(ones)
+
+
+def from_sinogram(sinogram: np.ndarray, angles, *, pixel_mm: float = 1.0, slice_mm: float = 1.0,
+                  image_size: tuple[int, int] | None = None, I0: float | None = None, source=None) -> Measurement:
+    """Post-log parallel-beam sinogram [slices, views, detectors] -> a sparse-view CT measurement on the
+    (X, Y, slices) grid (layout and conventions: ``medldm.io.sinogram_h5``)."""
+    import math
+
+    from medldm.physics.ct import SparseViewCT, n_detectors
+
+    sino = np.asarray(sinogram, dtype=np.float32)
+    if sino.ndim != 3:
+        raise InputError(source, f"sinogram must be [slices, views, detectors], got shape {sino.shape}")
+    d = sino.shape[2]
+    op = SparseViewCT(angles=list(np.asarray(angles, dtype=np.float64)), pixel_mm=pixel_mm,
+                      I0=math.inf if I0 is None else float(I0), image_shape=image_size)
+    if image_size is None:
+        shape = op._image_shape_for(d)
+    else:
+        shape = tuple(int(s) for s in image_size)
+        need = n_detectors(shape)
+        if d > need or (need - d) % 2:
+            raise InputError(source, f"{d} detector bins cannot be centred on a {shape} slice grid (its diagonal "
+                                     f"needs {need}; a narrower row must differ by an even number)")
+        pad = (need - d) // 2
+        sino = np.pad(sino, ((0, 0), (0, 0), (pad, pad)))  # bins beyond the measured row see only air
+    y_raw = torch.from_numpy(np.ascontiguousarray(sino)).permute(2, 1, 0)[None, None]  # (1, 1, D, V, S)
+    y = y_raw - _water_line_integrals(op, shape)[..., None]
+    affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
+    return Measurement(y, op, affine, "CT", {"source": None if source is None else str(source), "views": op.views,
+                                              "I0": I0})
+
+
+def to_sinogram(m: Measurement) -> np.ndarray:
+    """The post-log sinogram [slices, views, detectors] of a CT measurement (inverse of ``from_sinogram``)."""
+    shape = tuple(m.operator._image_shape_for(m.y.shape[2]))
+    y = m.y + _water_line_integrals(m.operator, shape)[..., None]
+    return y[0, 0].permute(2, 1, 0).numpy().astype(np.float32)
+
+
+def from_ct_volume(volume: Volume, views: int, I0: float | None = None, seed: int = 0) -> Measurement:
+    """Research: the sparse-view sinogram of a CT volume (HU), ``views`` evenly over 180 degrees, Poisson
+    noise at ``I0`` photons per ray (None: noiseless); the answer lives on the volume's own grid."""
+    import math
+
+    from medldm.physics.ct import SparseViewCT
+
+    if volume.spatial_dims != 3 or volume.array.shape[0] != 1:
+        raise InputError(volume.meta.get("source"), f"expected a single-channel 3D volume, got shape {volume.array.shape}")
+    if (volume.modality or "").upper() != "CT":
+        raise InputError(volume.meta.get("source"), f"--views simulates CT projections; this volume is {volume.modality}")
+    if int(views) < 1:
+        raise InputError(volume.meta.get("source"), f"views must be >= 1, got {views}")
+    volume.check_finite()
+    dx, dy = volume.spacing[:2]
+    if abs(dx - dy) > 1e-3 * max(dx, dy):
+        raise InputError(volume.meta.get("source"), f"in-plane spacing {dx:.3f} x {dy:.3f} mm: the projector needs square pixels")
+    x = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
+    op = SparseViewCT(views=int(views), I0=math.inf if I0 is None else float(I0), pixel_mm=float(dx),
+                      image_shape=volume.spatial_shape[:2], noise_seed=seed)
+    y = op.forward(x, generator=torch.Generator().manual_seed(seed))
+    return Measurement(y, op, volume.affine.copy(), "CT", {"source": volume.meta.get("source"), "simulated": op.params(),
+                                                          "seed": seed})

@@ -82,10 +82,21 @@ class Reconstructor:
     def slice_axis(self) -> int:
         return int(self.meta.get("slice_axis", 2))
 
-    def measurement_for(self, data, factor: int | None = None, sigma: float | None = None) -> meas.Measurement:
+    def measurement_for(self, data, factor: int | None = None, sigma: float | None = None,
+                        views: int | None = None, dose: float | None = None) -> meas.Measurement:
+        """What ``data`` measured: Measurements pass through; .h5 files are fastMRI k-space or CT sinograms;
+        images are noisy (denoise) or thick-slice (sr) inputs, or, with ``views``, CT volumes whose
+        sparse-view sinogram is simulated (research; ``dose`` photons per ray, None noiseless)."""
         if isinstance(data, meas.Measurement):
             return data
         if isinstance(data, (str, Path)) and Path(data).suffix.lower() in (".h5", ".hdf5"):
+            from medldm.io.sinogram_h5 import is_sinogram_h5, read_sinogram_h5, sinogram_geometry
+
+            if is_sinogram_h5(data):
+                sino, angles, attrs = read_sinogram_h5(data)
+                geo = sinogram_geometry(sino, attrs, data)
+                return meas.from_sinogram(sino, angles, pixel_mm=geo["pixel_mm"], slice_mm=geo["slice_mm"],
+                                          image_size=geo["image_size"], I0=geo["I0"], source=data)
             from medldm.io import read_fastmri_h5
 
             kspace, mask, _ = read_fastmri_h5(data)  # the measurement itself, not its zero-filled image
@@ -93,20 +104,22 @@ class Reconstructor:
         if isinstance(data, (str, Path)):
             from medldm.io import read_volume
 
-            data = read_volume(data)
+            data = read_volume(data, modality=self.meta.get("modality"))
         if isinstance(data, Volume):
+            if views is not None:
+                return meas.from_ct_volume(data, views, I0=dose)
             return meas.from_image(data, self.task, factor=factor, sigma=sigma)
         raise InputError(None, f"cannot reconstruct from a {type(data).__name__}; pass a Volume, a path or a Measurement")
 
     def __call__(self, data, *, steps: int = 20, samples: int = 1, seed: int = 0, factor: int | None = None,
-                 sigma: float | None = None, dc: bool = True, dc_weight: float | None = None, latent_dc_every: int = 0,
+                 sigma: float | None = None, views: int | None = None, dose: float | None = None, dc: bool = True, dc_weight: float | None = None, latent_dc_every: int = 0,
                  latent_opt_steps: int = 0, refine: bool = True,
                  use_diffusion: bool = True, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
                  progress: bool = False) -> ReconstructionResult:
         if samples < 1 or steps < 1:
             raise ValueError("samples and steps must be >= 1")
         t0 = time.time()
-        m = self.measurement_for(data, factor=factor, sigma=sigma)
+        m = self.measurement_for(data, factor=factor, sigma=sigma, views=views, dose=dose)
         if m.task != self.task:
             raise ModelError(f"model {self.meta.get('name')} does {self.task}, the input is a {m.task} measurement")
         op, y = m.operator, m.y

@@ -87,10 +87,10 @@ def test_summary_table():
 
 
 def test_volume_too_large_for_memory_gets_a_clear_reason(monkeypatch):
-    import medldm.batch as batch
+    import medldm.batch_io as batch_io
     from medldm.errors import InputError
 
-    monkeypatch.setattr(batch, "available_memory_bytes", lambda: 2**30)
-    batch.check_memory(100_000, samples=4)  # 5.6 MB: fine
+    monkeypatch.setattr(batch_io, "available_memory_bytes", lambda: 2**30)
+    batch_io.check_memory(100_000, samples=4)  # 5.6 MB: fine
     with pytest.raises(InputError, match="GiB is free"):
-        batch.check_memory(512**3, samples=4)
+        batch_io.check_memory(512**3, samples=4)

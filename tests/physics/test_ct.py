@@ -79,3 +79,22 @@ def test_sparse_view_is_recon_and_worse_than_dense():
     assert err[0] > 2 * err[1]
     rop = RandomSparseViewCT(views=(60, 90, 120))
     assert {rop.sample(s).views for s in range(20)} == {60, 90, 120}
+
+
+def test_explicit_angles_match_even_views_and_stay_adjoint():
+    even = SparseViewCT(views=12, pixel_mm=0.8)
+    listed = SparseViewCT(angles=list(np.arange(12) * 15.0), pixel_mm=0.8)
+    assert listed.views == 12 and listed.params()["angles"][1] == 15.0
+    x = hu_phantom(32)[0].double()
+    torch.testing.assert_close(listed.A(x), even.A(x), rtol=1e-6, atol=1e-6)
+    odd = SparseViewCT(angles=[0.0, 7.0, 50.0, 91.5, 170.0], pixel_mm=0.8)
+    y_shape = (1, 1, n_detectors((32, 32)), 5)
+    assert_adjoint(odd, rand_like_shape((1, 1, 32, 32)), rand_like_shape(y_shape, seed=1))
+
+
+def test_bad_angle_lists_are_config_errors():
+    from medldm.errors import ConfigError
+
+    for bad in ([], [0.0, float("nan")]):
+        with pytest.raises(ConfigError, match="angles"):
+            SparseViewCT(angles=bad)

@@ -1,0 +1,40 @@
+"""Train and install the supervised U-Net baseline of each shipped model (the evaluation's supervised row).
+
+    python pipelines/train_supervised_baselines.py [--only mr-recon ...] [--minutes 6]
+
+Each baseline sees the same LDM config's data, degradations and patch stream (configs/ldm-<name>-cpu.yaml)
+for a wall-clock budget, and is installed as float16 safetensors into medldm/shipped/supervised/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medldm.config import load_config  # noqa: E402
+from medldm.training.supervised import SUPERVISED_DIR, train_supervised  # noqa: E402
+
+NAMES = ["mr-recon", "mr-denoise", "mr-sr", "ct-denoise", "ct-recon", "ct-sr"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=NAMES, choices=NAMES)
+    ap.add_argument("--minutes", type=float, default=6.0, help="Wall-clock training budget per baseline.")
+    args = ap.parse_args(argv)
+    for name in args.only:
+        cfg = load_config(ROOT / "configs" / f"ldm-{name}-cpu.yaml", "ldm")
+        run_dir = train_supervised(cfg, ROOT / "runs" / f"supervised-{name}", minutes=args.minutes)
+        dest = SUPERVISED_DIR / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(run_dir, dest)
+        print(f"installed {name} supervised baseline -> {dest}")
+
+
+if __name__ == "__main__":
+    main()
