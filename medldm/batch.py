@@ -33,8 +33,8 @@ import numpy as np
 
 from medldm import __version__
 from medldm.batch_units import (MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover, exit_code,  # noqa: F401
-                                 format_plan, format_table, merge_rank_manifests, read_previous, summarise, utc_now,
-                                 write_json_atomic)
+                                 format_plan, format_table, merge_rank_manifests, previous_parameters, read_previous,
+                                 summarise, utc_now, write_json_atomic)
 from medldm.batch_io import check_geometry, check_memory, load_input, write_outputs
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
@@ -159,8 +159,11 @@ def _done_entry(unit: Unit, ctx: _Context, final: Path) -> dict:
     if not entry.get("outputs"):  # killed between the rename and the manifest write
         entry["outputs"] = {OUTPUT_KEYS[p.name]: f"{unit.id}/{p.name}" for p in sorted(final.iterdir())
                             if p.name in OUTPUT_KEYS}
-    entry.update(status="skipped", reason="already done", previous_status=prev.get("status", "ok"),
-                 previous_seconds=prev.get("seconds"))
+    if prev.get("status") == "skipped":  # skipped before too: keep what the run that made it recorded
+        entry.update(status="skipped", reason="already done")
+    else:
+        entry.update(status="skipped", reason="already done", previous_status=prev.get("status", "ok"),
+                     previous_seconds=prev.get("seconds"))
     return entry
 
 
@@ -249,6 +252,15 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         for u in units:  # a NIfTI that does not say its modality is taken to be what the chosen model is for
             if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
                 u.modality, u.modality_source = model_modality, "model"
+        params = {"task": task, "model": model, "steps": steps, "samples": samples, "seed": seed, "factor": factor,
+                  "modality": modality, "views": views, "dose": dose}
+        before = previous_parameters(out)
+        changed = sorted(k for k in params if before is not None and before.get(k) != params[k])
+        if changed and not overwrite and read_previous(out):
+            # finished units would be reused as "already done" although made differently
+            raise UsageError(f"{out} holds results made with other {', '.join(changed)} "
+                             f"({', '.join(f'{k}={before.get(k)}' for k in changed)}): use --overwrite to redo them, "
+                             "or another output folder")
         if not any(u.runnable or u.fail for u in units):
             raise UsageError(f"nothing to reconstruct with --task {task} under {source} ({len(units)} unit(s) "
                              f"found, all not applicable; {len(ignored)} other file(s) ignored)")

@@ -307,6 +307,15 @@ def read_previous(out: Path) -> dict:
     return entries
 
 
+def previous_parameters(out: Path) -> dict | None:
+    """task, model and parameters of the run that wrote OUTPUT/manifest.json (None: no readable manifest)."""
+    try:
+        m = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+        return {"task": m.get("task"), "model": m.get("model"), **(m.get("parameters") or {})}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def summarise(units: list[dict]) -> dict:
     return {s: sum(1 for u in units if u.get("status") == s) for s in ("ok", "failed", "skipped")}
 

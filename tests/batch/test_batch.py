@@ -159,6 +159,10 @@ def test_resume_skips_finished_units(denoise_run, tmp_path):
     assert all(u["outputs"]["reconstruction"].startswith(u["id"]) for u in done)
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
     assert "already done" in stdout
+    seconds = {u["id"]: u["previous_seconds"] for u in done}
+    run(_input_of(out), out, task="denoise", model=_model_of(out), samples=2)  # a third run: still the first's record
+    again = [u for u in _manifest(out)["units"] if u["reason"] == "already done"]
+    assert all(u["previous_status"] == "ok" and u["previous_seconds"] == seconds[u["id"]] > 0 for u in again)
 
 
 def _input_of(out):
@@ -267,3 +271,17 @@ def test_cli_reconstruct(batch_input, bundles, tmp_path):
 def test_input_never_modified(batch_input, denoise_run):
     root, digest, _ = batch_input
     assert tree_digest(root) == digest
+
+
+def test_rerun_with_other_parameters_refuses_to_reuse_results(batch_input, bundles, tmp_path, capsys):
+    nifti = batch_input[0] / "nifti" / "sub-01_T1w.nii.gz"
+    out = tmp_path / "out"
+    assert run(nifti, out, task="denoise", model=str(bundles["denoise"]), steps=1)[0] == 0
+    before = _manifest(out)
+    code, _ = run(nifti, out, task="denoise", model=str(bundles["denoise"]), steps=2)
+    assert code == 2 and "other steps (steps=1)" in capsys.readouterr().err
+    assert _manifest(out) == before  # nothing touched
+    assert run(nifti, out, task="denoise", model=str(bundles["denoise"]), steps=1)[0] == 0  # same: resumes
+    assert _manifest(out)["units"][0]["reason"] == "already done"
+    code, _ = run(nifti, out, task="denoise", model=str(bundles["denoise"]), steps=2, overwrite=True)
+    assert code == 0 and _manifest(out)["parameters"]["steps"] == 2 and _manifest(out)["units"][0]["status"] == "ok"
