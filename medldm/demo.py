@@ -26,7 +26,7 @@ from medldm.io import read_nifti, write_dicom_series
 from medldm.io.volume import Volume
 from medldm.sampling.measurement import Measurement, simulate
 
-CROP = (128, 160, 16)  # keeps the whole demo (four models) within a few minutes on 2 cores
+CROP = (128, 160, 16)  # keeps the whole demo (six models) within a few minutes on 2 cores
 SETTINGS = {  # task -> (operator kwargs, description)
     "mr-denoise": ({"sigma_range": [0.05, 0.05], "reference": "p99.5"}, "Rician noise, sigma 5% of the 99.5th percentile"),
     "mr-recon": ({"accelerations": [4], "center_fractions": [0.08]}, "4x random Cartesian k-space, 8% centre"),
