@@ -280,9 +280,8 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     owned = _start_distributed() if world > 1 else False
     mine = [u for i, u in enumerate(units) if i % world == rank]
     header = {"medldm_version": __version__, "created": utc_now(), "input": str(source), "output": str(out),
-              "task": task, "model": model, "parameters": {"steps": steps, "samples": samples, "seed": seed,
-                                                           "factor": factor, "modality": modality,
-                                                           "views": views, "dose": dose},
+              "task": task, "model": model,
+              "parameters": {k: v for k, v in params.items() if k not in ("task", "model")},
               "ignored": ignored[:MAX_IGNORED_LISTED], "ignored_count": len(ignored)}
     if any(u.runnable for u in mine):  # torch and the networks import once here, not inside the first unit's seconds
         import medldm.sampling.reconstructor  # noqa: F401

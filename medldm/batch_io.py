@@ -37,26 +37,10 @@ def load_input(unit: Unit, views: int | None = None, dose: float | None = None, 
 
             return from_ct_volume(volume, views, I0=dose, seed=seed), volume, volume.modality
         return volume, volume, volume.modality
-    if unit.kind == "sinogram":
-        from medldm.io.sinogram_h5 import read_sinogram_h5, sinogram_geometry
-        from medldm.sampling.measurement import from_sinogram
+    from medldm.sampling.measurement import from_kspace_file, from_sinogram_file
 
-        sino, angles, attrs = read_sinogram_h5(path)
-        geo = sinogram_geometry(sino, attrs, path)
-        m = from_sinogram(sino, angles, pixel_mm=geo["pixel_mm"], slice_mm=geo["slice_mm"],
-                          image_size=geo["image_size"], I0=geo["I0"], source=path)
-        return m, None, "CT"
-    from medldm.io import fastmri_h5_to_volume, read_fastmri_h5
-    from medldm.sampling.measurement import from_kspace
-
-    kspace, mask, attrs = read_fastmri_h5(path)
-    if not np.all(np.isfinite(kspace.view(np.float32))):
-        raise InputError(path, "k-space contains NaN/Inf values")
-    # The zero-filled volume carries the (H, W, slices) grid and spacing the fastMRI reader derives.
-    grid = fastmri_h5_to_volume(kspace, attrs)
-    m = from_kspace(kspace, mask, grid.affine, "MR")
-    m.meta["source"] = str(path)
-    return m, None, "MR"
+    m = from_sinogram_file(path) if unit.kind == "sinogram" else from_kspace_file(path)
+    return m, None, m.modality
 
 
 def check_geometry(volume: Volume) -> None:

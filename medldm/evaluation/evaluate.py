@@ -27,6 +27,7 @@ from medldm.evaluation.figures import case_figure
 from medldm.models.normalisation import Normalisation
 from medldm.sampling.reconstructor import Reconstructor
 from medldm.sampling.slicewise import restore_slices
+from medldm.training.supervised import apply_supervised
 
 
 def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:
@@ -80,8 +81,6 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
             t0 = time.time()
             add(name, fn(case.measurement), time.time() - t0)
         if supervised is not None:
-            from medldm.training.supervised import apply_supervised
-
             t0 = time.time()
             add(SUPERVISED_ROW, apply_supervised(*supervised, case.measurement), time.time() - t0)
         t0 = time.time()

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from medldm.errors import InputError
+from medldm.io._hdf5 import checked_hdf5_path, python_value
 from medldm.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -34,27 +35,13 @@ def _zero_filled_magnitude(kspace: np.ndarray) -> np.ndarray:
     return image.abs().numpy().astype(np.float32)
 
 
-def _python(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Return ``(kspace complex64 [slices, H, W], mask bool [W] or None, attrs)``.
 
     ``attrs`` holds the file attributes as plain Python values, plus ``ismrmrd_header`` (XML text) when the
     file has that dataset.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "not a file")
-    if not h5py.is_hdf5(path):
-        raise InputError(path, "not an HDF5 file")
+    path = checked_hdf5_path(path)
     try:
         with h5py.File(path, "r") as f:
             if "kspace" not in f:
@@ -72,9 +59,9 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
                 mask = np.asarray(f["mask"][()]).reshape(-1).astype(bool)
                 if mask.shape[0] != kspace.shape[-1]:
                     raise InputError(path, f"mask length {mask.shape[0]} does not match k-space width W={kspace.shape[-1]}")
-            attrs = {k: _python(v) for k, v in f.attrs.items()}
+            attrs = {k: python_value(v) for k, v in f.attrs.items()}
             if "ismrmrd_header" in f:
-                attrs["ismrmrd_header"] = _python(f["ismrmrd_header"][()])
+                attrs["ismrmrd_header"] = python_value(f["ismrmrd_header"][()])
     except InputError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:

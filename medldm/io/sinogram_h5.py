@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from medldm.errors import InputError
+from medldm.io._hdf5 import checked_hdf5_path, python_value
 
 
 def is_sinogram_h5(path: str | os.PathLike) -> bool:
@@ -39,11 +40,7 @@ def is_sinogram_h5(path: str | os.PathLike) -> bool:
 
 def read_sinogram_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Return ``(sinogram float32 [slices, views, detectors], angles float64 [views] degrees, attrs)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist" if not path.exists() else "not a file")
-    if not h5py.is_hdf5(path):
-        raise InputError(path, "not an HDF5 file")
+    path = checked_hdf5_path(path)
     try:
         with h5py.File(path, "r") as f:
             if "sinogram" not in f or "angles" not in f:
@@ -51,8 +48,7 @@ def read_sinogram_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, d
                                        "and 'angles' [views] (degrees)")
             sino = np.asarray(f["sinogram"][()])
             angles = np.asarray(f["angles"][()], dtype=np.float64).reshape(-1)
-            attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
-                     for k, v in f.attrs.items()}
+            attrs = {k: python_value(v) for k, v in f.attrs.items()}
     except InputError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as err:

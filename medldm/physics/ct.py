@@ -116,7 +116,7 @@ class LowDoseCT(Operator):
             return x.reshape(-1, 1, *x.shape[2:])
         return x.permute(0, 1, 4, 2, 3).reshape(-1, 1, *x.shape[2:4])
 
-    def _image_shape_for(self, d: int) -> tuple[int, int]:
+    def slice_shape_for(self, d: int) -> tuple[int, int]:
         if self.image_shape is not None:
             if n_detectors(self.image_shape) != d:
                 raise InputError(None, f"sinogram has {d} detector bins but image_shape {self.image_shape} needs "
@@ -184,7 +184,7 @@ class LowDoseCT(Operator):
     def _backproject(self, y: torch.Tensor) -> torch.Tensor:
         if y.ndim not in (4, 5) or y.shape[3] != self.views:
             raise InputError(None, f"sinogram must be (B, C, D, {self.views}[, Z]), got {tuple(y.shape)}")
-        shape = self._image_shape_for(y.shape[2])
+        shape = self.slice_shape_for(y.shape[2])
         b, c = y.shape[:2]
         if y.ndim == 4:
             return self._backproject_slices(y.reshape(-1, *y.shape[2:]), shape).reshape(b, c, *shape)
@@ -203,16 +203,22 @@ class LowDoseCT(Operator):
         y = self.A(x)
         if math.isinf(self.I0):
             return y
-        key = ("water", tuple(x.shape[2:4]), x.dtype, str(x.device))
-        if key not in self._cache:  # line integrals through a water-filled field of view, one slice
-            ones = torch.ones((1, 1, *x.shape[2:4]), dtype=x.dtype, device=x.device)
-            self._cache[key] = self.mu_water * self.pixel_mm * self._radon(ones)
-        water = self._cache[key] if x.ndim == 4 else self._cache[key][..., None]
+        water = self.water_line_integrals(tuple(x.shape[2:4]), x.dtype, x.device)
+        water = water if x.ndim == 4 else water[..., None]
         p = y + water
         g = noise_generator(generator, self.noise_seed)
         rate = (self.I0 * torch.exp(-p.double())).to(g.device)
         counts = torch.poisson(rate, generator=g).to(p.device).clamp_min(1.0)
         return (-torch.log(counts / self.I0)).to(y.dtype) - water
+
+    def water_line_integrals(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+        """(1, 1, D, V) line integrals through a water-filled (X, Y) slice, cached: post-log data minus these is
+        the operator's y (A is linear in HU)."""
+        key = ("water", tuple(int(s) for s in shape), dtype, str(device))
+        if key not in self._cache:
+            ones = torch.ones((1, 1, *key[1]), dtype=dtype, device=device)
+            self._cache[key] = self.mu_water * self.pixel_mm * self._radon(ones)
+        return self._cache[key]
 
     def naive_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Filtered back-projection (Ram-Lak), in HU: R^T(ramp(y)) * pi / (2 V) / c."""

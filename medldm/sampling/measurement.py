@@ -104,12 +104,6 @@ def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measureme
     return Measurement(y, op, affine, modality, meta)
 
 
-def _water_line_integrals(op, shape: tuple[int, int]) -> torch.Tensor:
-    """(1, 1, D, V) line integrals of a water-filled slice grid: post-log data minus these is A(x) in HU."""
-    ones = torch.ones((1, 1, *shape), dtype=torch.float32)
-    return op.mu_water * op.pixel_mm * op._radon(ones)
-
-
 def from_sinogram(sinogram: np.ndarray, angles, *, pixel_mm: float = 1.0, slice_mm: float = 1.0,
                   image_size: tuple[int, int] | None = None, I0: float | None = None, source=None) -> Measurement:
     """Post-log parallel-beam sinogram [slices, views, detectors] -> a sparse-view CT measurement on the
@@ -125,7 +119,7 @@ def from_sinogram(sinogram: np.ndarray, angles, *, pixel_mm: float = 1.0, slice_
     op = SparseViewCT(angles=list(np.asarray(angles, dtype=np.float64)), pixel_mm=pixel_mm,
                       I0=math.inf if I0 is None else float(I0), image_shape=image_size)
     if image_size is None:
-        shape = op._image_shape_for(d)
+        shape = op.slice_shape_for(d)
     else:
         shape = tuple(int(s) for s in image_size)
         need = n_detectors(shape)
@@ -135,16 +129,46 @@ def from_sinogram(sinogram: np.ndarray, angles, *, pixel_mm: float = 1.0, slice_
         pad = (need - d) // 2
         sino = np.pad(sino, ((0, 0), (0, 0), (pad, pad)))  # bins beyond the measured row see only air
     y_raw = torch.from_numpy(np.ascontiguousarray(sino)).permute(2, 1, 0)[None, None]  # (1, 1, D, V, S)
-    y = y_raw - _water_line_integrals(op, shape)[..., None]
+    y = y_raw - op.water_line_integrals(shape)[..., None]
     affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
     return Measurement(y, op, affine, "CT", {"source": None if source is None else str(source), "views": op.views,
                                               "I0": I0})
 
 
+def from_sinogram_file(path) -> Measurement:
+    """A sinogram .h5 (layout: ``medldm.io.sinogram_h5``) -> its sparse-view CT measurement."""
+    from medldm.io.sinogram_h5 import read_sinogram_h5, sinogram_geometry
+
+    sino, angles, attrs = read_sinogram_h5(path)
+    geo = sinogram_geometry(sino, attrs, path)
+    return from_sinogram(sino, angles, pixel_mm=geo["pixel_mm"], slice_mm=geo["slice_mm"],
+                         image_size=geo["image_size"], I0=geo["I0"], source=path)
+
+
+def from_kspace_file(path) -> Measurement:
+    """A fastMRI .h5 -> its k-space measurement on the (H, W, slices) grid and spacing the header gives."""
+    from medldm.io.fastmri_h5 import fastmri_h5_to_volume, read_fastmri_h5
+
+    kspace, mask, attrs = read_fastmri_h5(path)
+    if not np.all(np.isfinite(kspace.view(np.float32))):
+        raise InputError(path, "k-space contains NaN/Inf values")
+    grid = fastmri_h5_to_volume(kspace, attrs)  # the zero-filled volume carries the grid
+    m = from_kspace(kspace, mask, grid.affine, "MR")
+    m.meta["source"] = str(path)
+    return m
+
+
+def from_h5_file(path) -> Measurement:
+    """Either kind of .h5 measurement, told apart by its datasets."""
+    from medldm.io.sinogram_h5 import is_sinogram_h5
+
+    return from_sinogram_file(path) if is_sinogram_h5(path) else from_kspace_file(path)
+
+
 def to_sinogram(m: Measurement) -> np.ndarray:
     """The post-log sinogram [slices, views, detectors] of a CT measurement (inverse of ``from_sinogram``)."""
-    shape = tuple(m.operator._image_shape_for(m.y.shape[2]))
-    y = m.y + _water_line_integrals(m.operator, shape)[..., None]
+    shape = m.operator.slice_shape_for(m.y.shape[2])
+    y = m.y + m.operator.water_line_integrals(shape)[..., None]
     return y[0, 0].permute(2, 1, 0).numpy().astype(np.float32)
 
 

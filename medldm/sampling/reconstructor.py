@@ -90,17 +90,7 @@ class Reconstructor:
         if isinstance(data, meas.Measurement):
             return data
         if isinstance(data, (str, Path)) and Path(data).suffix.lower() in (".h5", ".hdf5"):
-            from medldm.io.sinogram_h5 import is_sinogram_h5, read_sinogram_h5, sinogram_geometry
-
-            if is_sinogram_h5(data):
-                sino, angles, attrs = read_sinogram_h5(data)
-                geo = sinogram_geometry(sino, attrs, data)
-                return meas.from_sinogram(sino, angles, pixel_mm=geo["pixel_mm"], slice_mm=geo["slice_mm"],
-                                          image_size=geo["image_size"], I0=geo["I0"], source=data)
-            from medldm.io import read_fastmri_h5
-
-            kspace, mask, _ = read_fastmri_h5(data)  # the measurement itself, not its zero-filled image
-            return meas.from_kspace(kspace, mask)
+            return meas.from_h5_file(data)  # the measurement itself, not its zero-filled image
         if isinstance(data, (str, Path)):
             from medldm.io import read_volume
 

@@ -28,6 +28,6 @@ def test_recon_rows_supervised_and_fid(tmp_path):
     fid = {r["method"]: r["fid"] for r in rows if r["case"] == "all cases"}
     assert set(fid) == {"zero-filled", "TV-POCS", "supervised U-Net", "medldm (default)"}
     assert all(np.isfinite(v) for v in fid.values())
-    table = (tmp_path / "eval" / "tiny-mr-recon.md").read_text()
-    assert "| fid |" in table.replace("fid |", "| fid |", 0) or " fid " in table
+    header = (tmp_path / "eval" / "tiny-mr-recon.md").read_text().splitlines()[0]
+    assert " fid " in header and " psnr " in header
     assert (tmp_path / "eval" / "tiny-mr-recon.csv").read_text().splitlines()[0].count("fid") == 1
