@@ -5,6 +5,11 @@ latent U-Net of each config size, 2D and 3D; then latent-space vs pixel-space di
 same U-Net, in one run, as a ratio (the reason latent diffusion exists).
 
     python benchmarks/train_speed.py [--configs vae-mr-cpu ldm-mr-recon-cpu ...] [--reps 3] [--gpu-3d-size 64]
+    python benchmarks/train_speed.py --data [--configs ldm-mr-sr-gpu ...]
+
+``--data`` times the CPU side of an LDM training step instead: drawing the batch's patches and degrading
+them (ms per batch, one process; ``data.num_workers`` spreads this over worker processes). On a GPU this,
+not the networks, bounded the step rate of the first run (2026-11-26: 1.35 steps/s for mr-sr on an H200).
 
 Each measurement runs in a fresh subprocess so peak RSS is its own. 3D configs meant for a GPU are
 measured at --gpu-3d-size^3 on CPU (their 96^3 patches take minutes per step here).
@@ -68,14 +73,50 @@ def measure(config: str, reps: int, size3d: int, pixel: bool = False) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def data_path(config: str, reps: int) -> dict:
+    import torch
+
+    from medldm.config import load_config
+    from medldm.models.normalisation import Normalisation
+    from medldm.physics.registry import build_random_operator
+    from medldm.training.data import PatchBatches
+    from medldm.training.ldm import DegradedPairs
+
+    torch.set_num_threads(1)  # what one DataLoader worker gets
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", "ldm")
+    op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
+    patches = PatchBatches(cfg.data, seed=0)
+    pairs = DegradedPairs(patches, op, Normalisation(kind="percentile", scale=1.0), seed=0)
+    pairs(0)  # warm-up
+    t0 = time.time()
+    for s in range(1, reps + 1):
+        patches(s)
+    t_patch = (time.time() - t0) / reps
+    t0 = time.time()
+    for s in range(1, reps + 1):
+        pairs(s)
+    t_pair = (time.time() - t0) / reps
+    return {"config": config, "batch": cfg.data.batch_size, "patch": "x".join(map(str, cfg.data.patch_size)),
+            "patches_ms": round(1000 * t_patch, 1), "degrade_ms": round(1000 * (t_pair - t_patch), 1)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="*", default=["vae-mr-tiny", "vae-mr-cpu", "vae-mr-3d-gpu", "ldm-mr-recon-cpu",
                                                      "ldm-mr-recon-3d-gpu"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-3d-size", type=int, default=64)
+    ap.add_argument("--data", action="store_true", help="Time patch drawing and degradation per batch instead.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.data:
+        names = [c for c in args.configs if c.startswith("ldm") and "3d" not in c] if "--configs" in sys.argv else [
+            f"ldm-mr-{t}-{p}" for p in ("cpu", "gpu") for t in ("recon", "denoise", "sr")]
+        print("| config | batch | patch | draw patches (ms/batch) | degrade (ms/batch) |\n|---|---|---|---|---|")
+        for name in names:
+            r = data_path(name, max(args.reps, 5))
+            print(f"| {r['config']} | {r['batch']} | {r['patch']} | {r['patches_ms']} | {r['degrade_ms']} |", flush=True)
+        return
     if args.child:
         name, pixel = json.loads(args.child)
         print(json.dumps(measure(name, args.reps, args.gpu_3d_size, pixel)))

@@ -1,10 +1,14 @@
 """Train, evaluate and install the shipped default models (mr-recon, mr-denoise, mr-sr, ct-denoise, ct-recon, ct-sr).
 
     python pipelines/train_default_models.py [--only mr-recon ...] [--minutes M] [--skip-train]
+    python pipelines/train_default_models.py --profile gpu --only mr-recon mr-denoise mr-sr [--vae-minutes M]
 
-Stages per model: VAE (shared per modality; reused when runs/vae-<modality>/model exists) -> latent
+Stages per model: VAE (shared per modality; reused when <runs>/vae-<modality>/model exists) -> latent
 diffusion + refiner -> evaluation on the held-out validation volumes (centre crops) -> the model folder,
-float16 weights and a model card, copied into medldm/shipped/<name>/. Runs on CPU in ~1.5 h in total.
+float16 weights and a model card, copied into medldm/shipped/<name>/. The cpu profile (configs/*-cpu.yaml,
+runs/) takes ~1.5 h on 2 cores; the gpu profile (configs/*-gpu.yaml, runs/gpu/: larger networks, batches
+of 32) is meant for one CUDA GPU, where the LDMs train in minutes. ``--no-install`` stops after training
+(e.g. on a rented GPU machine; install later with --skip-train where the data and the CPU time are).
 """
 
 from __future__ import annotations
@@ -39,25 +43,58 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=None, help="Override train.max_minutes of the LDM configs.")
     ap.add_argument("--skip-train", action="store_true", help="Only evaluate and install existing runs.")
     ap.add_argument("--steps", type=int, default=10, help="Sampling steps in the evaluation.")
+    ap.add_argument("--profile", choices=["cpu", "gpu"], default="cpu", help="Which configs/*-<profile>.yaml to train.")
+    ap.add_argument("--vae-minutes", type=float, default=None, help="Override train.max_minutes of the VAE config.")
+    ap.add_argument("--no-install", action="store_true", help="Train only; no evaluation, no shipped copy.")
+    ap.add_argument("--vae-only", action="store_true", help="Train (or reuse) the VAE of each model's modality, nothing else.")
+    ap.add_argument("--unet-weights", choices=["ema", "raw"], default="ema",
+                    help="Install the U-Net's EMA (default) or its raw weights at the last step (from checkpoint.pt): "
+                         "runs trained before the EMA warm-up fix hold a mostly-initial EMA.")
+    ap.add_argument("--no-tracking", action="store_true", help="Train without MLflow (e.g. where it is not installed).")
     args = ap.parse_args(argv)
     from medldm.training.ldm import train_ldm
     from medldm.training.vae import train_vae
 
+    runs = ROOT / "runs" / ("gpu" if args.profile == "gpu" else "")
+    tracking = {"tracking.enabled": False} if args.no_tracking else {}
     for name in args.only:
         modality = MODELS[name]
-        vae_dir = ROOT / "runs" / f"vae-{modality.lower()}"
+        cfg_path = ROOT / "configs" / f"ldm-{name}-{args.profile}.yaml"
+        if not cfg_path.is_file():
+            ap.error(f"{name} has no {args.profile} profile ({cfg_path.relative_to(ROOT)} missing)")
+        vae_dir = runs / f"vae-{modality.lower()}"
         if not (vae_dir / "model" / "model.json").is_file() and not args.skip_train:
-            train_vae(load_config(ROOT / "configs" / f"vae-{modality.lower()}-cpu.yaml", "vae"), vae_dir)
-        cfg_path = ROOT / "configs" / f"ldm-{name}-cpu.yaml"
-        over = {"train.max_minutes": args.minutes} if args.minutes else {}
+            over = {**tracking, **({"train.max_minutes": args.vae_minutes} if args.vae_minutes else {})}
+            train_vae(load_config(ROOT / "configs" / f"vae-{modality.lower()}-{args.profile}.yaml", "vae", over), vae_dir)
+        if args.vae_only:
+            continue
+        over = {**tracking, **({"train.max_minutes": args.minutes} if args.minutes else {})}
         cfg = load_config(cfg_path, "ldm", over)
-        run_dir = ROOT / "runs" / f"ldm-{name}"
+        run_dir = runs / f"ldm-{name}"
         if not args.skip_train:
             train_ldm(cfg, run_dir, resume=True)
-        install(name, run_dir / "model", cfg_path, args.steps)
+        if not args.no_install:
+            model_dir = run_dir / "model" if args.unet_weights == "ema" else raw_unet_folder(run_dir)
+            install(name, model_dir, cfg_path, args.steps,
+                    extra_flags=" --unet-weights raw" if args.unet_weights == "raw" else "")
 
 
-def install(name: str, model_dir: Path, cfg_path: Path, steps: int) -> Path:
+def raw_unet_folder(run_dir: Path) -> Path:
+    """run_dir/model with the U-Net's raw weights of the last checkpoint in place of its EMA: run_dir/model-raw."""
+    from medldm.training.common import load_checkpoint
+
+    bundle = load_bundle(run_dir / "model")
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
+    if ck["step"] != bundle.meta["training"]["steps"]:
+        raise SystemExit(f"{run_dir}: checkpoint step {ck['step']} != model step {bundle.meta['training']['steps']}")
+    bundle.unet.load_state_dict(ck["unet"])
+    bundle.meta["training"]["unet_weights"] = ("raw weights at the last step (the run's EMA, decay 0.999 without "
+                                               "warm-up, was dominated by the initial weights)")
+    save_bundle(bundle, run_dir / "model-raw")
+    return run_dir / "model-raw"
+
+
+def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags: str = "") -> Path:
     t0 = time.time()
     rec = Reconstructor.load(model_dir)
     vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], EVAL_CROP)
@@ -73,8 +110,11 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int) -> Path:
     dest = SHIPPED_DIR / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    command = f"python pipelines/train_default_models.py --only {name}   # configs: {cfg_path.relative_to(ROOT)}"
-    machine = f"{platform.machine()} CPU, 2 cores (torch CPU build)"
+    gpu = "-gpu" in cfg_path.name
+    command = (f"python pipelines/train_default_models.py{' --profile gpu' if gpu else ''} --only {name}{extra_flags}"
+               f"   # configs: {cfg_path.relative_to(ROOT)}")
+    trained_on = bundle.meta.get("training", {}).get("device_name")
+    machine = trained_on or f"{platform.machine()} CPU, 2 cores (torch CPU build)"
     save_bundle(bundle, tmp, half=True)
     # the small check the test suite re-runs on the float16 weights as committed
     check = run_check(Reconstructor.load(tmp), ROOT / "data" / "datalist.json", check_spec(rec.meta["modality"], rec.task))

@@ -1,9 +1,10 @@
 """Train and install the supervised U-Net baseline of each shipped model (the evaluation's supervised row).
 
-    python pipelines/train_supervised_baselines.py [--only mr-recon ...] [--minutes 6]
+    python pipelines/train_supervised_baselines.py [--only mr-recon ...] [--minutes 6] [--profile gpu]
 
-Each baseline sees the same LDM config's data, degradations and patch stream (configs/ldm-<name>-cpu.yaml)
-for a wall-clock budget, and is installed as float16 safetensors into medldm/shipped/supervised/<name>/.
+Each baseline sees the same LDM config's data, degradations and patch stream (configs/ldm-<name>-<profile>.yaml)
+for a wall-clock budget, has the size of that config's refiner, and is installed as float16 safetensors into
+medldm/shipped/supervised/<name>/ (``--no-install`` keeps it in runs/ only).
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=NAMES, choices=NAMES)
     ap.add_argument("--minutes", type=float, default=6.0, help="Wall-clock training budget per baseline.")
+    ap.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--no-install", action="store_true")
     args = ap.parse_args(argv)
+    runs = ROOT / "runs" / ("gpu" if args.profile == "gpu" else "")
     for name in args.only:
-        cfg = load_config(ROOT / "configs" / f"ldm-{name}-cpu.yaml", "ldm")
-        run_dir = train_supervised(cfg, ROOT / "runs" / f"supervised-{name}", minutes=args.minutes)
+        cfg_path = ROOT / "configs" / f"ldm-{name}-{args.profile}.yaml"
+        if not cfg_path.is_file():
+            ap.error(f"{name} has no {args.profile} profile ({cfg_path.relative_to(ROOT)} missing)")
+        cfg = load_config(cfg_path, "ldm")
+        run_dir = train_supervised(cfg, runs / f"supervised-{name}", minutes=args.minutes,
+                                   features=tuple(cfg.refiner.features))
+        if args.no_install:
+            continue
         dest = SUPERVISED_DIR / name
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(run_dir, dest)

@@ -32,8 +32,10 @@ def main(argv=None):
             print(f"{name}: no evaluation rows at {rows_path}; card left as is")
             continue
         meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
-        command = f"python pipelines/train_default_models.py --only {name}   # configs: configs/ldm-{name}-cpu.yaml"
-        machine = f"{platform.machine()} CPU, 2 cores (torch CPU build)"
+        training = meta.get("training", {})
+        flags = " --unet-weights raw" if str(training.get("unet_weights", "")).startswith("raw") else ""
+        command = f"python pipelines/train_default_models.py --only {name}{flags}   # configs: configs/ldm-{name}-cpu.yaml"
+        machine = training.get("device_name") or f"{platform.machine()} CPU, 2 cores (torch CPU build)"
         card = model_card(meta, json.loads(rows_path.read_text()), command, machine)
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")

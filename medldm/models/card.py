@@ -38,6 +38,7 @@ def verdict(rows: list[dict]) -> str:
 
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
+    weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
     vae_t = t.get("vae_training") or {}
     deg = meta.get("degradation", {})
     return f"""# Model card: `{meta.get('name')}`
@@ -60,7 +61,7 @@ Trained degradation: `{deg}`.
   the MNI152 tissue maps with the same hold-out, and for CT the InVesalius head CT below its top 32 slices);
   see `data_cards/`.
 - VAE: {vae_t.get('steps')} steps, {vae_t.get('seconds')} s; diffusion U-Net + refiner: {t.get('steps')} steps,
-  {t.get('seconds')} s, on {machine}.
+  {t.get('seconds')} s, on {machine}.{weights_line}
 - Reproduce: `{command}`
 
 ## Verdict

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass
@@ -79,6 +79,15 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """What trained a model, for its card: the GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, bf16 autocast)"
+    import platform
+
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -91,8 +100,24 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def ema_decay_at(n_averaged: int, decay: float) -> float:
+    """diffusers' EMA warm-up: min(decay, (1 + n) / (10 + n)) at the n-th update. A plain 0.999 EMA after
+    606 steps still holds 0.999^606 = 55% of the random initial weights; on mr-denoise that EMA's
+    latent-only output scored 8.9 dB against 15.9 dB for the raw weights at the same step."""
+    return min(decay, (1 + n_averaged) / (10 + n_averaged))
+
+
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    @torch.no_grad()
+    def update(ema_params, model_params, n_averaged):
+        d = ema_decay_at(int(n_averaged), decay)
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
+        else:
+            for p_ema, p_model in zip(ema_params, model_params):
+                p_ema.copy_(p_ema * d + p_model * (1 - d))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -2,19 +2,22 @@
 optionally cached in memory or on disk), then patches drawn by a generator seeded with (seed, step).
 
 Drawing each step's patches from (seed, step) alone makes a resumed run see exactly the batches the
-killed run would have seen, without saving loader state.
+killed run would have seen, without saving loader state, and lets worker processes draw them ahead
+(``data.num_workers``) without changing a single batch.
 """
 
 from __future__ import annotations
 
 import json
+from itertools import count
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from monai.data import Dataset
 from monai.transforms import SpatialPad
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medldm.config import DataConfig
 from medldm.data.transforms import build_dataset, build_eval_transforms
@@ -65,21 +68,61 @@ def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generat
     return volume[(slice(None),) + sl]
 
 
+class PatchBatches:
+    """The batch of training step ``s``, a pure function of (seed, s): (B, 1, *patch) normalised patches.
+
+    A callable object rather than a generator so DataLoader workers can draw batches ahead of the
+    training step (``step_stream``) and still produce exactly the batches a single process would.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.dataset = volume_dataset(cfg, "training")
+        self.volumes = ([torch.as_tensor(self.dataset[i]["image"]) for i in range(len(self.dataset))]
+                        if cfg.cache == "memory" else None)
+        self.fgs = ([foreground_slices(v, cfg.slice_axis) for v in self.volumes]
+                    if self.volumes is not None and cfg.spatial_dims == 2 else None)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, step])
+        patches = []
+        for _ in range(self.cfg.batch_size):
+            i = int(rng.integers(len(self.dataset)))
+            vol = self.volumes[i] if self.volumes is not None else torch.as_tensor(self.dataset[i]["image"])
+            patches.append(_random_patch(vol, self.cfg.patch_size, rng, self.cfg.slice_axis,
+                                         self.fgs[i] if self.fgs else None))
+        return torch.stack(patches)
+
+
+class _StepStream(IterableDataset):
+    """Items of steps start, start + 1, ...: worker w of n makes steps start + w, start + w + n, ..., and a
+    DataLoader hands out its workers' items round-robin, so the order is the step order for any n."""
+
+    def __init__(self, make: Callable[[int], Any], start: int):
+        self.make, self.start = make, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start + w
+        while True:
+            yield self.make(step)
+            step += n
+
+
+def step_stream(make: Callable[[int], Any], start_step: int = 0, num_workers: int = 0) -> Iterator:
+    """Infinite iterator of make(start_step), make(start_step + 1), ...; with ``num_workers`` > 0 they are
+    made in that many DataLoader worker processes ahead of use (the GPU profile: patch drawing and
+    degradation on the CPU otherwise leave the GPU idle most of each step)."""
+    if num_workers == 0:
+        return (make(s) for s in count(start_step))
+    loader = DataLoader(_StepStream(make, start_step), batch_size=None, num_workers=num_workers, prefetch_factor=4)
+    return iter(loader)
+
+
 def train_batches(cfg: DataConfig, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
     """Infinite iterator of (B, 1, *patch) float tensors in normalised units."""
-    ds = volume_dataset(cfg, "training")
-    volumes = [torch.as_tensor(ds[i]["image"]) for i in range(len(ds))] if cfg.cache == "memory" else None
-    fgs = [foreground_slices(v, cfg.slice_axis) for v in volumes] if volumes is not None and cfg.spatial_dims == 2 else None
-    step = start_step
-    while True:
-        rng = np.random.default_rng([seed, step])
-        patches = []
-        for _ in range(cfg.batch_size):
-            i = int(rng.integers(len(ds)))
-            vol = volumes[i] if volumes is not None else torch.as_tensor(ds[i]["image"])
-            patches.append(_random_patch(vol, cfg.patch_size, rng, cfg.slice_axis, fgs[i] if fgs else None))
-        yield torch.stack(patches)
-        step += 1
+    return step_stream(PatchBatches(cfg, seed), start_step, cfg.num_workers)
 
 
 def validation_images(cfg: DataConfig, max_images: int = 6) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from medldm.physics.registry import build_random_operator
 from medldm.sampling.samplers import predict_x0, training_target
 from medldm.tracking import Tracker
 from medldm.training import common
-from medldm.training.data import data_card_ids, train_batches, validation_images
+from medldm.training.data import PatchBatches, data_card_ids, step_stream, validation_images
 
 
 def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list]:
@@ -42,6 +42,25 @@ def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list
     return torch.cat(conds).to(x_n.device), params
 
 
+def step_rng(seed: int, rank: int, step: int, batch: int) -> np.random.Generator:
+    """The step's generator after it drew the batch's degradation seeds: what is left for noise and t."""
+    rng = np.random.default_rng([seed, rank, step])
+    rng.integers(0, 2**31 - 1, size=batch)
+    return rng
+
+
+class DegradedPairs:
+    """(clean patches, normalised naive inverses) of training step ``s``, a pure function of s: patches from
+    ``PatchBatches``, one degradation per patch seeded by (seed, rank, s). Picklable, for step_stream."""
+
+    def __init__(self, patches: PatchBatches, random_op, norm: Normalisation, seed: int, rank: int = 0):
+        self.patches, self.random_op, self.norm, self.seed, self.rank = patches, random_op, norm, seed, rank
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patches(step)
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        cond, _ = degrade_batch(x, self.random_op, self.norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
+        return x, cond
 
 
 def _validation_pairs(cfg: LDMRunConfig, random_op, norm: Normalisation, n: int = 4) -> list[tuple]:
@@ -113,15 +132,15 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
                   tags={"medldm.stage": "ldm", "medldm.task": cfg.degradation.task, "medldm.modality": cfg.data.modality,
                         "medldm.data_cards": data_card_ids(cfg.data.datalist, cfg.data.modality)})
     tracker.log_dict(cfg.model_dump(), "config.json")
-    batches = train_batches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank, start_step=step)
+    pairs = step_stream(DegradedPairs(PatchBatches(cfg.data, seed=cfg.train.seed + 1000 * dist_info.rank), random_op,
+                                      train_norm, cfg.train.seed, dist_info.rank), step, cfg.data.num_workers)
     progress = common.Progress(cfg.train.steps, step, f"ldm {cfg.name}", dist_info.is_main)
     t_start, history = time.time(), []
     # 3D models: no sampling-based validation yet (the Reconstructor samples 2D models only)
     val = _validation_pairs(cfg, random_op, train_norm) if dist_info.is_main and dims == 2 else []
     while step < cfg.train.steps:
-        x = next(batches).to(dev)
-        rng = np.random.default_rng([cfg.train.seed, dist_info.rank, step])
-        cond, _ = degrade_batch(x, random_op, train_norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
+        x, cond = (t.to(dev) for t in next(pairs))
+        rng = step_rng(cfg.train.seed, dist_info.rank, step, x.shape[0])
         g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
         z0, c = codec.encode(x), codec.encode(cond)
         level = torch.rand(x.shape[0], generator=g).to(dev) * cfg.train.cond_noise_max
@@ -183,6 +202,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
             "cond_noise_max": cfg.train.cond_noise_max,
             "metrics": {**vae_bundle.meta.get("metrics", {})},
             "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
+                         "device_name": common.device_name(dev),
                          "unet_parameters": count_parameters(unet),
                          "refiner_parameters": count_parameters(refiner) if refiner is not None else 0,
                          "world_size": dist_info.world_size, "mlflow_run_id": tracker.run_id,

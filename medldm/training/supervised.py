@@ -26,8 +26,8 @@ from medldm.physics.registry import build_random_operator
 from medldm.sampling.measurement import Measurement
 from medldm.sampling.slicewise import pad_to_multiple
 from medldm.training import common
-from medldm.training.data import train_batches
-from medldm.training.ldm import degrade_batch
+from medldm.training.data import PatchBatches, step_stream
+from medldm.training.ldm import DegradedPairs
 
 # The refiner's size: the supervised row then shows what the diffusion prior adds over a plain U-Net of the
 # same capacity (MONAI's default (32, 32, 64, 128, 256, 32) takes ~4x longer per step on 2 CPU cores).
@@ -57,14 +57,13 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
     norm = Normalisation.for_modality(cfg.data.modality)
     train_norm = norm if norm.kind == "window" else Normalisation(kind="percentile", scale=1.0)
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
-    batches = train_batches(cfg.data, seed=cfg.train.seed)
+    pairs = step_stream(DegradedPairs(PatchBatches(cfg.data, seed=cfg.train.seed), random_op, train_norm, cfg.train.seed),
+                        0, cfg.data.num_workers)  # the LDM's patches and degradations, step for step
     total = max_steps or 10**9  # the wall-clock budget is what ends a normal run
     progress = common.Progress(max_steps, 0, f"supervised {cfg.name} ({minutes:g} min)", True)
     t0, step, losses = time.time(), 0, []
     while step < total and time.time() - t0 < 60 * minutes:
-        x = next(batches).to(dev)
-        rng = np.random.default_rng([cfg.train.seed, 0, step])  # the LDM's degradations, step for step
-        cond, _ = degrade_batch(x, random_op, train_norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
+        x, cond = (t.to(dev) for t in next(pairs))
         with common.autocast(dev, cfg.train.amp):
             loss = F.l1_loss(cond + net(cond).float(), x)
         opt.zero_grad(set_to_none=True)
@@ -79,7 +78,7 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
             "modality": cfg.data.modality, "slice_axis": cfg.data.slice_axis, "features": list(features),
             "normalisation": norm.to_dict(), "degradation": cfg.degradation.model_dump(),
             "training": {"steps": step, "seconds": round(time.time() - t0, 1), "minutes_budget": minutes,
-                         "device": str(dev), "parameters": count_parameters(net),
+                         "device": str(dev), "device_name": common.device_name(dev), "parameters": count_parameters(net),
                          "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().half().contiguous() for k, v in net.state_dict().items()},

@@ -148,6 +148,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
             "normalisation": Normalisation.for_modality(cfg.data.modality).to_dict(),
             "metrics": {f"vae_{k}": v for k, v in final.items() if k != "step"},
             "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
+                         "device_name": common.device_name(dev),
                          "parameters": count_parameters(vae_net), "world_size": dist_info.world_size,
                          "ranks_identical": agree,
                          "mlflow_run_id": tracker.run_id},

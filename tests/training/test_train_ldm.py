@@ -72,3 +72,22 @@ def test_tiny_3d_vae_then_ldm(tiny_datalist, tmp_path):
     vol = Volume((phantom((36, 30, 18)) * 500 + 20)[None], np.eye(4), "MR")
     res = Reconstructor(bundle)(vol, steps=2)  # sliding windows: the volume is larger than the 32x32x16 patch
     assert res.volume.array.shape == vol.array.shape
+
+
+def test_ema_warm_up_forgets_the_initial_weights():
+    """With warm-up, 100 updates towards new weights leave under 1% of the initialisation in the average;
+    a plain 0.999 EMA would still hold 0.999^99 = 91% of it."""
+    import torch
+
+    from medldm.training.common import ema_decay_at, make_ema
+
+    net = torch.nn.Linear(3, 1)
+    torch.nn.init.zeros_(net.weight)
+    ema = make_ema(net, 0.999)
+    ema.update_parameters(net)  # first update copies: the average starts at the initial (zero) weights
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(99):
+        ema.update_parameters(net)
+    assert 0.99 < float(ema.module.weight.detach().mean()) <= 1.0
+    assert ema_decay_at(10**6, 0.999) == 0.999 and ema_decay_at(0, 0.999) == 0.1

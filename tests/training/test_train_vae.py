@@ -39,7 +39,9 @@ def test_resume_continues_the_same_curve(tiny_datalist, tmp_path):
     off = {"tracking.enabled": False}
     full = train_vae(tiny_cfg(tiny_datalist, **off), tmp_path / "full")
     first_leg = train_vae(tiny_cfg(tiny_datalist, **off, **{"train.steps": 3}), tmp_path / "part")
-    first_seconds = load_bundle(first_leg).meta["training"]["seconds"]
+    assert first_leg.parent == tmp_path / "part"
+    # the first leg's training seconds as checkpointed (its model's figure also holds calibration time)
+    first_seconds = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["seconds"]
     resumed = train_vae(tiny_cfg(tiny_datalist, **off), tmp_path / "part", resume=True)
     assert load_bundle(resumed).meta["training"]["seconds"] > first_seconds  # both legs counted
     a, b = load_file(str(full / "vae.safetensors")), load_file(str(resumed / "vae.safetensors"))
@@ -70,3 +72,28 @@ def test_train_batches_shape_and_seeded_by_step(tiny_datalist, dims, patch, axis
     resumed = next(train_batches(cfg, seed=1, start_step=2))
     torch.testing.assert_close(resumed, a[2], rtol=0, atol=0)
     assert not torch.equal(a[0], a[1])
+
+
+def test_worker_processes_draw_the_same_batches_and_pairs(tiny_datalist):
+    """data.num_workers only moves patch drawing and degradation ahead of the step: not one value changes."""
+    from itertools import islice
+
+    from medldm.config import DataConfig
+    from medldm.models.normalisation import Normalisation
+    from medldm.physics.registry import build_random_operator
+    from medldm.training.data import PatchBatches, step_stream, train_batches
+    from medldm.training.ldm import DegradedPairs
+
+    cfg = DataConfig(datalist=str(tiny_datalist), patch_size=[24, 20], batch_size=2)
+    one = list(islice(train_batches(cfg, seed=3, start_step=1), 5))
+    two = list(islice(train_batches(cfg.model_copy(update={"num_workers": 2}), seed=3, start_step=1), 5))
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    op = build_random_operator("recon", "MR", accelerations=[4], center_fractions=[0.08])
+    make = DegradedPairs(PatchBatches(cfg, seed=3), op, Normalisation(kind="percentile", scale=1.0), seed=0)
+    serial = list(islice(step_stream(make, 0, 0), 3))
+    parallel = list(islice(step_stream(make, 0, 2), 3))
+    for (xa, ca), (xb, cb) in zip(serial, parallel):
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+        torch.testing.assert_close(ca, cb, rtol=0, atol=0)
+    assert not torch.equal(serial[0][1], serial[1][1])  # each step its own degradation
