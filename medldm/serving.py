@@ -300,13 +300,16 @@ def _find_folder(root: Path) -> Path:
 def download_model(uri: str) -> tuple[Path, dict]:
     """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``runs:/RUN_ID/path`` ->
     (local medldm model folder, origin). Registered versions are cached (``MEDLDM_CACHE_DIR``, default
-    ~/.cache/medldm/mlflow) keyed by tracking URI + name + version: versions are immutable."""
+    ~/.cache/medldm/mlflow) keyed by tracking URI, name, version and the version's run, logged model and
+    artifact source: a version is immutable within its registry, but a new registry behind the same URI
+    string (a fresh ``sqlite:///mlflow.db`` in another folder) numbers its versions from 1 again."""
     from mlflow import MlflowClient
 
     tracking = mlflow.get_tracking_uri()
     client = MlflowClient()
     origin: dict[str, Any] = {"source": "mlflow", "uri": uri, "tracking_uri": tracking}
     download_uri = uri
+    identity = ""  # what makes this download unique beyond its URI (see the docstring)
     try:
         if uri.startswith("models:/"):
             mv = _resolve_version(client, uri[len("models:/"):].strip("/"))
@@ -314,9 +317,11 @@ def download_model(uri: str) -> tuple[Path, dict]:
                 origin.update(registered_name=mv.name, version=int(mv.version), run_id=mv.run_id,
                               model_id=getattr(mv, "model_id", None))
                 download_uri = f"models:/{mv.name}/{mv.version}"
+                identity = f"{mv.run_id}|{origin['model_id']}|{mv.source}"
         elif uri.startswith("runs:/"):
             origin["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
-        key = hashlib.sha256(f"{tracking}|{download_uri}".encode()).hexdigest()[:20]
+            identity = origin["run_id"]
+        key = hashlib.sha256(f"{tracking}|{download_uri}|{identity}".encode()).hexdigest()[:20]
         dest = _cache_root() / key
         if not (dest / ".complete").is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)

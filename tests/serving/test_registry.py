@@ -219,3 +219,36 @@ def test_metric_names_outside_mlflow_charset_are_registered(store, tiny_model):
     assert first["registered"] and not again["registered"] and again["version"] == first["version"]
     mv = MlflowClient().get_model_version_by_alias("tiny-pct", "champion")
     assert float(mv.tags["metric.val_itk_sigma5__psnr"]) == 30.4  # '%' is not allowed in MLflow names
+
+
+def test_a_new_registry_behind_the_same_uri_is_not_served_from_the_cache(tmp_path, tiny_model):
+    """The demo's case: each fresh clone has its own ./mlflow.db, so 'models:/NAME/1' under the same URI string
+    names another model each time; the download cache must not hand back the first one's weights. One process
+    per clone, as in real use (MLflow caches one store per URI string within a process)."""
+    import json as _json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from medldm.serving import download_model, register_model\n"
+        "out = register_model(sys.argv[1], 'same-name', alias=None, input_example=False)\n"
+        "folder, _ = download_model('models:/same-name/1')\n"
+        "print(out['model_uri'], json.loads((folder / 'model.json').read_text())['name'])\n"
+    )
+    env = {**os.environ, "MEDLDM_CACHE_DIR": str(tmp_path / "shared-cache"), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    seen = []
+    for i in range(2):
+        work = tmp_path / f"clone{i}"
+        model = shutil.copytree(tiny_model, work / "model")
+        meta = _json.loads((model / "model.json").read_text())
+        meta["name"] = f"clone-{i}"
+        (model / "model.json").write_text(_json.dumps(meta))
+        p = subprocess.run([sys.executable, "-c", script, str(model)], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        seen.append(p.stdout.strip().splitlines()[-1])
+    assert seen == ["models:/same-name/1 clone-0", "models:/same-name/1 clone-1"]
