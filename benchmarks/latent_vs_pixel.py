@@ -44,7 +44,7 @@ from medldm.sampling.samplers import sample, training_target  # noqa: E402
 from medldm.sampling.slicewise import pad_to_multiple  # noqa: E402
 from medldm.training.common import make_ema  # noqa: E402
 from medldm.training.data import PatchBatches, step_stream  # noqa: E402
-from medldm.training.ldm import DegradedPairs, step_rng  # noqa: E402
+from medldm.training.ldm import DegradedPairs, noised_inputs, step_rng  # noqa: E402
 
 CROP = (128, 128, 16)  # the evaluation's centre crop
 
@@ -63,13 +63,8 @@ def train_pixel(cfg, out: Path, minutes: float) -> dict:
     while time.time() - t0 < 60 * minutes:
         x, cond = next(pairs)
         rng = step_rng(cfg.train.seed, 0, step, x.shape[0])
-        g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
-        level = torch.rand(x.shape[0], generator=g) * cfg.train.cond_noise_max
-        c_aug = cond + level.reshape(-1, 1, 1, 1) * torch.randn(cond.shape, generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=g)
-        pred = unet(torch.cat([scheduler.add_noise(x, noise, t), condition_input(c_aug, level)], 1), t)
-        loss = F.mse_loss(pred, training_target(scheduler, x, noise, t))
+        inp, _, t, noise = noised_inputs(scheduler, x, cond, rng, cfg.train.cond_noise_max)  # the LDM's step, on pixels
+        loss = F.mse_loss(unet(inp, t), training_target(scheduler, x, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)

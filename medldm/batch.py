@@ -159,11 +159,10 @@ def _done_entry(unit: Unit, ctx: _Context, final: Path) -> dict:
     if not entry.get("outputs"):  # killed between the rename and the manifest write
         entry["outputs"] = {OUTPUT_KEYS[p.name]: f"{unit.id}/{p.name}" for p in sorted(final.iterdir())
                             if p.name in OUTPUT_KEYS}
-    if prev.get("status") == "skipped":  # skipped before too: keep what the run that made it recorded
-        entry.update(status="skipped", reason="already done")
-    else:
-        entry.update(status="skipped", reason="already done", previous_status=prev.get("status", "ok"),
-                     previous_seconds=prev.get("seconds"))
+    entry.update(status="skipped", reason="already done")
+    # the run that made the outputs; a unit skipped before already carries these keys from that record
+    entry.setdefault("previous_status", prev.get("status", "ok"))
+    entry.setdefault("previous_seconds", prev.get("seconds"))
     return entry
 
 
@@ -262,8 +261,10 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
                              f"({', '.join(f'{k}={before.get(k)}' for k in changed)}): use --overwrite to redo them, "
                              "or another output folder")
         if not any(u.runnable or u.fail for u in units):
+            reasons = sorted({u.skip for u in units if u.skip})  # e.g. "add --views N" for CT images with recon
             raise UsageError(f"nothing to reconstruct with --task {task} under {source} ({len(units)} unit(s) "
-                             f"found, all not applicable; {len(ignored)} other file(s) ignored)")
+                             f"found, all not applicable; {len(ignored)} other file(s) ignored)"
+                             + "".join(f"\n  {r}" for r in reasons[:5]))
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -107,6 +107,7 @@ def write_input(name: str, m: Measurement, folder: Path) -> None:
 
 def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2, models: list[str] | None = None) -> list[dict]:
     from medldm.batch import run_batch
+    from medldm.batch_units import previous_parameters
     from medldm.sampling.reconstructor import shipped_models
     from medldm.serving import ensure_registered
 
@@ -133,9 +134,10 @@ def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2,
         factor = SETTINGS[name][0]["factors"][0] if m.task == "sr" else None
         kwargs = dict(task=name.split("-", 1)[1], model=reg["uri"], steps=steps, samples=samples, seed=0,
                       modality=modality, factor=factor)
-        code = run_batch(out / "inputs" / name, out / "outputs" / name, **kwargs)
-        if code == 2:  # an earlier demo's outputs were made with other settings: redo them
-            code = run_batch(out / "inputs" / name, out / "outputs" / name, overwrite=True, **kwargs)
+        # an earlier demo's outputs made with other settings are redone; any other usage error stays an error
+        before = previous_parameters(out / "outputs" / name)
+        stale = before is not None and any(before.get(k) != v for k, v in kwargs.items())
+        code = run_batch(out / "inputs" / name, out / "outputs" / name, overwrite=stale, **kwargs)
         manifest = json.loads((out / "outputs" / name / "manifest.json").read_text())
         unit = manifest["units"][0]
         if code != 0 or unit["status"] == "failed":

@@ -120,13 +120,13 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags:
     check = run_check(Reconstructor.load(tmp), ROOT / "data" / "datalist.json", check_spec(rec.meta["modality"], rec.task))
     meta = json.loads((tmp / "model.json").read_text())
     meta["validation_check"] = check
+    meta["card"] = {"command": command, "machine": machine}  # pipelines/write_model_cards.py rewrites cards from these
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     (tmp / "README.md").write_text(model_card(meta, rows, command, machine))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     card_path = ROOT / "data_cards" / f"model-{name}.md"
     shutil.copy(dest / "README.md", card_path)
-    (out / f"{name}-rows.json").write_text(json.dumps(rows, indent=2))
     print(f"installed {name} -> {dest} ({time.time() - t0:.0f} s evaluation)")
     return dest
 

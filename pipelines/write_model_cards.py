@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -27,16 +26,16 @@ def main(argv=None):
     ap.add_argument("--rows", type=Path, default=None, help="A `medldm evaluate --out` folder with <name>.json rows.")
     args = ap.parse_args(argv)
     for name in shipped_models():
-        rows_path = (args.rows / f"{name}.json") if args.rows else ROOT / "outputs" / "shipped-eval" / f"{name}-rows.json"
+        rows_path = (args.rows or ROOT / "outputs" / "shipped-eval") / f"{name}.json"
         if not rows_path.is_file():
             print(f"{name}: no evaluation rows at {rows_path}; card left as is")
             continue
         meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
-        training = meta.get("training", {})
-        flags = " --unet-weights raw" if str(training.get("unet_weights", "")).startswith("raw") else ""
-        command = f"python pipelines/train_default_models.py --only {name}{flags}   # configs: configs/ldm-{name}-cpu.yaml"
-        machine = training.get("device_name") or f"{platform.machine()} CPU, 2 cores (torch CPU build)"
-        card = model_card(meta, json.loads(rows_path.read_text()), command, machine)
+        if "card" not in meta:
+            print(f"{name}: model.json has no card command/machine (installed before they were recorded); "
+                  "reinstall with pipelines/train_default_models.py --skip-train")
+            continue
+        card = model_card(meta, json.loads(rows_path.read_text()), meta["card"]["command"], meta["card"]["machine"])
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")
         print(f"{name}: card written")

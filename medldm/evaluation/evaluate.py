@@ -64,7 +64,7 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    fid_methods = [*baselines_for(rec.task, rec.meta["modality"]), SUPERVISED_ROW, DEFAULT_ROW]
+    fid_methods = [*baselines_for(rec.task, rec.meta["modality"]), *([SUPERVISED_ROW] if supervised else []), DEFAULT_ROW]
     kept: dict[str, list[np.ndarray]] = {m: [] for m in ["truth", *fid_methods]}  # FID is over all cases
     for case in cases:
         truth = case.truth.array[0].astype(np.float32)
@@ -121,10 +121,13 @@ def fid_rows(model_name, kept: dict[str, list[np.ndarray]], features) -> list[di
     vf = VolumeFID(kept["truth"], features)
     rows = []
     for method, preds in kept.items():
-        if method != "truth" and len(preds) == len(kept["truth"]):
-            t0 = time.time()
-            rows.append({"model": model_name, "case": "all cases", "method": method, "fid": round(vf(preds), 2),
-                         "seconds": round(time.time() - t0, 2)})
+        if method == "truth":
+            continue
+        if len(preds) != len(kept["truth"]):
+            raise ValueError(f"FID of {method!r}: {len(preds)} outputs for {len(kept['truth'])} cases")
+        t0 = time.time()
+        rows.append({"model": model_name, "case": "all cases", "method": method, "fid": round(vf(preds), 2),
+                     "seconds": round(time.time() - t0, 2)})
     return rows
 
 

@@ -79,7 +79,7 @@ def write_sinogram_h5(path: str | os.PathLike, sinogram: np.ndarray, angles, *, 
     return path
 
 
-def sinogram_geometry(sino: np.ndarray, attrs: dict, path=None) -> dict[str, Any]:
+def sinogram_geometry(attrs: dict, path=None) -> dict[str, Any]:
     """Validated spacing, grid size and dose from the file attributes."""
     def number_list(key, n, default):
         v = attrs.get(key, default)

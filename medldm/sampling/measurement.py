@@ -140,7 +140,7 @@ def from_sinogram_file(path) -> Measurement:
     from medldm.io.sinogram_h5 import read_sinogram_h5, sinogram_geometry
 
     sino, angles, attrs = read_sinogram_h5(path)
-    geo = sinogram_geometry(sino, attrs, path)
+    geo = sinogram_geometry(attrs, path)
     return from_sinogram(sino, angles, pixel_mm=geo["pixel_mm"], slice_mm=geo["slice_mm"],
                          image_size=geo["image_size"], I0=geo["I0"], source=path)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.schedulers import RFlowScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from medldm.config import LDMRunConfig
@@ -61,6 +62,23 @@ class DegradedPairs:
         rng = np.random.default_rng([self.seed, self.rank, step])
         cond, _ = degrade_batch(x, self.random_op, self.norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
         return x, cond
+
+
+def noised_inputs(scheduler, z0: torch.Tensor, c: torch.Tensor, rng: np.random.Generator, cond_noise_max: float):
+    """One training step's U-Net input: the clean target noised at a random timestep, plus the condition
+    noise-augmented at a random level, which enters as a channel. Returns (input, z_t, t, noise); the draws
+    come from ``rng`` alone, so a resumed run repeats them."""
+    dev = z0.device
+    g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+    level = torch.rand(z0.shape[0], generator=g).to(dev) * cond_noise_max
+    c_aug = c + level.reshape(-1, *([1] * (c.ndim - 1))) * torch.randn(c.shape, generator=g).to(dev)
+    noise = torch.randn(z0.shape, generator=g).to(dev)
+    if isinstance(scheduler, RFlowScheduler):
+        t = scheduler.sample_timesteps(z0)
+    else:
+        t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), generator=g).to(dev)
+    z_t = scheduler.add_noise(z0, noise, t)
+    return torch.cat([z_t, condition_input(c_aug, level)], 1), z_t, t, noise
 
 
 def _validation_pairs(cfg: LDMRunConfig, random_op, norm: Normalisation, n: int = 4) -> list[tuple]:
@@ -141,19 +159,11 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
     while step < cfg.train.steps:
         x, cond = (t.to(dev) for t in next(pairs))
         rng = step_rng(cfg.train.seed, dist_info.rank, step, x.shape[0])
-        g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
-        z0, c = codec.encode(x), codec.encode(cond)
-        level = torch.rand(x.shape[0], generator=g).to(dev) * cfg.train.cond_noise_max
-        c_aug = c + level.reshape(-1, *([1] * (c.ndim - 1))) * torch.randn(c.shape, generator=g).to(dev)
-        noise = torch.randn(z0.shape, generator=g).to(dev)
-        if cfg.scheduler.kind == "rflow":
-            t = scheduler.sample_timesteps(z0)
-        else:
-            t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=g).to(dev)
-        z_t = scheduler.add_noise(z0, noise, t)
+        z0 = codec.encode(x)
+        inp, z_t, t, noise = noised_inputs(scheduler, z0, codec.encode(cond), rng, cfg.train.cond_noise_max)
         unet_t.train()
         with common.autocast(dev, cfg.train.amp):
-            out = unet_t(torch.cat([z_t, condition_input(c_aug, level)], 1), t).float()
+            out = unet_t(inp, t).float()
             loss_diff = F.mse_loss(out, training_target(scheduler, z0, noise, t))
             loss = loss_diff
             if refiner_t is not None:

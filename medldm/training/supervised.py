@@ -95,7 +95,7 @@ def load_supervised(folder: str | Path, device: str | None = None) -> tuple[Basi
     net = build_supervised_unet(meta["features"])
     state = {k: v.float() for k, v in load_file(str(folder / "unet.safetensors")).items()}
     net.load_state_dict(state)
-    return net.to(device or "cpu").eval(), meta
+    return net.to(common.pick_device(device)).eval(), meta  # the device the Reconstructor picks, for fair seconds
 
 
 @torch.no_grad()

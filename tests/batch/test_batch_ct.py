@@ -58,11 +58,13 @@ def test_sinogram_recon_writes_hu_nifti_and_a_ct_dicom_series(ct_input, tmp_path
     assert prov["residual"] is not None
 
 
-def test_views_simulates_ct_images_and_images_are_skipped_without_it(ct_input, tmp_path):
+def test_views_simulates_ct_images_and_images_are_skipped_without_it(ct_input, tmp_path, capsys):
     root, _ = ct_input
     model = make_tiny_bundle(tmp_path / "m", "recon", "CT")
     code, _ = run(root / "ct", tmp_path / "plain", task="recon", model=str(model))
     assert code == 2  # nothing to reconstruct: the image is skipped, the message names --views
+    captured = capsys.readouterr()
+    assert "--views" in captured.out + captured.err
     code, _ = run(root / "ct", tmp_path / "sim", task="recon", model=str(model), views=30, dose=1e5)
     unit = _manifest(tmp_path / "sim")["units"][0]
     assert code == 0 and unit["status"] == "ok", unit

@@ -15,7 +15,10 @@ def test_plane_images_are_windowed_slices_of_each_plane():
     vol = phantom((20, 16, 6)) * 100
     stacks = plane_images(vol, 0.0, 100.0, max_slices=5)
     assert [tuple(s.shape) for s in stacks] == [(5, 1, 16, 6), (5, 1, 20, 6), (5, 1, 20, 16)]
-    assert all(float(s.min()) >= 0 and float(s.max()) <= 255 for s in stacks)
+    ramp = np.broadcast_to(np.linspace(-50, 150, 20)[:, None, None], (20, 4, 4))  # window [0, 100] inside the ramp
+    x_stack = plane_images(ramp, 0.0, 100.0, max_slices=20)[0][:, 0, 0, 0].numpy()
+    expected = np.clip((np.linspace(-50, 150, 20) - 0.0) / 100.0, 0, 1) * 255
+    np.testing.assert_allclose(x_stack, expected, rtol=1e-5, atol=1e-3)  # linear inside the window, clipped outside
 
 
 def test_fid_is_zero_for_the_truth_and_grows_with_noise(tmp_path):

@@ -19,7 +19,7 @@ def test_round_trip_keeps_data_angles_and_geometry(tmp_path):
     back, angles, attrs = read_sinogram_h5(path)
     np.testing.assert_array_equal(back, sino)
     np.testing.assert_array_equal(angles, np.arange(10) * 18.0)
-    geo = sinogram_geometry(back, attrs, path)
+    geo = sinogram_geometry(attrs, path)
     assert geo == {"pixel_mm": 0.8, "slice_mm": 2.5, "image_size": (16, 16), "I0": 5e4}
 
 
@@ -28,7 +28,7 @@ def test_defaults_when_attributes_are_absent(tmp_path):
         f["sinogram"] = np.zeros((1, 4, 6), np.float32)
         f["angles"] = np.arange(4) * 45.0
     sino, _, attrs = read_sinogram_h5(tmp_path / "s.h5")
-    assert sinogram_geometry(sino, attrs) == {"pixel_mm": 1.0, "slice_mm": 1.0, "image_size": None, "I0": None}
+    assert sinogram_geometry(attrs) == {"pixel_mm": 1.0, "slice_mm": 1.0, "image_size": None, "I0": None}
 
 
 def _write(path, **datasets):
@@ -53,9 +53,9 @@ def test_bad_files_raise_input_errors(tmp_path, datasets, message):
 def test_non_square_pixels_and_bad_spacing_are_refused(tmp_path):
     sino = np.zeros((1, 4, 6), np.float32)
     with pytest.raises(InputError, match="square pixels"):
-        sinogram_geometry(sino, {"pixel_spacing": [1.0, 2.0]})
+        sinogram_geometry({"pixel_spacing": [1.0, 2.0]})
     with pytest.raises(InputError, match="slice_spacing"):
-        sinogram_geometry(sino, {"slice_spacing": -1.0})
+        sinogram_geometry({"slice_spacing": -1.0})
 
 
 def test_other_files_are_not_sinograms(tmp_path):
