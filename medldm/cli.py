@@ -40,7 +40,7 @@ def data_prepare(
     typer.echo(f"datalist written: {path}")
 
 
-def _train(kind: str, config: Path, out: Optional[Path], resume: bool, device: Optional[str], set_: list[str]):
+def _load_run_config(kind: str, config: Path, set_: list[str]):
     import yaml
 
     from medldm.config import load_config
@@ -52,9 +52,13 @@ def _train(kind: str, config: Path, out: Optional[Path], resume: bool, device: O
         k, v = item.split("=", 1)
         overrides[k] = yaml.safe_load(v)
     try:
-        cfg = load_config(config, kind, overrides)
+        return load_config(config, kind, overrides)
     except MedldmError as err:
         _fail(err)
+
+
+def _train(kind: str, config: Path, out: Optional[Path], resume: bool, device: Optional[str], set_: list[str]):
+    cfg = _load_run_config(kind, config, set_)
     out = out or Path("runs") / f"{kind}-{cfg.name}"
     if kind == "vae":
         from medldm.training.vae import train_vae as run
@@ -82,6 +86,22 @@ def train_ldm_cmd(config: Path = typer.Option(..., "--config", help="An LDM run 
                   out: Optional[Path] = _OUT, resume: bool = _RESUME, device: Optional[str] = _DEVICE, set_: list[str] = _SET):
     """Train the conditional latent U-Net (+ refiner) on a trained VAE, save a model folder."""
     _train("ldm", config, out, resume, device, set_)
+
+
+@train_app.command("refiner")
+def train_refiner_cmd(config: Path = typer.Option(..., "--config", help="The model's LDM run config YAML (configs/)."),
+                      model: Path = typer.Option(..., "--model", help="The trained model folder (e.g. runs/ldm-<name>/model)."),
+                      out: Optional[Path] = typer.Option(None, help="Run folder; default <model>/../refined."),
+                      resume: bool = _RESUME, device: Optional[str] = _DEVICE, set_: list[str] = _SET):
+    """Stage 3: retrain the model's pixel refiner on real sampler outputs (U-Net and VAE frozen)."""
+    from medldm.training.refiner import train_refiner
+
+    cfg = _load_run_config("ldm", config, set_)
+    try:
+        folder = train_refiner(cfg, model, out or model.parent / "refined", resume=resume, device=device)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"model saved: {folder}")
 
 
 @app.command()

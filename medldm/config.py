@@ -32,6 +32,10 @@ class DataConfig(Strict):
     # 2D models: which index axis slices are taken along (2 = axial XY planes; 0 = YZ planes, which
     # contain the slice axis Z, as thick-slice super-resolution needs).
     slice_axis: Literal[0, 1, 2] = 2
+    # Random flips of each patch axis (and transposes of square 2D patches) before degradation. Every MR
+    # training volume is one anatomy (MNI152 and warps of it): without them the networks learn its
+    # particular detail, which held-out anatomy does not share.
+    augment: bool = False
 
     @model_validator(mode="after")
     def _patch_matches_dims(self):
@@ -161,6 +165,21 @@ class VAERunConfig(Strict):
     calibration_batches: int = Field(16, ge=1)
 
 
+class RefinerStageConfig(Strict):
+    """Stage 3 (``medldm.training.refiner``): the refiner retrained on real sampler outputs, U-Net frozen."""
+
+    enabled: bool = False
+    max_minutes: float = Field(10.0, gt=0)
+    sample_steps: int = Field(5, ge=1)  # DDIM steps per training batch: inference's estimate, at a CPU price
+    lr: float = Field(1e-4, gt=0)
+    # the stage's own patches (the supervised baseline sees the same): None keeps data.patch_size
+    patch_size: list[int] | None = None
+    augment: bool = True
+    # "identity": a fresh refiner whose untrained output is the naive inverse; "model": warm-start from the
+    # stage-2 refiner (which learned the shortcut above)
+    init: Literal["identity", "model"] = "identity"
+
+
 class LDMRunConfig(Strict):
     kind: Literal["ldm"] = "ldm"
     name: str
@@ -170,6 +189,7 @@ class LDMRunConfig(Strict):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    refiner_stage: RefinerStageConfig = Field(default_factory=RefinerStageConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -4,7 +4,7 @@
     python pipelines/train_default_models.py --profile gpu --only mr-recon mr-denoise mr-sr [--vae-minutes M]
 
 Stages per model: VAE (shared per modality; reused when <runs>/vae-<modality>/model exists) -> latent
-diffusion + refiner -> evaluation on the held-out validation volumes (centre crops) -> the model folder,
+diffusion + refiner -> (refiner_stage.enabled) the refiner retrained on sampler outputs -> evaluation on the held-out validation volumes (centre crops) -> the model folder,
 float16 weights and a model card, copied into medldm/shipped/<name>/. The cpu profile (configs/*-cpu.yaml,
 runs/) takes ~1.5 h on 2 cores; the gpu profile (configs/*-gpu.yaml, runs/gpu/: larger networks, batches
 of 32) is meant for one CUDA GPU, where the LDMs train in minutes. ``--no-install`` stops after training
@@ -41,7 +41,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--minutes", type=float, default=None, help="Override train.max_minutes of the LDM configs.")
-    ap.add_argument("--skip-train", action="store_true", help="Only evaluate and install existing runs.")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="Reuse the VAE and LDM runs (a refiner stage the config enables and runs/ lacks still trains).")
     ap.add_argument("--steps", type=int, default=10, help="Sampling steps in the evaluation.")
     ap.add_argument("--profile", choices=["cpu", "gpu"], default="cpu", help="Which configs/*-<profile>.yaml to train.")
     ap.add_argument("--vae-minutes", type=float, default=None, help="Override train.max_minutes of the VAE config.")
@@ -53,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--no-tracking", action="store_true", help="Train without MLflow (e.g. where it is not installed).")
     args = ap.parse_args(argv)
     from medldm.training.ldm import train_ldm
+    from medldm.training.refiner import train_refiner
     from medldm.training.vae import train_vae
 
     runs = ROOT / "runs" / ("gpu" if args.profile == "gpu" else "")
@@ -73,8 +75,15 @@ def main(argv=None):
         run_dir = runs / f"ldm-{name}"
         if not args.skip_train:
             train_ldm(cfg, run_dir, resume=True)
+        if args.no_install and not cfg.refiner_stage.enabled:
+            continue
+        model_dir = run_dir / "model" if args.unet_weights == "ema" else raw_unet_folder(run_dir)
+        if cfg.refiner_stage.enabled:  # stage 3: the refiner retrained on sampler outputs (resumes; skipped when done)
+            refined = run_dir / "refined" / "model"
+            if not args.skip_train or not (refined / "model.json").is_file():
+                train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
+            model_dir = refined
         if not args.no_install:
-            model_dir = run_dir / "model" if args.unet_weights == "ema" else raw_unet_folder(run_dir)
             install(name, model_dir, cfg_path, args.steps,
                     extra_flags=" --unet-weights raw" if args.unet_weights == "raw" else "")
 

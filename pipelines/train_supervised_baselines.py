@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.config import load_config  # noqa: E402
+from medldm.training.refiner import stage_data  # noqa: E402
 from medldm.training.supervised import SUPERVISED_DIR, train_supervised  # noqa: E402
 
 NAMES = ["mr-recon", "mr-denoise", "mr-sr", "ct-denoise", "ct-recon", "ct-sr"]
@@ -36,8 +37,10 @@ def main(argv=None):
         if not cfg_path.is_file():
             ap.error(f"{name} has no {args.profile} profile ({cfg_path.relative_to(ROOT)} missing)")
         cfg = load_config(cfg_path, "ldm")
+        # with a refiner stage, the baseline sees that stage's patches and augmentation (a like-for-like row)
         run_dir = train_supervised(cfg, runs / f"supervised-{name}", minutes=args.minutes,
-                                   features=tuple(cfg.refiner.features))
+                                   features=tuple(cfg.refiner.features),
+                                   data=stage_data(cfg) if cfg.refiner_stage.enabled else None)
         if args.no_install:
             continue
         dest = SUPERVISED_DIR / name

@@ -15,12 +15,11 @@ def verdict(rows: list[dict]) -> str:
     for case in dict.fromkeys(r["case"] for r in rows if "psnr" in r):
         rs = [r for r in rows if r["case"] == case and "psnr" in r]
         ours = next((r for r in rs if r["method"] == "medldm (default)"), None)
-        base = [r for r in rs if not r["method"].startswith(NOT_CLASSICAL)]
+        best = _best_classical(rs)
         ceiling = next((r for r in rs if r["method"] == "VAE(truth)"), None)
         sup = next((r for r in rs if r["method"].startswith("supervised")), None)
-        if ours is None or not base:
+        if ours is None or best is None:
             continue
-        best = max(base, key=lambda r: r["psnr"])
         word = "beats" if ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"] else "does NOT beat"
         line = (f"- {case}: medldm {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f} {word} the best classical baseline "
                 f"({best['method']}: {best['psnr']:.2f} dB / {best['ssim']:.3f})")
@@ -36,9 +35,47 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(lines) or "- no comparable rows"
 
 
+def _best_classical(rs: list[dict]) -> dict | None:
+    base = [r for r in rs if not r["method"].startswith(NOT_CLASSICAL)]
+    return max(base, key=lambda r: r["psnr"]) if base else None
+
+
+def _pair(r: dict | None) -> str:
+    return f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "-"
+
+
+def _ceiling(r: dict | None) -> str:
+    return f"{r['psnr']:.2f}" if r else "-"
+
+
+def results_table(rows_by_model: dict[str, list[dict]]) -> str:
+    """The README's table: per case, the best classical baseline, the supervised U-Net, the default output
+    (bold where it beats every classical baseline on PSNR and SSIM) and the VAE ceiling."""
+    out = ["| model | case | best classical baseline | supervised U-Net | medldm | VAE(truth) |",
+           "|---|---|---|---|---|---|"]
+    for model, rows in rows_by_model.items():
+        for case in dict.fromkeys(r["case"] for r in rows if "psnr" in r):
+            rs = {r["method"]: r for r in rows if r["case"] == case and "psnr" in r}
+            ours, best = rs.get("medldm (default)"), _best_classical(list(rs.values()))
+            if ours is None or best is None:
+                continue
+            beats = ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"]
+            ceiling = rs.get("VAE(truth)")
+            out.append(f"| {model} | {case} | {best['method']} {_pair(best)} | {_pair(rs.get('supervised U-Net'))} | "
+                       f"{f'**{_pair(ours)}**' if beats else _pair(ours)} | "
+                       f"{_ceiling(ceiling)} |")
+    return "\n".join(out) + "\n"
+
+
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
     weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
+    st = meta.get("refiner_stage")
+    if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
+        weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
+                         f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
+                         f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
+                         f"initialised as {'the identity (fresh)' if st.get('init') == 'identity' else 'the stage-2 refiner'}.")
     vae_t = t.get("vae_training") or {}
     deg = meta.get("degradation", {})
     return f"""# Model card: `{meta.get('name')}`

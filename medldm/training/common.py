@@ -100,6 +100,14 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float) -> None:
+    """Backward, clip the gradient norm, step: one update of a training loop."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def ema_decay_at(n_averaged: int, decay: float) -> float:
     """diffusers' EMA warm-up: min(decay, (1 + n) / (10 + n)) at the n-th update. A plain 0.999 EMA after
     606 steps still holds 0.999^606 = 55% of the random initial weights; on mr-denoise that EMA's

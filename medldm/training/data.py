@@ -68,6 +68,16 @@ def _random_patch(volume: torch.Tensor, patch: list[int], rng: np.random.Generat
     return volume[(slice(None),) + sl]
 
 
+def flip_and_transpose(patch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """(1, *spatial): each spatial axis flipped with p = 1/2; square 2D patches also transposed with p = 1/2
+    (the 8 symmetries of the square). Degradation comes after, so the physics stays what it was."""
+    flips = [d + 1 for d in range(patch.ndim - 1) if rng.random() < 0.5]
+    patch = patch.flip(flips) if flips else patch
+    if patch.ndim == 3 and patch.shape[1] == patch.shape[2] and rng.random() < 0.5:
+        patch = patch.transpose(1, 2)
+    return patch.contiguous()
+
+
 class PatchBatches:
     """The batch of training step ``s``, a pure function of (seed, s): (B, 1, *patch) normalised patches.
 
@@ -89,8 +99,8 @@ class PatchBatches:
         for _ in range(self.cfg.batch_size):
             i = int(rng.integers(len(self.dataset)))
             vol = self.volumes[i] if self.volumes is not None else torch.as_tensor(self.dataset[i]["image"])
-            patches.append(_random_patch(vol, self.cfg.patch_size, rng, self.cfg.slice_axis,
-                                         self.fgs[i] if self.fgs else None))
+            patch = _random_patch(vol, self.cfg.patch_size, rng, self.cfg.slice_axis, self.fgs[i] if self.fgs else None)
+            patches.append(flip_and_transpose(patch, rng) if self.cfg.augment else patch)
         return torch.stack(patches)
 
 

@@ -172,10 +172,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
                 refined = base + refiner_t(torch.cat([decoded, cond], 1)).float()
                 loss_ref = F.l1_loss(refined, x)
                 loss = loss + cfg.train.refiner_weight * loss_ref
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
+        common.optimizer_step(opt, loss, params, cfg.train.grad_clip)
         ema.update_parameters(unet)
         step += 1
         logs = {"loss": loss.item(), "diff": loss_diff.item()}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from safetensors.torch import load_file, save_file
 
-from medldm.config import LDMRunConfig
+from medldm.config import DataConfig, LDMRunConfig
 from medldm.errors import ModelError
 from medldm.models.builders import count_parameters
 from medldm.models.normalisation import Normalisation
@@ -45,9 +45,11 @@ def build_supervised_unet(features=FEATURES, spatial_dims: int = 2) -> BasicUNet
 
 
 def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max_steps: int | None = None,
-                     features=FEATURES, device: str | None = None) -> Path:
-    """Train for ``minutes`` of wall clock (or ``max_steps``) and save the model folder ``out_dir``."""
+                     features=FEATURES, device: str | None = None, data: DataConfig | None = None) -> Path:
+    """Train for ``minutes`` of wall clock (or ``max_steps``) and save the model folder ``out_dir``.
+    ``data``: the patches to train on (default ``cfg.data``; the pipeline passes the refiner stage's)."""
     out_dir = Path(out_dir)
+    data = data or cfg.data
     if cfg.data.spatial_dims != 2:
         raise ModelError("the supervised baseline is 2D (slice-wise), like the shipped models")
     dev = common.pick_device(device)
@@ -57,8 +59,8 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
     norm = Normalisation.for_modality(cfg.data.modality)
     train_norm = norm if norm.kind == "window" else Normalisation(kind="percentile", scale=1.0)
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
-    pairs = step_stream(DegradedPairs(PatchBatches(cfg.data, seed=cfg.train.seed), random_op, train_norm, cfg.train.seed),
-                        0, cfg.data.num_workers)  # the LDM's patches and degradations, step for step
+    pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed), random_op, train_norm, cfg.train.seed),
+                        0, data.num_workers)  # the LDM's patches and degradations, step for step (for cfg.data)
     total = max_steps or 10**9  # the wall-clock budget is what ends a normal run
     progress = common.Progress(max_steps, 0, f"supervised {cfg.name} ({minutes:g} min)", True)
     t0, step, losses = time.time(), 0, []
@@ -66,10 +68,7 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
         x, cond = (t.to(dev) for t in next(pairs))
         with common.autocast(dev, cfg.train.amp):
             loss = F.l1_loss(cond + net(cond).float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-        opt.step()
+        common.optimizer_step(opt, loss, net.parameters(), cfg.train.grad_clip)
         step += 1
         losses.append(loss.item())
         progress.update(l1=losses[-1])
@@ -79,7 +78,8 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
             "normalisation": norm.to_dict(), "degradation": cfg.degradation.model_dump(),
             "training": {"steps": step, "seconds": round(time.time() - t0, 1), "minutes_budget": minutes,
                          "device": str(dev), "device_name": common.device_name(dev), "parameters": count_parameters(net),
-                         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}}
+                         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
+                         "patch_size": list(data.patch_size), "augment": data.augment}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().half().contiguous() for k, v in net.state_dict().items()},
               str(out_dir / "unet.safetensors"))

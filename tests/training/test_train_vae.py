@@ -97,3 +97,22 @@ def test_worker_processes_draw_the_same_batches_and_pairs(tiny_datalist):
         torch.testing.assert_close(xa, xb, rtol=0, atol=0)
         torch.testing.assert_close(ca, cb, rtol=0, atol=0)
     assert not torch.equal(serial[0][1], serial[1][1])  # each step its own degradation
+
+
+def test_augmentation_is_a_seeded_symmetry_of_each_patch(tiny_datalist):
+    """data.augment: every patch is one of its 8 square symmetries (4 axis flips when not square), drawn
+    from the step's generator, and the same step gives the same batch."""
+    import numpy as np
+
+    from medldm.config import DataConfig
+    from medldm.training.data import PatchBatches, flip_and_transpose
+
+    p = torch.arange(12.0).reshape(1, 3, 4)
+    seen = {tuple(flip_and_transpose(p, np.random.default_rng(s)).flatten().tolist()) for s in range(64)}
+    assert len(seen) == 4 and all(sorted(v) == list(range(12)) for v in seen)
+    q = torch.arange(9.0).reshape(1, 3, 3)
+    assert len({tuple(flip_and_transpose(q, np.random.default_rng(s)).flatten().tolist()) for s in range(200)}) == 8
+    cfg = DataConfig(datalist=str(tiny_datalist), patch_size=[24, 24], batch_size=4)
+    plain, aug = PatchBatches(cfg, seed=5)(3), PatchBatches(cfg.model_copy(update={"augment": True}), seed=5)(3)
+    torch.testing.assert_close(aug, PatchBatches(cfg.model_copy(update={"augment": True}), seed=5)(3), rtol=0, atol=0)
+    assert not torch.equal(plain, aug)

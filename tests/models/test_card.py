@@ -1,0 +1,20 @@
+from medldm.models.card import results_table, verdict
+
+
+def _rows(ours_psnr, ours_ssim):
+    case = "vol/4x"
+    return [{"case": case, "method": "zero-filled", "psnr": 24.0, "ssim": 0.75},
+            {"case": case, "method": "TV-POCS", "psnr": 27.7, "ssim": 0.85},
+            {"case": case, "method": "supervised U-Net", "psnr": 26.0, "ssim": 0.80},
+            {"case": case, "method": "VAE(truth)", "psnr": 28.3, "ssim": 0.95},
+            {"case": case, "method": "medldm (default)", "psnr": ours_psnr, "ssim": ours_ssim}]
+
+
+def test_bold_only_where_every_classical_baseline_is_beaten_on_both_metrics():
+    both = results_table({"m": _rows(28.0, 0.86)}).splitlines()[-1]
+    psnr_only = results_table({"m": _rows(28.0, 0.84)}).splitlines()[-1]
+    assert "| TV-POCS 27.70 / 0.850 | 26.00 / 0.800 | **28.00 / 0.860** | 28.30 |" in both
+    assert "**" not in psnr_only and "28.00 / 0.840" in psnr_only
+    # the best baseline is the best classical one: never the supervised U-Net or the VAE ceiling
+    assert "beats the best classical baseline (TV-POCS" in verdict(_rows(28.0, 0.86))
+    assert "does NOT beat" in verdict(_rows(28.0, 0.84))
