@@ -49,9 +49,10 @@ def refiner_loss(bundle, x: torch.Tensor, cond: torch.Tensor, decoded: torch.Ten
 
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
                   resume: bool = False, device: str | None = None) -> Path:
-    """Fine-tune the refiner of the model folder ``model_dir`` for ``cfg.refiner_stage.max_minutes`` of wall
-    clock (or ``max_steps``); save the model with the new refiner to ``out_dir``/model. ``cfg`` is the
-    model's own LDM config: data, degradation, seed and the stage's settings."""
+    """Retrain (``init: identity``) or fine-tune (``init: model``) the refiner of the model folder
+    ``model_dir`` for ``cfg.refiner_stage.max_minutes`` of wall clock (or ``max_steps``); save the model with
+    the new refiner to ``out_dir``/model. ``cfg`` is the model's own LDM config: data, degradation, seed and
+    the stage's settings."""
     out_dir = Path(out_dir)
     stage = cfg.refiner_stage
     minutes, sample_steps, lr = stage.max_minutes, stage.sample_steps, stage.lr
@@ -65,7 +66,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     bundle.vae.requires_grad_(False)
     bundle.unet.requires_grad_(False)
     if stage.init == "identity":
-        bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"), 2).to(dev)
+        bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"),
+                                       bundle.spatial_dims).to(dev)
     refiner = bundle.refiner.train()
     opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     ckpt_path = out_dir / "checkpoint.pt"
