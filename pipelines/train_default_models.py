@@ -31,9 +31,8 @@ from medldm.evaluation.evaluate import evaluate_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
 from medldm.models.card import model_card  # noqa: E402
-from medldm.sampling.reconstructor import SHIPPED_DIR, Reconstructor  # noqa: E402
+from medldm.sampling.reconstructor import DEFAULT_MODELS as MODELS, SHIPPED_DIR, Reconstructor  # noqa: E402
 
-MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT", "ct-recon": "CT", "ct-sr": "CT"}
 EVAL_CROP = (128, 128, 16)  # centre crops keep the evaluation of a model to a few minutes on 2 cores
 
 
@@ -54,7 +53,6 @@ def main(argv=None):
     ap.add_argument("--no-tracking", action="store_true", help="Train without MLflow (e.g. where it is not installed).")
     args = ap.parse_args(argv)
     from medldm.training.ldm import train_ldm
-    from medldm.training.refiner import train_refiner
     from medldm.training.vae import train_vae
 
     runs = ROOT / "runs" / ("gpu" if args.profile == "gpu" else "")
@@ -78,14 +76,29 @@ def main(argv=None):
         if args.no_install and not cfg.refiner_stage.enabled:
             continue
         model_dir = run_dir / "model" if args.unet_weights == "ema" else raw_unet_folder(run_dir)
-        if cfg.refiner_stage.enabled:  # stage 3: the refiner retrained on sampler outputs (resumes; skipped when done)
-            refined = run_dir / "refined" / "model"
-            if not args.skip_train or not (refined / "model.json").is_file():
-                train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
-            model_dir = refined
+        if cfg.refiner_stage.enabled:
+            model_dir = refiner_stage(cfg, model_dir, run_dir, retrain=not args.skip_train)
         if not args.no_install:
             install(name, model_dir, cfg_path, args.steps,
                     extra_flags=" --unet-weights raw" if args.unet_weights == "raw" else "")
+
+
+def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
+    """Stage 3 on ``model_dir`` -> run_dir/refined/model. It resumes (a finished stage is only re-saved); with
+    ``retrain`` False a finished stage made from the same folder is reused as is, one made from another
+    folder (e.g. model-raw, now the EMA U-Net is asked for) is redone."""
+    from medldm.training.refiner import train_refiner
+
+    refined = run_dir / "refined" / "model"
+    # stages saved before source_model was recorded were all made from the folder asked for now (model-raw)
+    made_from = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
+                 .get("source_model", str(model_dir)) if (refined / "model.json").is_file() else None)
+    if made_from not in (None, str(model_dir)):
+        shutil.rmtree(run_dir / "refined")
+        made_from = None
+    if retrain or made_from is None:
+        train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
+    return refined
 
 
 def raw_unet_folder(run_dir: Path) -> Path:

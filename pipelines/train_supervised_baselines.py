@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.config import load_config  # noqa: E402
+from medldm.sampling.reconstructor import DEFAULT_MODELS  # noqa: E402
 from medldm.training.refiner import stage_data  # noqa: E402
 from medldm.training.supervised import SUPERVISED_DIR, train_supervised  # noqa: E402
 
-NAMES = ["mr-recon", "mr-denoise", "mr-sr", "ct-denoise", "ct-recon", "ct-sr"]
+NAMES = list(DEFAULT_MODELS)
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.models.card import model_card, results_table  # noqa: E402
-from medldm.sampling.reconstructor import SHIPPED_DIR, shipped_models  # noqa: E402
+from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
 
 def main(argv=None):
@@ -29,7 +29,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows_dir = args.rows or ROOT / "outputs" / "shipped-eval"
     if args.readme_table:
-        order = ["mr-recon", "mr-denoise", "mr-sr", "ct-denoise", "ct-recon", "ct-sr"]
+        order = list(DEFAULT_MODELS)
         names = sorted(shipped_models(), key=lambda n: order.index(n) if n in order else len(order))
         rows = {n: json.loads((rows_dir / f"{n}.json").read_text()) for n in names if (rows_dir / f"{n}.json").is_file()}
         print(results_table(rows), end="")

@@ -59,6 +59,13 @@ def build_refiner(cfg: RefinerConfig, spatial_dims: int) -> BasicUNet:
     return net
 
 
+def apply_refiner(apply, residual_on: str, decoded: torch.Tensor, naive: torch.Tensor) -> torch.Tensor:
+    """The refined estimate: ``apply`` (the refiner, or a sliding-window call of it) on (decoded, naive),
+    its correction added to the naive inverse or to the decoded estimate, as ``residual_on`` says. One
+    place for training (stages 2 and 3) and both inference paths."""
+    return (naive if residual_on == "naive" else decoded) + apply(torch.cat([decoded, naive], 1))
+
+
 def build_scheduler(cfg: SchedulerConfig, kind: str | None = None, spatial_dims: int = 2):
     kind = kind or cfg.kind
     if kind == "rflow":

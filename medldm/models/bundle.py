@@ -49,6 +49,11 @@ class ModelBundle:
         return float(scale)
 
     @property
+    def refiner_residual_on(self) -> str:
+        # models saved before residual_on existed added the correction to the decoded estimate
+        return (self.meta.get("refiner") or {}).get("residual_on", "decoded")
+
+    @property
     def vae_config(self) -> VAEConfig:
         return parse_config(self.meta["vae"], VAEConfig, f"{self.path}/model.json:vae")
 

@@ -25,6 +25,8 @@ from medldm.sampling.slicewise import restore_slices
 from medldm.sampling.volumetric import restore_volume
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
+# the shipped default models and their modality, in the order the pipelines train and the README lists them
+DEFAULT_MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT", "ct-recon": "CT", "ct-sr": "CT"}
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.models.bundle import ModelBundle
-from medldm.models.builders import build_scheduler
+from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.config import SchedulerConfig
 from medldm.sampling.samplers import sample
 from medldm.models.latent import LatentCodec, condition_input
@@ -84,10 +84,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             x_dec = codec.decode(z)
             x_out = x_dec
             if refine and bundle.refiner is not None:
-                # models saved before residual_on existed added the correction to the decoded estimate
-                base = c_img if bundle.meta["refiner"].get("residual_on", "decoded") == "naive" else x_dec
                 with torch.no_grad():
-                    x_out = base + bundle.refiner(torch.cat([x_dec, c_img], 1))
+                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec, c_img)
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
             output[k, a:b] = x_out[..., :h, :w].float().cpu()
     return {"decoded": decoded, "output": output}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
 from medldm.config import SchedulerConfig
-from medldm.models.builders import build_scheduler
+from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.models.bundle import ModelBundle
 from medldm.sampling.samplers import sample
 from medldm.models.latent import condition_input
@@ -75,8 +75,7 @@ def restore_volume(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             x_dec = decode(z / scale, bundle.vae.decode)
             x_out = x_dec
             if refine and bundle.refiner is not None:
-                base = padded if bundle.meta["refiner"].get("residual_on", "decoded") == "naive" else x_dec
-                x_out = base + refiner(torch.cat([x_dec, padded], 1), bundle.refiner)
+                x_out = apply_refiner(lambda inp: refiner(inp, bundle.refiner), bundle.refiner_residual_on, x_dec, padded)
             decoded.append(x_dec[crop].float().cpu())
             output.append(x_out[crop].float().cpu())
     return {"decoded": torch.cat(decoded), "output": torch.cat(output)}

@@ -19,7 +19,7 @@ from monai.networks.schedulers import RFlowScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from medldm.config import LDMRunConfig
-from medldm.models.builders import build_refiner, build_scheduler, build_unet, count_parameters
+from medldm.models.builders import apply_refiner, build_refiner, build_scheduler, build_unet, count_parameters
 from medldm.models.bundle import ModelBundle, load_bundle, save_bundle
 from medldm.models.latent import LatentCodec, condition_input
 from medldm.models.normalisation import Normalisation
@@ -168,8 +168,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
             loss = loss_diff
             if refiner_t is not None:
                 decoded = codec.decode(predict_x0(scheduler, z_t, t, out.detach())).float()
-                base = cond if cfg.refiner.residual_on == "naive" else decoded
-                refined = base + refiner_t(torch.cat([decoded, cond], 1)).float()
+                refined = apply_refiner(lambda inp: refiner_t(inp).float(), cfg.refiner.residual_on, decoded, cond)
                 loss_ref = F.l1_loss(refined, x)
                 loss = loss + cfg.train.refiner_weight * loss_ref
         common.optimizer_step(opt, loss, params, cfg.train.grad_clip)

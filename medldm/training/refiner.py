@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.config import DataConfig, LDMRunConfig, RefinerConfig, parse_config
-from medldm.models.builders import build_refiner
+from medldm.models.builders import apply_refiner, build_refiner
 from medldm.errors import ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
@@ -39,12 +39,6 @@ def stage_data(cfg: LDMRunConfig) -> DataConfig:
     stage = cfg.refiner_stage
     return DataConfig.model_validate({**cfg.data.model_dump(), "augment": stage.augment,
                                       **({"patch_size": list(stage.patch_size)} if stage.patch_size else {})})
-
-
-def refiner_loss(bundle, x: torch.Tensor, cond: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
-    """L1 of the refined estimate, with the correction added where the model's config says."""
-    base = cond if bundle.meta["refiner"].get("residual_on", "decoded") == "naive" else decoded
-    return F.l1_loss(base + bundle.refiner(torch.cat([decoded, cond], 1)).float(), x)
 
 
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
@@ -99,7 +93,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
         with common.autocast(dev, cfg.train.amp):
-            loss = refiner_loss(bundle, x, cond, decoded)
+            refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, cond)
+            loss = F.l1_loss(refined, x)
         common.optimizer_step(opt, loss, refiner.parameters(), cfg.train.grad_clip)
         step += 1
         losses.append(loss.item())
@@ -114,7 +109,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     bundle.meta["refiner_stage"] = {
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
-        "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id,
+        "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}
     folder = out_dir / "model"
     save_bundle(bundle.eval(), folder)

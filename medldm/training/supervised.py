@@ -61,7 +61,7 @@ def train_supervised(cfg: LDMRunConfig, out_dir: str | Path, minutes: float, max
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
     pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed), random_op, train_norm, cfg.train.seed),
                         0, data.num_workers)  # the LDM's patches and degradations, step for step (for cfg.data)
-    total = max_steps or 10**9  # the wall-clock budget is what ends a normal run
+    total = 10**9 if max_steps is None else max_steps  # the wall-clock budget is what ends a normal run
     progress = common.Progress(max_steps, 0, f"supervised {cfg.name} ({minutes:g} min)", True)
     t0, step, losses = time.time(), 0, []
     while step < total and time.time() - t0 < 60 * minutes:
