@@ -178,6 +178,12 @@ class RefinerStageConfig(Strict):
     # "identity": a fresh refiner whose untrained output is the naive inverse; "model": warm-start from the
     # stage-2 refiner (which learned the shortcut above)
     init: Literal["identity", "model"] = "identity"
+    # recon and SR end with hard data consistency at inference: train the refiner on what DC leaves of its
+    # output (the loss after the same projection), so it spends nothing on what the measurement fixes anyway
+    loss_after_dc: bool = False
+    # refiner passes, each followed by that projection (recon, SR): an unrolled, weight-shared cascade in
+    # the spirit of MoDL and VarNet; pass k > 1 refines the projected output of pass k - 1
+    cascades: int = Field(1, ge=1, le=8)
 
 
 class LDMRunConfig(Strict):

@@ -85,20 +85,33 @@ def main(argv=None):
 
 def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     """Stage 3 on ``model_dir`` -> run_dir/refined/model. It resumes (a finished stage is only re-saved); with
-    ``retrain`` False a finished stage made from the same folder is reused as is, one made from another
-    folder (e.g. model-raw, now the EMA U-Net is asked for) is redone."""
+    ``retrain`` False a finished stage is reused as is when it was made from the same folder with the same
+    stage settings, and redone otherwise (e.g. model-raw, now the EMA U-Net is asked for)."""
     from medldm.training.refiner import train_refiner
 
     refined = run_dir / "refined" / "model"
-    # stages saved before source_model was recorded were all made from the folder asked for now (model-raw)
-    made_from = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
-                 .get("source_model", str(model_dir)) if (refined / "model.json").is_file() else None)
-    if made_from not in (None, str(model_dir)):
+    made = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
+            if (refined / "model.json").is_file() else None)
+    same = (made is not None and made.get("source_model", str(model_dir)) == str(model_dir)
+            and _stage_settings(made, cfg.data.patch_size) == cfg.refiner_stage.model_dump())
+    if made is not None and not same:
         shutil.rmtree(run_dir / "refined")
-        made_from = None
-    if retrain or made_from is None:
+    if retrain or not same:
         train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
     return refined
+
+
+def _stage_settings(made: dict, data_patch: list[int]) -> dict:
+    """The settings a finished stage ran with. A setting added later was not recorded by older stages, which
+    ran as its default does; stages saved before any settings were recorded (and before source_model: those
+    were all made from model-raw) recorded these fields."""
+    from medldm.config import RefinerStageConfig
+
+    recorded = made.get("settings") or {
+        "enabled": True, "max_minutes": made.get("minutes_budget"), "sample_steps": made.get("sample_steps"),
+        "lr": made.get("lr"), "augment": made.get("augment"), "init": made.get("init"),
+        "patch_size": None if made.get("patch_size") == list(data_patch) else made.get("patch_size")}
+    return {**RefinerStageConfig().model_dump(), **recorded}
 
 
 def raw_unet_folder(run_dir: Path) -> Path:

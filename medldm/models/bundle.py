@@ -54,6 +54,11 @@ class ModelBundle:
         return (self.meta.get("refiner") or {}).get("residual_on", "decoded")
 
     @property
+    def refiner_cascades(self) -> int:
+        """Refiner passes, each followed by data consistency (the refiner stage's ``cascades``; 1 before it)."""
+        return int((self.meta.get("refiner_stage") or {}).get("cascades", 1))
+
+    @property
     def vae_config(self) -> VAEConfig:
         return parse_config(self.meta["vae"], VAEConfig, f"{self.path}/model.json:vae")
 

@@ -72,10 +72,14 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
     st = meta.get("refiner_stage")
     if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
+        through_dc = ", loss after the hard data consistency" if st.get("loss_after_dc") else ""
+        passes = st.get("cascades", 1)
+        cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
-                         f"initialised as {'the identity (fresh)' if st.get('init') == 'identity' else 'the stage-2 refiner'}.")
+                         f"initialised as {'the identity (fresh)' if st.get('init') == 'identity' else 'the stage-2 refiner'}"
+                         f"{through_dc}{cascade}.")
     vae_t = t.get("vae_training") or {}
     deg = meta.get("degradation", {})
     return f"""# Model card: `{meta.get('name')}`

@@ -176,7 +176,8 @@ class Reconstructor:
                     correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
-                    latent_opt_steps=latent_opt_steps, progress=bar.update if bar else None)
+                    latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in ("recon", "sr") else None,
+                    progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         return vols_n
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from medldm.errors import ModelError
 from medldm.models.bundle import ModelBundle
 from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.config import SchedulerConfig
@@ -35,6 +36,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, correct_every: int = 0,
                    data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
+                   refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
@@ -42,7 +44,13 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     ``correct(x_img, slice_index)`` is data consistency in normalised image space for latent DC.
     ``data_loss(x_img, slice_index)`` (differentiable) drives ``latent_opt_steps`` Adam steps on the final
     latent so that the decoded image explains the measurements (InverseSR-style latent optimisation).
+    ``refine_dc(x_img, slice_index)`` (normalised, hard) projects between the passes of a cascaded refiner
+    (``bundle.refiner_cascades`` > 1); the projection after the last pass is the caller's.
     """
+    cascades = bundle.refiner_cascades if refine and bundle.refiner is not None else 1
+    if cascades > 1 and refine_dc is None:
+        raise ModelError(f"this model's refiner runs {cascades} passes with data consistency between them: "
+                         "it needs the measurement (refine_dc)")
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
     sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
@@ -86,6 +94,10 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             if refine and bundle.refiner is not None:
                 with torch.no_grad():
                     x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec, c_img)
+                    for _ in range(cascades - 1):
+                        x_out = x_out.clone()
+                        x_out[..., :h, :w] = refine_dc(x_out[..., :h, :w], torch.arange(a, b))
+                        x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_out, c_img)
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
             output[k, a:b] = x_out[..., :h, :w].float().cpu()
     return {"decoded": decoded, "output": output}

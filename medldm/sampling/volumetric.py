@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
 from medldm.config import SchedulerConfig
+from medldm.errors import ModelError
 from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.models.bundle import ModelBundle
 from medldm.sampling.samplers import sample
@@ -49,6 +50,8 @@ def restore_volume(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    refine: bool = True, use_diffusion: bool = True, overlap: float = 0.25,
                    progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (1, 1, X, Y, Z) normalised naive inverse. Returns normalised (K, 1, X, Y, Z) ``decoded`` and ``output``."""
+    if refine and bundle.refiner is not None and bundle.refiner_cascades > 1:
+        raise ModelError("a cascaded refiner (data consistency between passes) is implemented for 2D models only")
     device = next(bundle.vae.parameters()).device
     down = bundle.vae_config.downsample
     patch = [int(p) for p in bundle.meta.get("patch_size", [64, 64, 64])]

@@ -30,17 +30,19 @@ from medldm.training import common
 from medldm.training.data import PatchBatches, data_card_ids, step_stream, validation_images
 
 
-def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list]:
-    """Simulate measurements in physical units and return the normalised naive inverses."""
-    conds, params = [], []
+def degrade_batch(x_n: torch.Tensor, random_op, norm: Normalisation, seeds: list[int]) -> tuple[torch.Tensor, list, list]:
+    """Simulate measurements in physical units. Returns the normalised naive inverses (on x_n's device) and,
+    per patch, the operator and its measurement y (CPU, physical units), for data consistency."""
+    conds, ops, ys = [], [], []
     for xi, seed in zip(x_n, seeds):
         x_phys = norm.inverse(xi[None].cpu())
         op = random_op.sample(int(seed), image=x_phys)
         g = torch.Generator().manual_seed(int(seed))
         y = op.forward(x_phys, generator=g)
         conds.append(norm.forward(op.naive_inverse(y)).float())
-        params.append(op.params())
-    return torch.cat(conds).to(x_n.device), params
+        ops.append(op)
+        ys.append(y)
+    return torch.cat(conds).to(x_n.device), ops, ys
 
 
 def step_rng(seed: int, rank: int, step: int, batch: int) -> np.random.Generator:
@@ -52,16 +54,19 @@ def step_rng(seed: int, rank: int, step: int, batch: int) -> np.random.Generator
 
 class DegradedPairs:
     """(clean patches, normalised naive inverses) of training step ``s``, a pure function of s: patches from
-    ``PatchBatches``, one degradation per patch seeded by (seed, rank, s). Picklable, for step_stream."""
+    ``PatchBatches``, one degradation per patch seeded by (seed, rank, s). With ``measurements`` the operators
+    and measurements come too: (x, cond, ops, ys). Picklable, for step_stream."""
 
-    def __init__(self, patches: PatchBatches, random_op, norm: Normalisation, seed: int, rank: int = 0):
+    def __init__(self, patches: PatchBatches, random_op, norm: Normalisation, seed: int, rank: int = 0,
+                 measurements: bool = False):
         self.patches, self.random_op, self.norm, self.seed, self.rank = patches, random_op, norm, seed, rank
+        self.measurements = measurements
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int) -> tuple:
         x = self.patches(step)
         rng = np.random.default_rng([self.seed, self.rank, step])
-        cond, _ = degrade_batch(x, self.random_op, self.norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
-        return x, cond
+        cond, ops, ys = degrade_batch(x, self.random_op, self.norm, rng.integers(0, 2**31 - 1, size=x.shape[0]).tolist())
+        return (x, cond, ops, ys) if self.measurements else (x, cond)
 
 
 def noised_inputs(scheduler, z0: torch.Tensor, c: torch.Tensor, rng: np.random.Generator, cond_noise_max: float):

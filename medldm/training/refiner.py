@@ -9,6 +9,8 @@ inverse it starts from (mr-recon MNI 4x: 21.1 vs 24.3 dB).
 Here the VAE and U-Net are frozen; each step degrades fresh patches (the stage-2 patch stream and
 physics), samples them exactly as ``restore_slices`` does at inference (``sample_steps`` DDIM steps from
 fresh noise) and trains the refiner (fresh, ``init: identity``, or the model's own) on (decoded, naive) -> truth.
+With ``loss_after_dc`` (recon, SR) the loss is taken after the hard data consistency inference ends with,
+back-propagated through the operator's projection.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from medldm.config import DataConfig, LDMRunConfig, RefinerConfig, parse_config
 from medldm.models.builders import apply_refiner, build_refiner
-from medldm.errors import ModelError
+from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
 from medldm.physics.registry import build_random_operator
@@ -32,6 +34,16 @@ from medldm.tracking import Tracker
 from medldm.training import common
 from medldm.training.data import PatchBatches, step_stream
 from medldm.training.ldm import DegradedPairs
+
+
+DC_TASKS = ("recon", "sr")  # the tasks whose inference ends with data consistency (Reconstructor._finish)
+
+
+def consistent(x_n: torch.Tensor, ops: list, ys: list, norm: Normalisation) -> torch.Tensor:
+    """Each patch projected onto its own measurement, in normalised units; differentiable (the projection runs
+    on the CPU, where the operators and measurements live)."""
+    out = [norm.forward(op.data_consistency(norm.inverse(xi[None].float().cpu()), y)) for xi, op, y in zip(x_n, ops, ys)]
+    return torch.cat(out).to(x_n.device)
 
 
 def stage_data(cfg: LDMRunConfig) -> DataConfig:
@@ -77,24 +89,34 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
     # a stream of its own (seed + 2000): the refiner sees patches and degradations stage 2 did not
     data = stage_data(cfg)
+    through_dc = stage.loss_after_dc and cfg.degradation.task in DC_TASKS
+    if stage.cascades > 1 and not through_dc:
+        raise ConfigError(f"refiner_stage.cascades > 1 needs loss_after_dc and a task that ends with data "
+                          f"consistency ({', '.join(DC_TASKS)}); {cfg.name} is {cfg.degradation.task}")
     pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
-                                      cfg.train.seed + 2000), step, data.num_workers)
+                                      cfg.train.seed + 2000, measurements=True), step, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
                   params={"model": str(model_dir), "minutes": minutes, "sample_steps": sample_steps, "lr": lr,
-                          "patch_size": data.patch_size, "batch_size": data.batch_size, "augment": data.augment},
+                          "patch_size": data.patch_size, "batch_size": data.batch_size, "augment": data.augment,
+                          "loss_after_dc": through_dc, "cascades": stage.cascades},
                   tags={"medldm.stage": "refiner", "medldm.task": cfg.degradation.task})
     progress = common.Progress(max_steps, step, f"refiner {cfg.name} ({minutes:g} min)", True)
     t0 = time.time()
     total = 10**9 if max_steps is None else max_steps
     while step < total and seconds_before + time.time() - t0 < 60 * minutes:
-        x, cond = (t.to(dev) for t in next(pairs))
+        x, cond, ops, ys = next(pairs)
+        x, cond = x.to(dev), cond.to(dev)
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
-        with common.autocast(dev, cfg.train.amp):
-            refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, cond)
-            loss = F.l1_loss(refined, x)
+        refined = decoded
+        for _ in range(stage.cascades):
+            with common.autocast(dev, cfg.train.amp):
+                refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, refined, cond)
+            if through_dc:
+                refined = consistent(refined, ops, ys, train_norm)
+        loss = F.l1_loss(refined, x)
         common.optimizer_step(opt, loss, refiner.parameters(), cfg.train.grad_clip)
         step += 1
         losses.append(loss.item())
@@ -109,6 +131,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     bundle.meta["refiner_stage"] = {
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
+        "loss_after_dc": through_dc, "cascades": stage.cascades, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}
     folder = out_dir / "model"

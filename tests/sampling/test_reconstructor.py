@@ -129,3 +129,35 @@ def test_fastmri_file_is_read_as_its_kspace(models, tmp_path):
         f["kspace"] = m.y[0, 0].permute(2, 0, 1).numpy().astype(np.complex64)
     res = models["recon"](tmp_path / "scan.h5", steps=2)
     assert res.volume.array.shape == truth.array.shape and res.residual < 1e-3
+
+
+@pytest.mark.parametrize("task", ["recon", "sr"])
+def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, task, tmp_path):
+    """Two refiner passes with DC between them: a different output from one pass, still consistent with y,
+    and refused where no measurement is at hand (restore_slices without refine_dc, the 3D path)."""
+    from medldm.models.bundle import load_bundle
+    from medldm.sampling.slicewise import restore_slices
+    from medldm.sampling.volumetric import restore_volume
+    from tests.helpers import make_tiny_bundle
+
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "one", task, "MR"))
+    torch.manual_seed(3)
+    torch.nn.init.normal_(bundle.refiner.final_conv.weight, std=0.05)  # a refiner that changes its input
+    one = Reconstructor(bundle, device="cpu")
+    cascaded = load_bundle(make_tiny_bundle(tmp_path / "two", task, "MR"))
+    cascaded.refiner.load_state_dict(bundle.refiner.state_dict())
+    cascaded.meta["refiner_stage"] = {"cascades": 2}
+    assert cascaded.refiner_cascades == 2 and bundle.refiner_cascades == 1
+    if task == "recon":
+        m = simulate(volume((24, 20, 4)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    else:
+        m = one.measurement_for(volume((20, 16, 5), spacing=(1.0, 1.0, 2.0)))
+    a, b = one(m, steps=2), Reconstructor(cascaded, device="cpu")(m, steps=2)
+    assert a.residual < 1e-3 and b.residual < 1e-3
+    assert np.abs(a.volume.array - b.volume.array).max() > 1e-4
+    with pytest.raises(ModelError, match="refine_dc"):
+        restore_slices(cascaded, torch.rand(2, 1, 32, 32), samples=1, steps=1, seed=0, batch_size=2)
+    three_d = load_bundle(make_tiny_bundle(tmp_path / "3d", task, "MR", spatial_dims=3))
+    three_d.meta["refiner_stage"] = {"cascades": 2}
+    with pytest.raises(ModelError, match="2D models only"):
+        restore_volume(three_d, torch.rand(1, 1, 32, 32, 16), samples=1, steps=1, seed=0)

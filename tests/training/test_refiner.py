@@ -75,3 +75,55 @@ def test_stage_data_takes_the_stage_patches_and_checks_them(tiny_ldm):
     bad = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"patch_size": [32]})})
     with pytest.raises(ValidationError, match="patch_size"):
         stage_data(bad)
+
+
+@pytest.mark.parametrize("task", ["recon", "sr"])
+def test_consistent_explains_the_measurement_and_passes_gradients_only_off_it(task):
+    """The loss after DC may only teach the refiner what the measurement does not fix: its gradient lies in
+    the null space of A (A applied to it is ~0), and the projected patches reproduce y."""
+    from medldm.models.normalisation import Normalisation
+    from medldm.physics import build_random_operator
+    from medldm.training.ldm import degrade_batch
+    from medldm.training.refiner import consistent
+
+    kw = {"recon": {}, "sr": {"factors": [4]}}[task]
+    norm = Normalisation(kind="percentile", scale=2.0)
+    truth = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, ops, ys = degrade_batch(truth, build_random_operator(task, "MR", **kw), norm, [3, 4])
+    est = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = consistent(est, ops, ys, norm)
+    for i, (op, y) in enumerate(zip(ops, ys)):
+        assert op.residual(norm.inverse(out[i:i + 1].detach()), y) < 1e-4
+    target = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((out - target).abs().mean(), est)
+    for i, op in enumerate(ops):
+        g = grad[i:i + 1]
+        assert g.abs().sum() > 0
+        assert torch.linalg.vector_norm(op.A(g)) < 1e-4 * torch.linalg.vector_norm(g) * g.numel() ** 0.5
+
+
+def test_loss_after_dc_is_recorded_and_only_where_inference_ends_with_dc(tiny_ldm, tmp_path):
+    cfg, model = tiny_ldm
+    stage = cfg.refiner_stage.model_copy(update={"loss_after_dc": True})
+    denoise = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": stage}), model, tmp_path / "d",
+                                        max_steps=1))
+    assert denoise.meta["refiner_stage"]["loss_after_dc"] is False  # denoising has no DC at inference
+    recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
+        update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
+    recon = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
+    assert recon.meta["refiner_stage"]["loss_after_dc"] is True
+    assert recon.meta["refiner_stage"]["settings"]["loss_after_dc"] is True
+    assert recon.refiner.final_conv.weight.abs().sum() > 0
+
+
+def test_cascades_train_through_dc_and_are_refused_without_it(tiny_ldm, tmp_path):
+    from medldm.errors import ConfigError
+
+    cfg, model = tiny_ldm
+    stage = cfg.refiner_stage.model_copy(update={"loss_after_dc": True, "cascades": 2})
+    with pytest.raises(ConfigError, match="cascades"):  # denoising has no DC to put between the passes
+        train_refiner(cfg.model_copy(update={"refiner_stage": stage}), model, tmp_path / "d", max_steps=1)
+    recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
+        update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
+    out = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
+    assert out.refiner_cascades == 2 and out.meta["refiner_stage"]["cascades"] == 2

@@ -1,0 +1,34 @@
+"""The workflow scripts' own logic (their training runs are exercised through the library's tests)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from medldm.config import load_config
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_default_models():
+    spec = importlib.util.spec_from_file_location("train_default_models", ROOT / "pipelines" / "train_default_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_finished_refiner_stage_is_reused_only_with_the_settings_asked_for(train_default_models):
+    """Stages saved before their settings were recorded compare by what they did record; settings added
+    since count at their default (how those stages ran); any difference means the stage is redone."""
+    settings_of = train_default_models._stage_settings
+    cfg = load_config(ROOT / "configs" / "ldm-mr-sr-cpu.yaml", "ldm")
+    legacy = {"minutes_budget": cfg.refiner_stage.max_minutes, "sample_steps": cfg.refiner_stage.sample_steps,
+              "lr": cfg.refiner_stage.lr, "augment": True, "init": "identity", "patch_size": [96, 48]}
+    asked = cfg.refiner_stage.model_dump()
+    assert settings_of(legacy, cfg.data.patch_size) == asked
+    assert settings_of(legacy, cfg.data.patch_size) != {**asked, "cascades": 2}
+    assert settings_of({**legacy, "patch_size": list(cfg.data.patch_size)}, cfg.data.patch_size)["patch_size"] is None
+    recorded = {"settings": {k: v for k, v in asked.items() if k != "cascades"}}  # saved before cascades existed
+    assert settings_of(recorded, cfg.data.patch_size) == asked
+    assert settings_of(recorded, cfg.data.patch_size) != {**asked, "max_minutes": 25.0}
