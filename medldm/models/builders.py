@@ -7,6 +7,7 @@ from monai.networks.nets import AutoencoderKL, BasicUNet, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from medldm.config import RefinerConfig, SchedulerConfig, UNetConfig, VAEConfig
+from medldm.errors import ModelError
 
 
 def build_vae(cfg: VAEConfig, spatial_dims: int) -> AutoencoderKL:
@@ -59,11 +60,21 @@ def build_refiner(cfg: RefinerConfig, spatial_dims: int) -> BasicUNet:
     return net
 
 
-def apply_refiner(apply, residual_on: str, decoded: torch.Tensor, naive: torch.Tensor) -> torch.Tensor:
+def apply_refiner(apply, residual_on: str, decoded: torch.Tensor, naive: torch.Tensor, passes: int = 1,
+                  project=None) -> torch.Tensor:
     """The refined estimate: ``apply`` (the refiner, or a sliding-window call of it) on (decoded, naive),
-    its correction added to the naive inverse or to the decoded estimate, as ``residual_on`` says. One
+    its correction added to the naive inverse or to the decoded estimate, as ``residual_on`` says. With
+    ``passes`` > 1 a weight-shared cascade: ``project`` (data consistency) between passes, pass k > 1
+    refining the projected output of pass k - 1; the projection after the last pass is the caller's. One
     place for training (stages 2 and 3) and both inference paths."""
-    return (naive if residual_on == "naive" else decoded) + apply(torch.cat([decoded, naive], 1))
+    if passes > 1 and project is None:
+        raise ModelError(f"this refiner runs {passes} passes with data consistency between them: it needs the "
+                         "measurement")
+    x = decoded
+    for k in range(passes):
+        x = project(x) if k else x
+        x = (naive if residual_on == "naive" else x) + apply(torch.cat([x, naive], 1))
+    return x
 
 
 def build_scheduler(cfg: SchedulerConfig, kind: str | None = None, spatial_dims: int = 2):

@@ -26,6 +26,7 @@ from medldm.sampling.volumetric import restore_volume
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 # the shipped default models and their modality, in the order the pipelines train and the README lists them
+DC_TASKS = ("recon", "sr")  # the tasks whose measurement is kept: data consistency ends their inference
 DEFAULT_MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT", "ct-recon": "CT", "ct-sr": "CT"}
 
 
@@ -173,10 +174,10 @@ class Reconstructor:
                 out = restore_slices(
                     self.bundle, slices, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
                     eta=eta, refine=refine, use_diffusion=use_diffusion,
-                    correct=latent_dc if (dc and latent_dc_every > 0 and m.task in ("recon", "sr")) else None,
+                    correct=latent_dc if (dc and latent_dc_every > 0 and m.task in DC_TASKS) else None,
                     correct_every=latent_dc_every,
-                    data_loss=data_loss if m.task in ("recon", "sr") and latent_opt_steps > 0 else None,
-                    latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in ("recon", "sr") else None,
+                    data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
+                    latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
                     progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         return vols_n
@@ -185,13 +186,13 @@ class Reconstructor:
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples) -> ReconstructionResult:
         """Final data consistency, mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
-        if dc and m.task in ("recon", "sr"):
+        if dc and m.task in DC_TASKS:
             # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
             vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
         t_dc = time.time()
         mean = vols.mean(0)
         std = vols.std(0, unbiased=True) if samples > 1 else None
-        residual = op.residual(mean[None, None], y) if m.task in ("recon", "sr") else None
+        residual = op.residual(mean[None, None], y) if m.task in DC_TASKS else None
         modality = m.modality
         out_vol = Volume(mean[None].numpy().astype(np.float32), m.affine, modality,
                          {"source": m.meta.get("source"), "task": m.task})

@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from medldm.errors import ModelError
 from medldm.models.bundle import ModelBundle
 from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.config import SchedulerConfig
@@ -47,10 +46,6 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     ``refine_dc(x_img, slice_index)`` (normalised, hard) projects between the passes of a cascaded refiner
     (``bundle.refiner_cascades`` > 1); the projection after the last pass is the caller's.
     """
-    cascades = bundle.refiner_cascades if refine and bundle.refiner is not None else 1
-    if cascades > 1 and refine_dc is None:
-        raise ModelError(f"this model's refiner runs {cascades} passes with data consistency between them: "
-                         "it needs the measurement (refine_dc)")
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
     sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
@@ -93,11 +88,13 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             x_out = x_dec
             if refine and bundle.refiner is not None:
                 with torch.no_grad():
-                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec, c_img)
-                    for _ in range(cascades - 1):
-                        x_out = x_out.clone()
-                        x_out[..., :h, :w] = refine_dc(x_out[..., :h, :w], torch.arange(a, b))
-                        x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_out, c_img)
+                    def project(x, a=a, b=b):  # the padding stays as the refiner left it
+                        x = x.clone()
+                        x[..., :h, :w] = refine_dc(x[..., :h, :w], torch.arange(a, b))
+                        return x
+
+                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec, c_img,
+                                          bundle.refiner_cascades, project if refine_dc else None)
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
             output[k, a:b] = x_out[..., :h, :w].float().cpu()
     return {"decoded": decoded, "output": output}

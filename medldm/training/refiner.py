@@ -29,14 +29,12 @@ from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
 from medldm.physics.registry import build_random_operator
+from medldm.sampling.reconstructor import DC_TASKS
 from medldm.sampling.slicewise import restore_slices
 from medldm.tracking import Tracker
 from medldm.training import common
 from medldm.training.data import PatchBatches, step_stream
 from medldm.training.ldm import DegradedPairs
-
-
-DC_TASKS = ("recon", "sr")  # the tasks whose inference ends with data consistency (Reconstructor._finish)
 
 
 def consistent(x_n: torch.Tensor, ops: list, ys: list, norm: Normalisation) -> torch.Tensor:
@@ -110,12 +108,12 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
-        refined = decoded
-        for _ in range(stage.cascades):
-            with common.autocast(dev, cfg.train.amp):
-                refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, refined, cond)
-            if through_dc:
-                refined = consistent(refined, ops, ys, train_norm)
+        project = lambda x: consistent(x, ops, ys, train_norm)  # noqa: E731
+        with common.autocast(dev, cfg.train.amp):
+            refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, cond,
+                                    stage.cascades, project)
+        if through_dc:
+            refined = project(refined)
         loss = F.l1_loss(refined, x)
         common.optimizer_step(opt, loss, refiner.parameters(), cfg.train.grad_clip)
         step += 1

@@ -155,7 +155,7 @@ def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, 
     a, b = one(m, steps=2), Reconstructor(cascaded, device="cpu")(m, steps=2)
     assert a.residual < 1e-3 and b.residual < 1e-3
     assert np.abs(a.volume.array - b.volume.array).max() > 1e-4
-    with pytest.raises(ModelError, match="refine_dc"):
+    with pytest.raises(ModelError, match="measurement"):
         restore_slices(cascaded, torch.rand(2, 1, 32, 32), samples=1, steps=1, seed=0, batch_size=2)
     three_d = load_bundle(make_tiny_bundle(tmp_path / "3d", task, "MR", spatial_dims=3))
     three_d.meta["refiner_stage"] = {"cascades": 2}
