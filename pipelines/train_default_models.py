@@ -85,20 +85,29 @@ def main(argv=None):
 
 def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     """Stage 3 on ``model_dir`` -> run_dir/refined/model. It resumes (a finished stage is only re-saved); with
-    ``retrain`` False a finished stage is reused as is when it was made from the same folder with the same
-    stage settings, and redone otherwise (e.g. model-raw, now the EMA U-Net is asked for)."""
+    ``retrain`` False a finished stage is reused as is when it was made from the same folder, holding the same
+    U-Net, with the same stage settings, and redone otherwise (e.g. model-raw, now the EMA U-Net is asked for)."""
     from medldm.training.refiner import train_refiner
 
     refined = run_dir / "refined" / "model"
     made = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
             if (refined / "model.json").is_file() else None)
     same = (made is not None and made.get("source_model", str(model_dir)) == str(model_dir)
+            and _same_unet(made, model_dir)
             and _stage_settings(made, cfg.data.patch_size) == cfg.refiner_stage.model_dump())
     if made is not None and not same:
         shutil.rmtree(run_dir / "refined")
     if retrain or not same:
         train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
     return refined
+
+
+def _same_unet(made: dict, model_dir: Path) -> bool:
+    """Whether the stage's frozen U-Net is the one in ``model_dir`` now: the folder is rewritten in place when
+    its LDM run trains on (a resumed run with more steps). Stages saved before the U-Net's steps were
+    recorded were made from the U-Nets they ship with."""
+    steps = json.loads((model_dir / "model.json").read_text()).get("training", {}).get("steps")
+    return made.get("source_unet_steps", steps) == steps
 
 
 def _stage_settings(made: dict, data_patch: list[int]) -> dict:
@@ -123,8 +132,8 @@ def raw_unet_folder(run_dir: Path) -> Path:
     if ck["step"] != bundle.meta["training"]["steps"]:
         raise SystemExit(f"{run_dir}: checkpoint step {ck['step']} != model step {bundle.meta['training']['steps']}")
     bundle.unet.load_state_dict(ck["unet"])
-    bundle.meta["training"]["unet_weights"] = ("raw weights at the last step (the run's EMA, decay 0.999 without "
-                                               "warm-up, was dominated by the initial weights)")
+    bundle.meta["training"]["unet_weights"] = ("raw weights at the last step (--unet-weights raw; the run's EMA "
+                                               "is in its model folder)")
     save_bundle(bundle, run_dir / "model-raw")
     return run_dir / "model-raw"
 

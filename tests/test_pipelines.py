@@ -32,3 +32,12 @@ def test_a_finished_refiner_stage_is_reused_only_with_the_settings_asked_for(tra
     recorded = {"settings": {k: v for k, v in asked.items() if k != "cascades"}}  # saved before cascades existed
     assert settings_of(recorded, cfg.data.patch_size) == asked
     assert settings_of(recorded, cfg.data.patch_size) != {**asked, "max_minutes": 25.0}
+
+
+def test_a_refiner_stage_is_redone_when_its_u_net_trained_on(train_default_models, tmp_path):
+    """model-raw is rewritten in place when its LDM run resumes with more steps: a stage made from the
+    earlier U-Net must not be reused; stages saved before the U-Net's steps were recorded count as current."""
+    (tmp_path / "model.json").write_text('{"training": {"steps": 4000}}')
+    assert train_default_models._same_unet({"source_unet_steps": 4000}, tmp_path)
+    assert not train_default_models._same_unet({"source_unet_steps": 800}, tmp_path)
+    assert train_default_models._same_unet({}, tmp_path)

@@ -131,6 +131,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
         "loss_after_dc": through_dc, "cascades": stage.cascades, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
+        "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}
     folder = out_dir / "model"
     save_bundle(bundle.eval(), folder)
