@@ -41,3 +41,27 @@ def test_a_refiner_stage_is_redone_when_its_u_net_trained_on(train_default_model
     assert train_default_models._same_unet({"source_unet_steps": 4000}, tmp_path)
     assert not train_default_models._same_unet({"source_unet_steps": 800}, tmp_path)
     assert train_default_models._same_unet({}, tmp_path)
+
+
+def test_refiner_stage_redoes_a_stage_made_from_an_earlier_u_net(train_default_models, tmp_path, monkeypatch):
+    """The wiring, not just the helper: with --skip-train, a finished stage of the same folder and settings is
+    reused while its U-Net is the one there, and removed and retrained once that U-Net has trained on."""
+    import json
+
+    import medldm.training.refiner as refiner_module
+
+    cfg = load_config(ROOT / "configs" / "ldm-mr-recon-cpu.yaml", "ldm")
+    model_dir, run_dir = tmp_path / "model-raw", tmp_path
+    (run_dir / "refined" / "model").mkdir(parents=True)
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text(json.dumps({"training": {"steps": 800}}))
+    made = {"settings": cfg.refiner_stage.model_dump(), "source_model": str(model_dir), "source_unet_steps": 800}
+    (run_dir / "refined" / "model" / "model.json").write_text(json.dumps({"refiner_stage": made}))
+    calls = []
+    monkeypatch.setattr(refiner_module, "train_refiner", lambda *a, **k: calls.append(a))
+
+    train_default_models.refiner_stage(cfg, model_dir, run_dir, retrain=False)
+    assert calls == [] and (run_dir / "refined" / "model").is_dir()
+    (model_dir / "model.json").write_text(json.dumps({"training": {"steps": 4000}}))
+    train_default_models.refiner_stage(cfg, model_dir, run_dir, retrain=False)
+    assert len(calls) == 1 and not (run_dir / "refined").exists()
