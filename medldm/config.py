@@ -184,6 +184,10 @@ class RefinerStageConfig(Strict):
     # refiner passes, each followed by that projection (recon, SR): an unrolled, weight-shared cascade in
     # the spirit of MoDL and VarNet; pass k > 1 refines the projected output of pass k - 1
     cascades: int = Field(1, ge=1, le=8)
+    # what the refiner sees beside the decoded estimate, and adds its correction to: the naive inverse,
+    # TV-POCS started from it (recon, SR) or its 2D non-local means (MR denoise): classical estimates that know
+    # no anatomy and so cannot overfit one
+    guide: Literal["naive", "tv-pocs", "nlm"] = "naive"
 
 
 class LDMRunConfig(Strict):

@@ -92,7 +92,7 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     refined = run_dir / "refined" / "model"
     made = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
             if (refined / "model.json").is_file() else None)
-    same = (made is not None and made.get("source_model", str(model_dir)) == str(model_dir)
+    same = (made is not None and _same_folder(made.get("source_model", str(model_dir)), model_dir)
             and _same_unet(made, model_dir)
             and _stage_settings(made, cfg.data.patch_size) == cfg.refiner_stage.model_dump())
     if made is not None and not same:
@@ -100,6 +100,13 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     if retrain or not same:
         train_refiner(cfg, model_dir, run_dir / "refined", resume=True)
     return refined
+
+
+def _same_folder(recorded: str, model_dir: Path) -> bool:
+    """Whether a recorded source folder is ``model_dir``: `medldm train refiner` records the path as typed,
+    relative to the repository root when run from it, the pipeline an absolute one."""
+    path = Path(recorded)
+    return (path if path.is_absolute() else ROOT / path).resolve() == model_dir.resolve()
 
 
 def _same_unet(made: dict, model_dir: Path) -> bool:

@@ -65,3 +65,11 @@ def test_refiner_stage_redoes_a_stage_made_from_an_earlier_u_net(train_default_m
     (model_dir / "model.json").write_text(json.dumps({"training": {"steps": 4000}}))
     train_default_models.refiner_stage(cfg, model_dir, run_dir, retrain=False)
     assert len(calls) == 1 and not (run_dir / "refined").exists()
+
+
+def test_a_stage_recorded_with_a_relative_path_is_the_same_folder(train_default_models, tmp_path):
+    """`medldm train refiner --model runs/...` records the path as typed; the pipeline passes absolute ones."""
+    same = train_default_models._same_folder
+    model_dir = train_default_models.ROOT / "runs" / "ldm-mr-recon" / "model-raw"
+    assert same("runs/ldm-mr-recon/model-raw", model_dir) and same(str(model_dir), model_dir)
+    assert not same("runs/ldm-mr-recon/model", model_dir) and not same(str(tmp_path / "model-raw"), model_dir)

@@ -11,8 +11,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+from skimage.restoration import denoise_nl_means
 
+from medldm.physics import classical
+from medldm.physics.classical import TV_ITERATIONS, TV_WEIGHT
 from medldm.sampling.measurement import Measurement
 
 
@@ -25,17 +27,12 @@ def naive(m: Measurement) -> np.ndarray:
     return _np(m.naive_inverse())
 
 
-def tv_pocs(m: Measurement, iterations: int = 30, weight: float = 0.02) -> np.ndarray:
+def tv_pocs(m: Measurement, iterations: int = TV_ITERATIONS, weight: float = TV_WEIGHT) -> np.ndarray:
     """Compressed sensing by alternating 2D TV denoising of each slice (Chambolle, weight relative to the
     99.5th percentile) with the operator's hard data consistency: a k-space projection for MR (POCS),
     a few 1/L gradient steps on ||A x - y||^2 in the sinogram domain for sparse-view CT."""
-    x = m.naive_inverse().float()
-    scale = float(np.percentile(_np(x), 99.5)) or 1.0
-    for _ in range(iterations):
-        a = _np(x) / scale
-        a = denoise_tv_chambolle(a, weight=weight, channel_axis=-1) * scale  # channel_axis: 2D TV per Z slice
-        x = m.operator.data_consistency(torch.as_tensor(a, dtype=torch.float32)[None, None], m.y)
-    return _np(x)
+    return _np(classical.tv_pocs(m.naive_inverse().float(), lambda x: m.operator.data_consistency(x, m.y),
+                                 image_axes=(2, 3), iterations=iterations, weight=weight))
 
 
 def nlm(m: Measurement) -> np.ndarray:

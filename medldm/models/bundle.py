@@ -54,6 +54,11 @@ class ModelBundle:
         return (self.meta.get("refiner") or {}).get("residual_on", "decoded")
 
     @property
+    def refiner_guide(self) -> str:
+        """What the refiner sees beside the decoded estimate (the refiner stage's ``guide``; naive before it)."""
+        return str((self.meta.get("refiner_stage") or {}).get("guide", "naive"))
+
+    @property
     def refiner_cascades(self) -> int:
         """Refiner passes, each followed by data consistency (the refiner stage's ``cascades``; 1 before it)."""
         return int((self.meta.get("refiner_stage") or {}).get("cascades", 1))

@@ -67,6 +67,10 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
     return "\n".join(out) + "\n"
 
 
+GUIDE_WORDS = {"tv-pocs": "TV-POCS (the classical baseline, computed from the measurement at inference)",
+               "nlm": "2D non-local means of the noisy input (computed at inference)"}
+
+
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
     weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
@@ -75,6 +79,9 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
         through_dc = ", loss after the hard data consistency" if st.get("loss_after_dc") else ""
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
+        if st.get("guide", "naive") != "naive":
+            cascade += (f", guided by {GUIDE_WORDS.get(st['guide'], st['guide'])} instead of the naive inverse (it sees "
+                        "that image and adds its correction to it)")
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
@@ -92,7 +99,7 @@ A 2D latent diffusion model applied slice-wise (slice axis {meta.get('slice_axis
 (channels {meta['vae']['channels']}, {meta['vae']['latent_channels']} latent channels, latent scale
 {meta.get('latent_scale'):.4g}), a MONAI DiffusionModelUNet conditioned by concatenation on the encoded naive
 inverse (with noise augmentation, level as an input channel), sampled with DDIM, then a pixel-space refiner
-(MONAI BasicUNet) that sees the decoded estimate and the naive inverse, then hard data consistency
+(MONAI BasicUNet) that sees the decoded estimate and the naive inverse (or the guide named below), then hard data consistency
 (recon, SR). Intensity normalisation: `{meta.get('normalisation')}`.
 
 Trained degradation: `{deg}`.

@@ -20,6 +20,7 @@ from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.normalisation import Normalisation
+from medldm.physics.classical import guide_image
 from medldm.sampling import measurement as meas
 from medldm.sampling.slicewise import restore_slices
 from medldm.sampling.volumetric import restore_volume
@@ -121,6 +122,7 @@ class Reconstructor:
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
+        guide = self._guide(m, cond, norm, axis) if refine else None
         t_prep = time.time()
 
         def latent_dc(x_slices, idx):
@@ -151,7 +153,8 @@ class Reconstructor:
         with autocast(self.device, self.amp):
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
-                                  latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar)
+                                  latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
+                                  guide=guide)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -160,8 +163,24 @@ class Reconstructor:
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
 
+    def _guide(self, m, cond, norm, axis) -> torch.Tensor | None:
+        """The refiner's guide slices (S, 1, A, B), normalised, when it is not the naive inverse itself."""
+        kind = self.bundle.refiner_guide
+        if self.bundle.refiner is None or kind == "naive":
+            return None
+        op, y = m.operator, m.y
+        sigma = getattr(op, "sigma", None)
+        usable = (m.task in DC_TASKS) if kind == "tv-pocs" else (m.task == "denoise" and sigma is not None)
+        if not usable or self.bundle.spatial_dims != 2:
+            raise ModelError(f"this model's refiner starts from {kind}, which needs a 2D model and "
+                             f"{'a ' + ' or '.join(DC_TASKS) if kind == 'tv-pocs' else 'an MR denoise'} measurement")
+        vol = guide_image(kind, cond, image_axes=tuple(2 + a for a in range(3) if a != axis), scale=1.0,
+                          project=lambda x: norm.forward(op.data_consistency(norm.inverse(x), y)),
+                          sigma=None if sigma is None else float(sigma) * norm.linear_scale)
+        return vol[0, 0].movedim(axis, 0)[:, None]
+
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
-                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar) -> torch.Tensor:
+                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None) -> torch.Tensor:
         """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
@@ -178,7 +197,7 @@ class Reconstructor:
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    progress=bar.update if bar else None)
+                    guide=guide, progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         return vols_n
 

@@ -36,7 +36,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+                   guide: torch.Tensor | None = None, progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
 
@@ -45,12 +45,16 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     latent so that the decoded image explains the measurements (InverseSR-style latent optimisation).
     ``refine_dc(x_img, slice_index)`` (normalised, hard) projects between the passes of a cascaded refiner
     (``bundle.refiner_cascades`` > 1); the projection after the last pass is the caller's.
+    ``guide`` (S, 1, H, W), normalised: what the refiner sees instead of ``cond`` (``bundle.refiner_guide``).
     """
+    if guide is not None and guide.shape != cond.shape:
+        raise ValueError(f"guide {tuple(guide.shape)} must have the shape of cond {tuple(cond.shape)}")
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
     sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
     scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=2)
     padded, (h, w) = pad_to_multiple(cond)
+    guide_padded = padded if guide is None else pad_to_multiple(guide)[0]
     s = padded.shape[0]
     down = bundle.vae_config.downsample
     lat_shape = (bundle.vae_config.latent_channels, padded.shape[-2] // down, padded.shape[-1] // down)
@@ -93,7 +97,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                         x[..., :h, :w] = refine_dc(x[..., :h, :w], torch.arange(a, b))
                         return x
 
-                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec, c_img,
+                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec,
+                                          guide_padded[a:b].to(device),
                                           bundle.refiner_cascades, project if refine_dc else None)
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
             output[k, a:b] = x_out[..., :h, :w].float().cpu()

@@ -8,7 +8,8 @@ inverse it starts from (mr-recon MNI 4x: 21.1 vs 24.3 dB).
 
 Here the VAE and U-Net are frozen; each step degrades fresh patches (the stage-2 patch stream and
 physics), samples them exactly as ``restore_slices`` does at inference (``sample_steps`` DDIM steps from
-fresh noise) and trains the refiner (fresh, ``init: identity``, or the model's own) on (decoded, naive) -> truth.
+fresh noise) and trains the refiner (fresh, ``init: identity``, or the model's own) on (decoded, guide) -> truth,
+the guide being the naive inverse, TV-POCS started from it or its non-local means (``guide``).
 With ``loss_after_dc`` (recon, SR) the loss is taken after the hard data consistency inference ends with,
 back-propagated through the operator's projection.
 """
@@ -28,6 +29,7 @@ from medldm.models.builders import apply_refiner, build_refiner
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
+from medldm.physics.classical import guide_image
 from medldm.physics.registry import build_random_operator
 from medldm.sampling.reconstructor import DC_TASKS
 from medldm.sampling.slicewise import restore_slices
@@ -91,13 +93,18 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     if stage.cascades > 1 and not through_dc:
         raise ConfigError(f"refiner_stage.cascades > 1 needs loss_after_dc and a task that ends with data "
                           f"consistency ({', '.join(DC_TASKS)}); {cfg.name} is {cfg.degradation.task}")
+    guide_tasks = {"naive": (cfg.degradation.task,), "tv-pocs": DC_TASKS,
+                   "nlm": ("denoise",) if cfg.data.modality == "MR" else ()}[stage.guide]
+    if cfg.degradation.task not in guide_tasks:
+        raise ConfigError(f"refiner_stage.guide {stage.guide!r} is for {' and '.join(guide_tasks) or 'no'} "
+                          f"{'MR ' if stage.guide == 'nlm' else ''}models; {cfg.name} is {cfg.degradation.task}")
     pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
                                       cfg.train.seed + 2000, measurements=True), step, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
                   params={"model": str(model_dir), "minutes": minutes, "sample_steps": sample_steps, "lr": lr,
                           "patch_size": data.patch_size, "batch_size": data.batch_size, "augment": data.augment,
-                          "loss_after_dc": through_dc, "cascades": stage.cascades},
+                          "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide},
                   tags={"medldm.stage": "refiner", "medldm.task": cfg.degradation.task})
     progress = common.Progress(max_steps, step, f"refiner {cfg.name} ({minutes:g} min)", True)
     t0 = time.time()
@@ -109,8 +116,11 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
         project = lambda x: consistent(x, ops, ys, train_norm)  # noqa: E731
+        # scale 1: the patches are normalised as inference normalises a volume
+        guide = guide_image(stage.guide, cond, image_axes=(2, 3), project=project, scale=1.0,
+                            sigma=[float(getattr(op, "sigma", 0.0)) for op in ops])
         with common.autocast(dev, cfg.train.amp):
-            refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, cond,
+            refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,
                                     stage.cascades, project)
         if through_dc:
             refined = project(refined)
@@ -129,7 +139,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     bundle.meta["refiner_stage"] = {
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
-        "loss_after_dc": through_dc, "cascades": stage.cascades, "settings": stage.model_dump(),
+        "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}

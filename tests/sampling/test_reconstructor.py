@@ -161,3 +161,46 @@ def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, 
     three_d.meta["refiner_stage"] = {"cascades": 2}
     with pytest.raises(ModelError, match="2D models only"):
         restore_volume(three_d, torch.rand(1, 1, 32, 32, 16), samples=1, steps=1, seed=0)
+
+
+def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
+    """An untrained refiner adds nothing to its guide: with ``guide: tv-pocs`` the default output is the
+    evaluation's TV-POCS baseline, with the naive guide the zero-filled image made consistent; denoising has no
+    guide to run."""
+    from medldm.evaluation.baselines import tv_pocs
+    from medldm.models.bundle import load_bundle
+
+    m = simulate(volume((24, 20, 4)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "tv", "recon", "MR"))
+    assert not bundle.refiner.final_conv.weight.any() and bundle.refiner_residual_on == "naive"
+    plain = Reconstructor(bundle, device="cpu")(m, steps=1).volume.array[0]
+    bundle.meta["refiner_stage"] = {"guide": "tv-pocs"}
+    guided = Reconstructor(bundle, device="cpu")(m, steps=1)
+    scale = float(np.abs(plain).max())
+    zero_filled_dc = m.operator.data_consistency(m.naive_inverse(), m.y)[0, 0].numpy()
+    np.testing.assert_allclose(plain, zero_filled_dc, atol=1e-4 * scale)
+    np.testing.assert_allclose(guided.volume.array[0], tv_pocs(m), atol=1e-4 * scale)
+    assert guided.residual < 1e-3 and np.abs(guided.volume.array[0] - plain).max() > 1e-2 * scale
+    denoiser = load_bundle(make_tiny_bundle(tmp_path / "dn", "denoise", "MR"))
+    denoiser.meta["refiner_stage"] = {"guide": "tv-pocs"}
+    with pytest.raises(ModelError, match="tv-pocs"):
+        Reconstructor(denoiser, device="cpu")(volume(), steps=1)
+    assert Reconstructor(denoiser, device="cpu")(volume(), steps=1, refine=False).volume.array.shape[1:] == (21, 18, 9)
+    bundle.meta["refiner_stage"] = {"guide": "nlm"}
+    with pytest.raises(ModelError, match="nlm"):
+        Reconstructor(bundle, device="cpu")(m, steps=1)
+
+
+def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp_path):
+    from medldm.models.bundle import load_bundle
+    from medldm.physics.classical import nlm_slices
+
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "dn", "denoise", "MR"))
+    bundle.meta["refiner_stage"] = {"guide": "nlm"}
+    noisy = volume()
+    rng = np.random.default_rng(0)
+    noisy.array = noisy.array + rng.normal(0, 15, noisy.array.shape).astype(np.float32)
+    out = Reconstructor(bundle, device="cpu")(noisy, steps=1, sigma=15.0).volume.array[0]
+    expected = nlm_slices(torch.as_tensor(noisy.array)[None], 15.0, image_axes=(2, 3))[0, 0].numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-3 * float(np.abs(expected).max()))
+    assert np.abs(out - noisy.array[0]).max() > 1.0

@@ -127,3 +127,24 @@ def test_cascades_train_through_dc_and_are_refused_without_it(tiny_ldm, tmp_path
         update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
     out = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
     assert out.refiner_cascades == 2 and out.meta["refiner_stage"]["cascades"] == 2
+
+
+def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_path):
+    from medldm.errors import ConfigError
+
+    cfg, model = tiny_ldm
+    stage = cfg.refiner_stage.model_copy(update={"guide": "tv-pocs"})
+    with pytest.raises(ConfigError, match="guide"):  # denoising has no projection for TV-POCS to alternate with
+        train_refiner(cfg.model_copy(update={"refiner_stage": stage}), model, tmp_path / "d", max_steps=1)
+    recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
+        update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
+    out = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
+    assert out.refiner_guide == "tv-pocs" and out.meta["refiner_stage"]["settings"]["guide"] == "tv-pocs"
+    assert out.refiner.final_conv.weight.abs().sum() > 0
+    assert load_bundle(model).refiner_guide == "naive"
+    nlm = cfg.refiner_stage.model_copy(update={"guide": "nlm"})
+    with pytest.raises(ConfigError, match="guide 'nlm'"):  # k-space measurements carry no image-domain sigma
+        train_refiner(recon_cfg.model_copy(update={"refiner_stage": nlm}), model, tmp_path / "rn", max_steps=1)
+    denoised = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": nlm}), model, tmp_path / "n",
+                                         max_steps=1))
+    assert denoised.refiner_guide == "nlm" and denoised.refiner.final_conv.weight.abs().sum() > 0

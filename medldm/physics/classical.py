@@ -1,0 +1,86 @@
+"""Classical estimates the refiner can start from (``refiner_stage.guide``).
+
+TV-POCS (recon: TV alternated with the operator's data consistency) and non-local means (denoise) are
+also the evaluation's classical baselines. They know no anatomy, so they do not share the learned networks'
+blind spots on anatomy the training data lacks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+TV_ITERATIONS = 30
+TV_WEIGHT = 0.02  # relative to the image's 99.5th percentile (fixed, not tuned on validation data)
+
+
+def tv_pocs(x0: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], *, image_axes: tuple[int, int],
+            iterations: int = TV_ITERATIONS, weight: float = TV_WEIGHT, scale: float | None = None) -> torch.Tensor:
+    """Alternate 2D TV denoising (Chambolle) with the hard projection ``project`` onto the measurements.
+
+    ``x0`` (B, 1, ...) real, usually the naive inverse; TV acts on the 2D images spanned by ``image_axes``
+    (axes of ``x0``), separately for every index of the other axes. ``scale`` (default: the 99.5th
+    percentile of ``x0``) sets the intensity the TV weight is relative to. Returns ``project`` of the
+    last TV image, so the result satisfies data consistency exactly."""
+    first, second = _axes(x0, image_axes)
+    x = x0.detach().float().cpu()
+    if scale is None:
+        scale = float(np.percentile(x.numpy(), 99.5)) or 1.0
+    for _ in range(iterations):
+        a = x.movedim((first, second), (-2, -1))
+        lead = a.shape[:-2]
+        flat = a.reshape(-1, *a.shape[-2:]).numpy() / scale
+        tv = denoise_tv_chambolle(flat, weight=weight, channel_axis=0) * scale  # channel axis: one 2D TV per image
+        x = torch.as_tensor(tv, dtype=torch.float32).reshape(*lead, *a.shape[-2:]).movedim((-2, -1), (first, second))
+        x = project(x).detach().float().cpu()
+    return x
+
+
+NLM_H = 0.8  # filter strength in units of the noise sigma; patch 5, search distance 6, as the NLM baseline
+
+
+def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.Tensor:
+    """2D non-local means (skimage, fast mode) of every image spanned by ``image_axes`` of ``x`` (B, 1, ...);
+    ``sigma``: the noise level, one value or one per batch item (the patches of a training batch differ)."""
+    first, second = _axes(x, image_axes)
+    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (x.shape[0],))
+    a = x.detach().float().cpu().movedim((first, second), (-2, -1))
+    out = np.empty(a.shape, dtype=np.float32)
+    flat, flat_out = a.reshape(a.shape[0], -1, *a.shape[-2:]).numpy(), out.reshape(a.shape[0], -1, *a.shape[-2:])
+    for b in range(flat.shape[0]):
+        s = float(sig[b]) or 1e-6
+        for k in range(flat.shape[1]):
+            flat_out[b, k] = denoise_nl_means(flat[b, k], h=NLM_H * s, sigma=s, patch_size=5, patch_distance=6,
+                                              fast_mode=True)
+    return torch.from_numpy(out).movedim((-2, -1), (first, second))
+
+
+def _axes(x: torch.Tensor, image_axes: tuple[int, int]) -> tuple[int, int]:
+    axes = [a % x.ndim for a in image_axes]
+    if len(set(axes)) != 2 or min(axes) < 2:
+        raise ValueError(f"image_axes {image_axes} must be two distinct spatial axes of a {x.ndim}-D (B, 1, ...) tensor")
+    return axes[0], axes[1]
+
+
+GUIDES = ("naive", "tv-pocs", "nlm")
+
+
+def guide_image(kind: str, naive: torch.Tensor, *, image_axes: tuple[int, int],
+                project: Callable[[torch.Tensor], torch.Tensor] | None = None, sigma=None,
+                scale: float | None = None) -> torch.Tensor:
+    """The refiner's guide: the naive inverse itself, TV-POCS started from it (needs ``project``) or its
+    non-local means (needs the noise ``sigma``)."""
+    if kind == "naive":
+        return naive
+    if kind == "tv-pocs":
+        if project is None:
+            raise ValueError("a TV-POCS guide needs the measurement's projection")
+        return tv_pocs(naive, project, image_axes=image_axes, scale=scale).to(naive)
+    if kind == "nlm":
+        if sigma is None:
+            raise ValueError("a non-local-means guide needs the noise sigma")
+        return nlm_slices(naive, sigma, image_axes=image_axes).to(naive)
+    raise ValueError(f"unknown refiner guide {kind!r}; one of {', '.join(GUIDES)}")
