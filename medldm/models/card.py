@@ -67,7 +67,8 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
     return "\n".join(out) + "\n"
 
 
-GUIDE_WORDS = {"tv-pocs": "TV-POCS (the classical baseline, computed from the measurement at inference)",
+GUIDE_WORDS = {"tv-pocs": "TV-POCS (TV alternated with the measurement's projection, computed at inference; for MR "
+                          "recon the evaluation's TV-POCS baseline)",
                "nlm": "2D non-local means of the noisy input (computed at inference)"}
 
 
@@ -80,8 +81,9 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         if st.get("guide", "naive") != "naive":
+            adds = " and adds its correction to it" if meta.get("refiner", {}).get("residual_on") == "naive" else ""
             cascade += (f", guided by {GUIDE_WORDS.get(st['guide'], st['guide'])} instead of the naive inverse (it sees "
-                        "that image and adds its correction to it)")
+                        f"that image{adds})")
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "

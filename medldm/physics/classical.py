@@ -24,7 +24,8 @@ def tv_pocs(x0: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], *
     ``x0`` (B, 1, ...) real, usually the naive inverse; TV acts on the 2D images spanned by ``image_axes``
     (axes of ``x0``), separately for every index of the other axes. ``scale`` (default: the 99.5th
     percentile of ``x0``) sets the intensity the TV weight is relative to. Returns ``project`` of the
-    last TV image, so the result satisfies data consistency exactly."""
+    last TV image: as consistent with the measurement as that projection makes it (exactly for k-space,
+    a few gradient steps for CT)."""
     first, second = _axes(x0, image_axes)
     x = x0.detach().float().cpu()
     if scale is None:

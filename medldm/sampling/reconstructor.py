@@ -170,7 +170,8 @@ class Reconstructor:
             return None
         op, y = m.operator, m.y
         sigma = getattr(op, "sigma", None)
-        usable = (m.task in DC_TASKS) if kind == "tv-pocs" else (m.task == "denoise" and sigma is not None)
+        usable = (m.task in DC_TASKS if kind == "tv-pocs"
+                  else m.task == "denoise" and m.modality == "MR" and sigma is not None)
         if not usable or self.bundle.spatial_dims != 2:
             raise ModelError(f"this model's refiner starts from {kind}, which needs a 2D model and "
                              f"{'a ' + ' or '.join(DC_TASKS) if kind == 'tv-pocs' else 'an MR denoise'} measurement")
@@ -225,7 +226,8 @@ class Reconstructor:
             "task": m.task, "modality": modality,
             "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
                            "latent_dc_every": latent_dc_every, "latent_opt_steps": latent_opt_steps,
-                           "refine": refine, "use_diffusion": use_diffusion, "eta": eta},
+                           "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
+                           "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -181,6 +181,7 @@ def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
     np.testing.assert_allclose(plain, zero_filled_dc, atol=1e-4 * scale)
     np.testing.assert_allclose(guided.volume.array[0], tv_pocs(m), atol=1e-4 * scale)
     assert guided.residual < 1e-3 and np.abs(guided.volume.array[0] - plain).max() > 1e-2 * scale
+    assert guided.provenance["parameters"]["refiner_guide"] == "tv-pocs"
     denoiser = load_bundle(make_tiny_bundle(tmp_path / "dn", "denoise", "MR"))
     denoiser.meta["refiner_stage"] = {"guide": "tv-pocs"}
     with pytest.raises(ModelError, match="tv-pocs"):
@@ -204,3 +205,8 @@ def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp
     expected = nlm_slices(torch.as_tensor(noisy.array)[None], 15.0, image_axes=(2, 3))[0, 0].numpy()
     np.testing.assert_allclose(out, expected, atol=1e-3 * float(np.abs(expected).max()))
     assert np.abs(out - noisy.array[0]).max() > 1.0
+    ct = load_bundle(make_tiny_bundle(tmp_path / "ct", "denoise", "CT"))
+    ct.meta["refiner_stage"] = {"guide": "nlm"}  # trained NLM guides are MR-only: a CT image noise is not Rician
+    ct_vol = Volume(noisy.array * 0 + 40.0, noisy.affine, "CT")
+    with pytest.raises(ModelError, match="nlm"):
+        Reconstructor(ct, device="cpu")(ct_vol, steps=1, sigma=10.0)

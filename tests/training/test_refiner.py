@@ -148,3 +148,36 @@ def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_pat
     denoised = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": nlm}), model, tmp_path / "n",
                                          max_steps=1))
     assert denoised.refiner_guide == "nlm" and denoised.refiner.final_conv.weight.abs().sum() > 0
+
+
+def test_the_refiner_is_trained_on_its_guide(tiny_ldm, tmp_path, monkeypatch):
+    """The wiring: each step hands apply_refiner TV-POCS of the step's own measurements (scale 1, as inference
+    normalises), not the naive inverse."""
+    import medldm.training.refiner as refiner_module
+    from medldm.physics.classical import tv_pocs
+
+    cfg, model = tiny_ldm
+    recon_cfg = cfg.model_copy(update={
+        "refiner_stage": cfg.refiner_stage.model_copy(update={"guide": "tv-pocs"}),
+        "degradation": cfg.degradation.model_copy(update={"task": "recon", "kwargs": {"accelerations": [4],
+                                                                                     "center_fractions": [0.08]}})})
+    seen = []
+    real_apply, real_guide = refiner_module.apply_refiner, refiner_module.guide_image
+
+    def spy_guide(kind, naive, **kw):
+        out = real_guide(kind, naive, **kw)
+        seen.append({"naive": naive.clone(), "project": kw["project"], "scale": kw["scale"], "guide": out})
+        return out
+
+    def spy_apply(apply, residual_on, decoded, guide, *a, **k):
+        seen[-1]["applied"] = guide
+        return real_apply(apply, residual_on, decoded, guide, *a, **k)
+
+    monkeypatch.setattr(refiner_module, "guide_image", spy_guide)
+    monkeypatch.setattr(refiner_module, "apply_refiner", spy_apply)
+    train_refiner(recon_cfg, model, tmp_path / "r", max_steps=1)
+    (step,) = seen
+    assert step["scale"] == 1.0 and step["applied"] is step["guide"]
+    expected = tv_pocs(step["naive"], step["project"], image_axes=(2, 3), scale=1.0)
+    torch.testing.assert_close(step["guide"], expected)
+    assert (step["guide"] - step["naive"]).abs().max() > 1e-3
