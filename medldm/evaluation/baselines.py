@@ -14,7 +14,6 @@ import torch
 from skimage.restoration import denoise_nl_means
 
 from medldm.physics import classical
-from medldm.physics.classical import TV_ITERATIONS, TV_WEIGHT
 from medldm.sampling.measurement import Measurement
 
 
@@ -27,7 +26,7 @@ def naive(m: Measurement) -> np.ndarray:
     return _np(m.naive_inverse())
 
 
-def tv_pocs(m: Measurement, iterations: int = TV_ITERATIONS, weight: float = TV_WEIGHT) -> np.ndarray:
+def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: float = classical.TV_WEIGHT) -> np.ndarray:
     """Compressed sensing by alternating 2D TV denoising of each slice (Chambolle, weight relative to the
     99.5th percentile) with the operator's hard data consistency: a k-space projection for MR (POCS),
     a few 1/L gradient steps on ||A x - y||^2 in the sinogram domain for sparse-view CT."""
@@ -39,7 +38,7 @@ def nlm(m: Measurement) -> np.ndarray:
     """3D non-local means (skimage) with the Rician sigma the operator carries (given or estimated)."""
     a = naive(m)
     sigma = float(getattr(m.operator, "sigma", 0.0)) or 1e-6
-    return denoise_nl_means(a, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+    return denoise_nl_means(a, **classical.nlm_settings(sigma))
 
 
 def bm4d_baseline(m: Measurement) -> np.ndarray:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
+from medldm.physics.registry import DC_TASKS
+
 TV_ITERATIONS = 30
 TV_WEIGHT = 0.02  # relative to the image's 99.5th percentile (fixed, not tuned on validation data)
 
@@ -40,7 +42,9 @@ def tv_pocs(x0: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], *
     return x
 
 
-NLM_H = 0.8  # filter strength in units of the noise sigma; patch 5, search distance 6, as the NLM baseline
+def nlm_settings(sigma: float) -> dict:
+    """skimage non-local means settings for Rician noise ``sigma``: the NLM baseline's and the nlm guide's."""
+    return {"h": 0.8 * sigma, "sigma": sigma, "patch_size": 5, "patch_distance": 6, "fast_mode": True}
 
 
 def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.Tensor:
@@ -54,8 +58,7 @@ def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.
     for b in range(flat.shape[0]):
         s = float(sig[b]) or 1e-6
         for k in range(flat.shape[1]):
-            flat_out[b, k] = denoise_nl_means(flat[b, k], h=NLM_H * s, sigma=s, patch_size=5, patch_distance=6,
-                                              fast_mode=True)
+            flat_out[b, k] = denoise_nl_means(flat[b, k], **nlm_settings(s))
     return torch.from_numpy(out).movedim((-2, -1), (first, second))
 
 
@@ -67,6 +70,16 @@ def _axes(x: torch.Tensor, image_axes: tuple[int, int]) -> tuple[int, int]:
 
 
 GUIDES = ("naive", "tv-pocs", "nlm")
+
+
+def guide_refusal(kind: str, task: str, modality: str) -> str | None:
+    """Why a ``kind`` guide cannot serve a ``modality`` ``task`` model (None when it can): TV-POCS alternates
+    with the projection onto a kept measurement; the NLM settings are those for Rician (MR) noise."""
+    if kind == "tv-pocs" and task not in DC_TASKS:
+        return f"tv-pocs projects onto the measurement, which only {' and '.join(DC_TASKS)} keep, not {modality} {task}"
+    if kind == "nlm" and (task, modality) != ("denoise", "MR"):
+        return f"nlm is set for Rician noise: MR denoise only, not {modality} {task}"
+    return None
 
 
 def guide_image(kind: str, naive: torch.Tensor, *, image_axes: tuple[int, int],

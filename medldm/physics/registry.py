@@ -18,6 +18,7 @@ from medldm.physics.noise import RandomRicianNoise, RicianNoise
 from medldm.physics.resolution import InPlaneDownsample, RandomInPlaneDownsample, RandomThickSlice, ThickSlice
 
 TASKS = ("denoise", "recon", "sr")
+DC_TASKS = ("recon", "sr")  # the tasks whose measurement is kept: data consistency ends their inference
 MODALITIES = ("MR", "CT")
 
 OPERATORS: dict[str, type[Operator]] = {c.__name__: c for c in (

@@ -20,14 +20,14 @@ from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.normalisation import Normalisation
-from medldm.physics.classical import guide_image
+from medldm.physics.classical import guide_image, guide_refusal
+from medldm.physics.registry import DC_TASKS
 from medldm.sampling import measurement as meas
 from medldm.sampling.slicewise import restore_slices
 from medldm.sampling.volumetric import restore_volume
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 # the shipped default models and their modality, in the order the pipelines train and the README lists them
-DC_TASKS = ("recon", "sr")  # the tasks whose measurement is kept: data consistency ends their inference
 DEFAULT_MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoise": "CT", "ct-recon": "CT", "ct-sr": "CT"}
 
 
@@ -170,11 +170,9 @@ class Reconstructor:
             return None
         op, y = m.operator, m.y
         sigma = getattr(op, "sigma", None)
-        usable = (m.task in DC_TASKS if kind == "tv-pocs"
-                  else m.task == "denoise" and m.modality == "MR" and sigma is not None)
-        if not usable or self.bundle.spatial_dims != 2:
-            raise ModelError(f"this model's refiner starts from {kind}, which needs a 2D model and "
-                             f"{'a ' + ' or '.join(DC_TASKS) if kind == 'tv-pocs' else 'an MR denoise'} measurement")
+        why = guide_refusal(kind, m.task, m.modality)
+        if why or self.bundle.spatial_dims != 2:  # the refiner stage that makes guided models is 2D-only
+            raise ModelError(f"this model's refiner starts from a {kind} guide: {why or 'a 2D model only'}")
         vol = guide_image(kind, cond, image_axes=tuple(2 + a for a in range(3) if a != axis), scale=1.0,
                           project=lambda x: norm.forward(op.data_consistency(norm.inverse(x), y)),
                           sigma=None if sigma is None else float(sigma) * norm.linear_scale)

@@ -29,9 +29,8 @@ from medldm.models.builders import apply_refiner, build_refiner
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
-from medldm.physics.classical import guide_image
-from medldm.physics.registry import build_random_operator
-from medldm.sampling.reconstructor import DC_TASKS
+from medldm.physics.classical import guide_image, guide_refusal
+from medldm.physics.registry import DC_TASKS, build_random_operator
 from medldm.sampling.slicewise import restore_slices
 from medldm.tracking import Tracker
 from medldm.training import common
@@ -93,11 +92,9 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     if stage.cascades > 1 and not through_dc:
         raise ConfigError(f"refiner_stage.cascades > 1 needs loss_after_dc and a task that ends with data "
                           f"consistency ({', '.join(DC_TASKS)}); {cfg.name} is {cfg.degradation.task}")
-    guide_tasks = {"naive": (cfg.degradation.task,), "tv-pocs": DC_TASKS,
-                   "nlm": ("denoise",) if cfg.data.modality == "MR" else ()}[stage.guide]
-    if cfg.degradation.task not in guide_tasks:
-        raise ConfigError(f"refiner_stage.guide {stage.guide!r} is for {' and '.join(guide_tasks) or 'no'} "
-                          f"{'MR ' if stage.guide == 'nlm' else ''}models; {cfg.name} is {cfg.degradation.task}")
+    why = guide_refusal(stage.guide, cfg.degradation.task, cfg.data.modality)
+    if why:
+        raise ConfigError(f"refiner_stage.guide of {cfg.name}: {why}")
     pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
                                       cfg.train.seed + 2000, measurements=True), step, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)

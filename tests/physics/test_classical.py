@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.physics.classical import guide_image, nlm_slices, tv_pocs
+from medldm.physics.classical import guide_image, guide_refusal, nlm_slices, tv_pocs
 from medldm.physics.kspace import RandomCartesianUndersampling
 from tests.physics.conftest import phantom2d
 
@@ -61,3 +61,11 @@ def test_nlm_slices_denoise_each_image_with_its_own_sigma_whatever_the_layout():
     torch.testing.assert_close(one, batch[1:2])
     vol = nlm_slices(noisy[1:2].unsqueeze(3), 0.05, image_axes=(2, 4))  # (1, 1, H, 1, W): one image along Y
     torch.testing.assert_close(vol[:, :, :, 0], batch[1:2])
+
+
+def test_guide_refusal_is_the_one_rule_of_where_a_guide_runs():
+    assert guide_refusal("naive", "denoise", "CT") is None
+    assert guide_refusal("tv-pocs", "recon", "MR") is None and guide_refusal("tv-pocs", "sr", "CT") is None
+    assert "recon and sr" in guide_refusal("tv-pocs", "denoise", "MR")
+    assert guide_refusal("nlm", "denoise", "MR") is None
+    assert "Rician" in guide_refusal("nlm", "denoise", "CT") and "Rician" in guide_refusal("nlm", "recon", "MR")
