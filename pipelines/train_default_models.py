@@ -51,7 +51,21 @@ def main(argv=None):
                     help="Install the U-Net's EMA (default) or its raw weights at the last step (from checkpoint.pt): "
                          "runs trained before the EMA warm-up fix hold a mostly-initial EMA.")
     ap.add_argument("--no-tracking", action="store_true", help="Train without MLflow (e.g. where it is not installed).")
+    ap.add_argument("--install-stage", type=Path, default=None, metavar="FOLDER",
+                    help="Install a refiner-stage model folder trained elsewhere (pipelines/refiner_stages_gpu.sh on a "
+                         "GPU machine): evaluate it, write its card, copy it to medldm/shipped/<name>. One --only name.")
     args = ap.parse_args(argv)
+    if args.install_stage is not None:
+        if len(args.only) != 1:
+            ap.error("--install-stage installs one model: name it with --only")
+        name = args.only[0]
+        meta_file = args.install_stage / "model.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if not meta.get("refiner_stage") or meta.get("name") != name:
+            ap.error(f"{args.install_stage} is not a refiner-stage folder of {name}")
+        install(name, args.install_stage, ROOT / "configs" / f"ldm-{name}-cpu.yaml", args.steps,
+                command=stage_command(name, meta["refiner_stage"]))
+        return
     from medldm.training.ldm import train_ldm
     from medldm.training.vae import train_vae
 
@@ -102,6 +116,19 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     return refined
 
 
+def stage_command(name: str, stage: dict) -> str:
+    """How to remake an installed stage folder: the VAE and U-Net, then the stage with every setting it recorded
+    (``data.num_workers`` changes its speed, not its batches), then ``--install-stage``."""
+    sets = " ".join(f"--set refiner_stage.{k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
+                    for k, v in stage.get("settings", {}).items() if k != "enabled")
+    gpu = "CPU" not in stage.get("device_name", "CPU")
+    return (f"python pipelines/train_default_models.py --only {name} --unet-weights raw  # VAE and U-Net "
+            f"(configs/ldm-{name}-cpu.yaml); then{' on a CUDA machine' if gpu else ''}: medldm train refiner --config "
+            f"configs/ldm-{name}-cpu.yaml --model {stage.get('source_model')} --out OUT {sets}"
+            f"{' --set data.num_workers=14' if gpu else ''}; then: python pipelines/train_default_models.py --only {name} "
+            f"--install-stage OUT/model")
+
+
 def _same_folder(recorded: str, model_dir: Path) -> bool:
     """Whether a recorded source folder is ``model_dir``: `medldm train refiner` records the path as typed,
     relative to the repository root when run from it, the pipeline an absolute one."""
@@ -145,7 +172,7 @@ def raw_unet_folder(run_dir: Path) -> Path:
     return run_dir / "model-raw"
 
 
-def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags: str = "") -> Path:
+def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags: str = "", command: str | None = None) -> Path:
     t0 = time.time()
     rec = Reconstructor.load(model_dir)
     vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], EVAL_CROP)
@@ -162,8 +189,8 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags:
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     gpu = "-gpu" in cfg_path.name
-    command = (f"python pipelines/train_default_models.py{' --profile gpu' if gpu else ''} --only {name}{extra_flags}"
-               f"   # configs: {cfg_path.relative_to(ROOT)}")
+    command = command or (f"python pipelines/train_default_models.py{' --profile gpu' if gpu else ''} --only {name}"
+                          f"{extra_flags}   # configs: {cfg_path.relative_to(ROOT)}")
     trained_on = bundle.meta.get("training", {}).get("device_name")
     machine = trained_on or f"{platform.machine()} CPU, 2 cores (torch CPU build)"
     save_bundle(bundle, tmp, half=True)

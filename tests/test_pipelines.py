@@ -73,3 +73,37 @@ def test_a_stage_recorded_with_a_relative_path_is_the_same_folder(train_default_
     model_dir = train_default_models.ROOT / "runs" / "ldm-mr-recon" / "model-raw"
     assert same("runs/ldm-mr-recon/model-raw", model_dir) and same(str(model_dir), model_dir)
     assert not same("runs/ldm-mr-recon/model", model_dir) and not same(str(tmp_path / "model-raw"), model_dir)
+
+
+def test_install_stage_takes_one_model_and_only_a_refiner_stage_of_it(train_default_models, tmp_path, monkeypatch):
+    installed = []
+    monkeypatch.setattr(train_default_models, "install", lambda name, folder, *a, **k: installed.append((name, folder, k)))
+    with pytest.raises(SystemExit):
+        train_default_models.main(["--only", "mr-denoise", "mr-recon", "--install-stage", str(tmp_path)])
+    with pytest.raises(SystemExit):  # no model.json
+        train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
+    (tmp_path / "model.json").write_text('{"name": "mr-recon", "refiner_stage": {"steps": 3}}')
+    with pytest.raises(SystemExit):  # another model's stage
+        train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
+    assert installed == []
+    train_default_models.main(["--only", "mr-recon", "--install-stage", str(tmp_path)])
+    ((name, folder, kwargs),) = installed
+    assert name == "mr-recon" and folder == tmp_path and "--install-stage OUT/model" in kwargs["command"]
+
+
+def test_the_stage_command_sets_every_recorded_setting(train_default_models):
+    import re
+
+    import yaml
+
+    from medldm.config import RefinerStageConfig
+
+    settings = {**RefinerStageConfig().model_dump(), "enabled": True, "guide": "nlm", "patch_size": [96, 48],
+                "max_minutes": 3.6}
+    gpu = train_default_models.stage_command("mr-sr", {"settings": settings, "source_model": "medldm/shipped/mr-sr",
+                                                      "device_name": "NVIDIA H100"})
+    sets = dict(re.findall(r"--set refiner_stage\.(\w+)=(\S+)", gpu))
+    assert {k: yaml.safe_load(v) for k, v in sets.items()} == {k: v for k, v in settings.items() if k != "enabled"}
+    assert "on a CUDA machine" in gpu and "--model medldm/shipped/mr-sr" in gpu
+    cpu = train_default_models.stage_command("mr-sr", {"settings": settings, "device_name": "x86_64 CPU, 2 threads"})
+    assert "CUDA" not in cpu and "num_workers" not in cpu

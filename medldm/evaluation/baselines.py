@@ -35,10 +35,11 @@ def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: f
 
 
 def nlm(m: Measurement) -> np.ndarray:
-    """3D non-local means (skimage) with the Rician sigma the operator carries (given or estimated)."""
+    """3D non-local means (skimage) with the Rician sigma the operator carries (given or estimated), its Rician
+    bias removed (classical.rician_unbias)."""
     a = naive(m)
     sigma = float(getattr(m.operator, "sigma", 0.0)) or 1e-6
-    return denoise_nl_means(a, **classical.nlm_settings(sigma))
+    return classical.rician_unbias(denoise_nl_means(a, **classical.nlm_settings(sigma)), sigma)
 
 
 def bm4d_baseline(m: Measurement) -> np.ndarray:

@@ -69,7 +69,19 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
 
 GUIDE_WORDS = {"tv-pocs": "TV-POCS (TV alternated with the measurement's projection, computed at inference; for MR "
                           "recon the evaluation's TV-POCS baseline)",
-               "nlm": "2D non-local means of the noisy input (computed at inference)"}
+               "nlm": "2D non-local means of the noisy input, its Rician bias removed (computed at inference)"}
+
+
+def _init_words(st: dict) -> str:
+    """Where a stage's refiner started; a warm start from an earlier stage 3 counts that stage's steps too."""
+    if st.get("init") == "identity":
+        return "the identity (fresh)"
+    before = st.get("continued")
+    if not before:
+        return "the stage-2 refiner"
+    where = f" on {before['device_name']}" if before.get("device_name") else ""
+    return (f"the refiner of an earlier stage 3 ({before['steps']} steps, {before['seconds']} s{where}; "
+            f"{st['steps'] + before['steps']} steps in all)")
 
 
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
@@ -84,11 +96,11 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
             adds = " and adds its correction to it" if meta.get("refiner", {}).get("residual_on") == "naive" else ""
             cascade += (f", guided by {GUIDE_WORDS.get(st['guide'], st['guide'])} instead of the naive inverse (it sees "
                         f"that image{adds})")
+        ran_on = f"; stage run on {st['device_name']}" if st.get("device_name") else ""
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
-                         f"initialised as {'the identity (fresh)' if st.get('init') == 'identity' else 'the stage-2 refiner'}"
-                         f"{through_dc}{cascade}.")
+                         f"initialised as {_init_words(st)}{through_dc}{cascade}{ran_on}.")
     vae_t = t.get("vae_training") or {}
     deg = meta.get("degradation", {})
     return f"""# Model card: `{meta.get('name')}`

@@ -45,6 +45,22 @@ def consistent(x_n: torch.Tensor, ops: list, ys: list, norm: Normalisation) -> t
     return torch.cat(out).to(x_n.device)
 
 
+class GuidedPairs:
+    """``DegradedPairs`` (with measurements) of step s plus the stage's guide: (x, cond, ops, ys, guide).
+    The guide is made where the pair is, so with ``data.num_workers`` TV-POCS and NLM (numpy, one core
+    each, as long as the rest of a step on 2 cores) run in worker processes. Picklable, for step_stream."""
+
+    def __init__(self, pairs: DegradedPairs, guide: str, norm: Normalisation):
+        self.pairs, self.guide, self.norm = pairs, guide, norm
+
+    def __call__(self, step: int) -> tuple:
+        x, cond, ops, ys = self.pairs(step)
+        # scale 1: the patches are normalised as inference normalises a volume
+        guide = guide_image(self.guide, cond, image_axes=(2, 3), project=lambda v: consistent(v, ops, ys, self.norm),
+                            scale=1.0, sigma=[float(getattr(op, "sigma", 0.0)) for op in ops])
+        return x, cond, ops, ys, guide
+
+
 def stage_data(cfg: LDMRunConfig) -> DataConfig:
     """The data of the refiner stage: the run's, with the stage's patch size and augmentation."""
     stage = cfg.refiner_stage
@@ -95,8 +111,9 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     why = guide_refusal(stage.guide, cfg.degradation.task, cfg.data.modality)
     if why:
         raise ConfigError(f"refiner_stage.guide of {cfg.name}: {why}")
-    pairs = step_stream(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
-                                      cfg.train.seed + 2000, measurements=True), step, data.num_workers)
+    pairs = step_stream(GuidedPairs(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
+                                                  cfg.train.seed + 2000, measurements=True), stage.guide, train_norm),
+                        step, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
                   params={"model": str(model_dir), "minutes": minutes, "sample_steps": sample_steps, "lr": lr,
@@ -107,15 +124,12 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     t0 = time.time()
     total = 10**9 if max_steps is None else max_steps
     while step < total and seconds_before + time.time() - t0 < 60 * minutes:
-        x, cond, ops, ys = next(pairs)
-        x, cond = x.to(dev), cond.to(dev)
+        x, cond, ops, ys, guide = next(pairs)
+        x, cond, guide = x.to(dev), cond.to(dev), guide.to(dev)
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
         project = lambda x: consistent(x, ops, ys, train_norm)  # noqa: E731
-        # scale 1: the patches are normalised as inference normalises a volume
-        guide = guide_image(stage.guide, cond, image_axes=(2, 3), project=project, scale=1.0,
-                            sigma=[float(getattr(op, "sigma", 0.0)) for op in ops])
         with common.autocast(dev, cfg.train.amp):
             refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,
                                     stage.cascades, project)
@@ -133,13 +147,16 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     progress.close()
     seconds = round(seconds_before + time.time() - t0, 1)
     _checkpoint(ckpt_path, refiner, opt, step, seconds, tracker.run_id, losses)
+    # a warm start keeps the record of the stage it continued (its steps count towards the refiner's training)
+    earlier = bundle.meta.get("refiner_stage") if stage.init == "model" else None
     bundle.meta["refiner_stage"] = {
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
         "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
-        "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None}
+        "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
+        **({"continued": earlier} if earlier else {})}
     folder = out_dir / "model"
     save_bundle(bundle.eval(), folder)
     (out_dir / "losses.json").write_text(json.dumps([round(v, 6) for v in losses]))

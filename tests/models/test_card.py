@@ -18,3 +18,18 @@ def test_bold_only_where_every_classical_baseline_is_beaten_on_both_metrics():
     # the best baseline is the best classical one: never the supervised U-Net or the VAE ceiling
     assert "beats the best classical baseline (TV-POCS" in verdict(_rows(28.0, 0.86))
     assert "does NOT beat" in verdict(_rows(28.0, 0.84))
+
+
+def test_the_card_says_where_a_refiner_stage_started_and_ran():
+    from medldm.models.card import model_card
+
+    stage = {"sample_steps": 5, "steps": 139, "seconds": 216.8, "patch_size": [96, 96], "batch_size": 8,
+             "augment": True, "init": "model", "device_name": "NVIDIA H100",
+             "continued": {"steps": 486, "seconds": 1200.7, "init": "identity", "device_name": "x86_64 CPU"}}
+    meta = {"name": "m", "vae": {"channels": [32, 64], "latent_channels": 4}, "latent_scale": 1.0,
+            "refiner_stage": stage}
+    card = model_card(meta, _rows(28.0, 0.86), "cmd", "machine")
+    assert "earlier stage 3 (486 steps, 1200.7 s on x86_64 CPU; 625 steps in all)" in card
+    assert "stage run on NVIDIA H100" in card
+    fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity", "continued": None}}, [], "cmd", "m")
+    assert "initialised as the identity (fresh)" in fresh and "in all" not in fresh

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.physics.classical import guide_image, guide_refusal, nlm_slices, tv_pocs
+from medldm.physics.classical import guide_image, guide_refusal, nlm_slices, rician_unbias, tv_pocs
 from medldm.physics.kspace import RandomCartesianUndersampling
 from tests.physics.conftest import phantom2d
 
@@ -69,3 +69,19 @@ def test_guide_refusal_is_the_one_rule_of_where_a_guide_runs():
     assert "recon and sr" in guide_refusal("tv-pocs", "denoise", "MR")
     assert guide_refusal("nlm", "denoise", "MR") is None
     assert "Rician" in guide_refusal("nlm", "denoise", "CT") and "Rician" in guide_refusal("nlm", "recon", "MR")
+
+
+def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leave():
+    g = torch.Generator().manual_seed(3)
+    signal = torch.zeros(1, 1, 48, 48)
+    signal[..., 12:36, 12:36] = 1.0  # a bright square in air
+    sigma = 0.1
+    noisy = torch.sqrt((signal + sigma * torch.randn(signal.shape, generator=g)) ** 2
+                       + (sigma * torch.randn(signal.shape, generator=g)) ** 2)
+    air = signal == 0
+    assert noisy[air].mean() > 1.1 * sigma  # the Rice mean in air: sigma sqrt(pi/2)
+    out = nlm_slices(noisy, sigma, image_axes=(2, 3))
+    assert out[air].mean() < 0.3 * sigma
+    assert abs(out[~air].mean() - 1.0) < 0.02  # the signal keeps its level
+    assert rician_unbias(np.zeros(3, np.float32), 0.5).tolist() == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(rician_unbias(np.array([10.0]), 0.1), [np.sqrt(100 - np.pi / 2 * 0.01)])

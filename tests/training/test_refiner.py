@@ -181,3 +181,38 @@ def test_the_refiner_is_trained_on_its_guide(tiny_ldm, tmp_path, monkeypatch):
     expected = tv_pocs(step["naive"], step["project"], image_axes=(2, 3), scale=1.0)
     torch.testing.assert_close(step["guide"], expected)
     assert (step["guide"] - step["naive"]).abs().max() > 1e-3
+
+
+def test_guides_made_in_worker_processes_are_the_ones_made_in_process(tiny_ldm):
+    """data.num_workers moves the guide (NLM here) into DataLoader workers without changing a batch."""
+    from medldm.models.normalisation import Normalisation
+    from medldm.physics.classical import nlm_slices
+    from medldm.physics.registry import build_random_operator
+    from medldm.training.data import PatchBatches, step_stream
+    from medldm.training.ldm import DegradedPairs
+    from medldm.training.refiner import GuidedPairs
+
+    cfg, _ = tiny_ldm
+    norm = Normalisation(kind="percentile", scale=1.0)
+    op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
+    make = GuidedPairs(DegradedPairs(PatchBatches(cfg.data, seed=5), op, norm, 5, measurements=True), "nlm", norm)
+    here, there = step_stream(make, 3, 0), step_stream(make, 3, 1)
+    for _ in range(2):
+        (x, cond, ops, _, guide), (x_w, cond_w, _, _, guide_w) = next(here), next(there)
+        for a, b in ((x, x_w), (cond, cond_w), (guide, guide_w)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(guide, nlm_slices(cond, [op.sigma for op in ops], image_axes=(2, 3)))
+        assert (guide - cond).abs().max() > 1e-3
+
+
+def test_a_warm_started_stage_continues_the_refiner_and_keeps_its_record(tiny_ldm, tmp_path):
+    cfg, model = tiny_ldm
+    first = train_refiner(cfg, model, tmp_path / "first", max_steps=2)
+    warm = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"init": "model"})})
+    untouched = load_bundle(train_refiner(warm, first, tmp_path / "zero", max_steps=0))
+    for k, v in load_bundle(first).refiner.state_dict().items():
+        torch.testing.assert_close(untouched.refiner.state_dict()[k], v, rtol=0, atol=0)
+    stage = load_bundle(train_refiner(warm, first, tmp_path / "more", max_steps=1)).meta["refiner_stage"]
+    assert stage["steps"] == 1 and stage["continued"]["steps"] == 2 and stage["continued"]["init"] == "identity"
+    fresh = load_bundle(train_refiner(cfg, first, tmp_path / "fresh", max_steps=1)).meta["refiner_stage"]
+    assert "continued" not in fresh
