@@ -188,6 +188,9 @@ class RefinerStageConfig(Strict):
     # TV-POCS started from it (recon, SR) or its 2D non-local means (MR denoise): classical estimates that know
     # no anatomy and so cannot overfit one
     guide: Literal["naive", "tv-pocs", "nlm"] = "naive"
+    # worker processes drawing the stage's patches and guides (None: data.num_workers); every step gets the same
+    # batch whatever the number, but a stage that stops on max_minutes takes more steps with more workers
+    num_workers: int | None = Field(None, ge=0)
 
 
 class LDMRunConfig(Strict):

@@ -11,7 +11,7 @@
 # back single files). Install with
 #   python pipelines/train_default_models.py --only <name> --install-stage OUT_DIR/<name>/model
 set -euo pipefail
-out=${1:?usage: refiner_stages_gpu.sh OUT_DIR [MINUTES] [WORKERS] [MODEL ...]}
+out=$(realpath -m -- "${1:?usage: refiner_stages_gpu.sh OUT_DIR [MINUTES] [WORKERS] [MODEL ...]}")
 minutes=${2:-3.6}
 workers=${3:-14}
 models=("${@:4}")
@@ -23,7 +23,8 @@ stage() {  # name, then --set overrides of the model's cpu config
   local name=$1; shift
   echo "== $name: $(date -u +%T)"
   "$py" -m medldm train refiner --config "configs/ldm-$name-cpu.yaml" --model "medldm/shipped/$name" --out "$out/$name" \
-    --set "refiner_stage.max_minutes=$minutes" --set "data.num_workers=$workers" --set tracking.enabled=false "$@"
+    --device cuda --set "refiner_stage.max_minutes=$minutes" --set "refiner_stage.num_workers=$workers" \
+    --set tracking.enabled=false "$@"
   tar -C "$out" -cf "$out/$name.tar" "$name/model" "$name/losses.json"
 }
 

@@ -64,7 +64,7 @@ def main(argv=None):
         if not meta.get("refiner_stage") or meta.get("name") != name:
             ap.error(f"{args.install_stage} is not a refiner-stage folder of {name}")
         install(name, args.install_stage, ROOT / "configs" / f"ldm-{name}-cpu.yaml", args.steps,
-                command=stage_command(name, meta["refiner_stage"]))
+                command=stage_command(name, meta))
         return
     from medldm.training.ldm import train_ldm
     from medldm.training.vae import train_vae
@@ -116,17 +116,22 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     return refined
 
 
-def stage_command(name: str, stage: dict) -> str:
-    """How to remake an installed stage folder: the VAE and U-Net, then the stage with every setting it recorded
-    (``data.num_workers`` changes its speed, not its batches), then ``--install-stage``."""
+def stage_command(name: str, meta: dict) -> str:
+    """How to remake an installed stage folder (``meta``: its model.json): the model as the pipeline makes it, then
+    the stage from the folder it started from (usually that installed model) with every setting it recorded (the
+    device too: with more workers or a GPU a stage takes more steps in its minutes), then ``--install-stage``."""
+    stage = meta["refiner_stage"]
+    if not stage.get("source_model"):
+        raise SystemExit(f"{name}: the stage does not record the folder it started from; no command can remake it")
+    source = Path(stage["source_model"])
+    source = source.resolve().relative_to(ROOT) if source.is_absolute() and source.resolve().is_relative_to(ROOT) else source
     sets = " ".join(f"--set refiner_stage.{k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
                     for k, v in stage.get("settings", {}).items() if k != "enabled")
-    gpu = "CPU" not in stage.get("device_name", "CPU")
-    return (f"python pipelines/train_default_models.py --only {name} --unet-weights raw  # VAE and U-Net "
-            f"(configs/ldm-{name}-cpu.yaml); then{' on a CUDA machine' if gpu else ''}: medldm train refiner --config "
-            f"configs/ldm-{name}-cpu.yaml --model {stage.get('source_model')} --out OUT {sets}"
-            f"{' --set data.num_workers=14' if gpu else ''}; then: python pipelines/train_default_models.py --only {name} "
-            f"--install-stage OUT/model")
+    raw = " --unet-weights raw" if "raw" in str(meta.get("training", {}).get("unet_weights", "")) else ""
+    device = " --device cuda" if "CPU" not in stage.get("device_name", "CPU") else ""
+    return (f"python pipelines/train_default_models.py --only {name}{raw} && medldm train refiner "
+            f"--config configs/ldm-{name}-cpu.yaml --model {source} --out OUT{device} {sets} && python "
+            f"pipelines/train_default_models.py --only {name} --install-stage OUT/model")
 
 
 def _same_folder(recorded: str, model_dir: Path) -> bool:

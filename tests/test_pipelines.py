@@ -82,7 +82,7 @@ def test_install_stage_takes_one_model_and_only_a_refiner_stage_of_it(train_defa
         train_default_models.main(["--only", "mr-denoise", "mr-recon", "--install-stage", str(tmp_path)])
     with pytest.raises(SystemExit):  # no model.json
         train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
-    (tmp_path / "model.json").write_text('{"name": "mr-recon", "refiner_stage": {"steps": 3}}')
+    (tmp_path / "model.json").write_text('{"name": "mr-recon", "refiner_stage": {"steps": 3, "source_model": "x"}}')
     with pytest.raises(SystemExit):  # another model's stage
         train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
     assert installed == []
@@ -94,16 +94,23 @@ def test_install_stage_takes_one_model_and_only_a_refiner_stage_of_it(train_defa
 def test_the_stage_command_sets_every_recorded_setting(train_default_models):
     import re
 
-    import yaml
-
+    from medldm.cli import _load_run_config
     from medldm.config import RefinerStageConfig
 
     settings = {**RefinerStageConfig().model_dump(), "enabled": True, "guide": "nlm", "patch_size": [96, 48],
-                "max_minutes": 3.6}
-    gpu = train_default_models.stage_command("mr-sr", {"settings": settings, "source_model": "medldm/shipped/mr-sr",
-                                                      "device_name": "NVIDIA H100"})
-    sets = dict(re.findall(r"--set refiner_stage\.(\w+)=(\S+)", gpu))
-    assert {k: yaml.safe_load(v) for k, v in sets.items()} == {k: v for k, v in settings.items() if k != "enabled"}
-    assert "on a CUDA machine" in gpu and "--model medldm/shipped/mr-sr" in gpu
-    cpu = train_default_models.stage_command("mr-sr", {"settings": settings, "device_name": "x86_64 CPU, 2 threads"})
-    assert "CUDA" not in cpu and "num_workers" not in cpu
+                "max_minutes": 3.6, "lr": 1e-5, "num_workers": 14}
+    meta = {"training": {"unet_weights": "raw weights at the last step"},
+            "refiner_stage": {"settings": settings, "device_name": "NVIDIA H100",
+                              "source_model": str(train_default_models.ROOT / "medldm" / "shipped" / "mr-sr")}}
+    gpu = train_default_models.stage_command("mr-sr", meta)
+    sets = re.findall(r"--set (refiner_stage\.\w+=\S+)", gpu)
+    config = _load_run_config("ldm", train_default_models.ROOT / "configs" / "ldm-mr-sr-cpu.yaml", sets)
+    assert config.refiner_stage.model_dump() == settings  # read back as the CLI reads --set
+    assert "--device cuda" in gpu and "--model medldm/shipped/mr-sr " in gpu and "#" not in gpu
+    assert gpu.startswith("python pipelines/train_default_models.py --only mr-sr --unet-weights raw && ")
+    meta["refiner_stage"]["device_name"], meta["training"] = "x86_64 CPU, 2 threads", {}
+    cpu = train_default_models.stage_command("mr-sr", meta)
+    assert "cuda" not in cpu and "--unet-weights" not in cpu
+    del meta["refiner_stage"]["source_model"]
+    with pytest.raises(SystemExit, match="started from"):
+        train_default_models.stage_command("mr-sr", meta)

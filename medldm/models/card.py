@@ -79,9 +79,13 @@ def _init_words(st: dict) -> str:
     before = st.get("continued")
     if not before:
         return "the stage-2 refiner"
-    where = f" on {before['device_name']}" if before.get("device_name") else ""
-    return (f"the refiner of an earlier stage 3 ({before['steps']} steps, {before['seconds']} s{where}; "
-            f"{st['steps'] + before['steps']} steps in all)")
+    legs, total = [], st["steps"]
+    while before:  # a stage may itself have continued another
+        where = f" on {before['device_name']}" if before.get("device_name") else ""
+        legs.append(f"{before['steps']} steps, {before['seconds']} s{where}")
+        total += before["steps"]
+        before = before.get("continued")
+    return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all)"
 
 
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,11 @@ def consistent(x_n: torch.Tensor, ops: list, ys: list, norm: Normalisation) -> t
     return torch.cat(out).to(x_n.device)
 
 
+def projection(ops: list, ys: list, norm: Normalisation):
+    """x_n -> ``consistent(x_n, ops, ys, norm)``: the batch's projection, for the guide and for the cascade."""
+    return partial(consistent, ops=ops, ys=ys, norm=norm)
+
+
 class GuidedPairs:
     """``DegradedPairs`` (with measurements) of step s plus the stage's guide: (x, cond, ops, ys, guide).
     The guide is made where the pair is, so with ``data.num_workers`` TV-POCS and NLM (numpy, one core
@@ -56,16 +62,17 @@ class GuidedPairs:
     def __call__(self, step: int) -> tuple:
         x, cond, ops, ys = self.pairs(step)
         # scale 1: the patches are normalised as inference normalises a volume
-        guide = guide_image(self.guide, cond, image_axes=(2, 3), project=lambda v: consistent(v, ops, ys, self.norm),
+        guide = guide_image(self.guide, cond, image_axes=(2, 3), project=projection(ops, ys, self.norm),
                             scale=1.0, sigma=[float(getattr(op, "sigma", 0.0)) for op in ops])
         return x, cond, ops, ys, guide
 
 
 def stage_data(cfg: LDMRunConfig) -> DataConfig:
-    """The data of the refiner stage: the run's, with the stage's patch size and augmentation."""
+    """The data of the refiner stage: the run's, with the stage's patch size, augmentation and workers."""
     stage = cfg.refiner_stage
     return DataConfig.model_validate({**cfg.data.model_dump(), "augment": stage.augment,
-                                      **({"patch_size": list(stage.patch_size)} if stage.patch_size else {})})
+                                      **({"patch_size": list(stage.patch_size)} if stage.patch_size else {}),
+                                      **({"num_workers": stage.num_workers} if stage.num_workers is not None else {})})
 
 
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
@@ -129,7 +136,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
-        project = lambda x: consistent(x, ops, ys, train_norm)  # noqa: E731
+        project = projection(ops, ys, train_norm)
         with common.autocast(dev, cfg.train.amp):
             refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,
                                     stage.cascades, project)
@@ -152,6 +159,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     bundle.meta["refiner_stage"] = {
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
+        "num_workers": data.num_workers,
         "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "source_unet_steps": bundle.meta.get("training", {}).get("steps"),

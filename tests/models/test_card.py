@@ -29,7 +29,10 @@ def test_the_card_says_where_a_refiner_stage_started_and_ran():
     meta = {"name": "m", "vae": {"channels": [32, 64], "latent_channels": 4}, "latent_scale": 1.0,
             "refiner_stage": stage}
     card = model_card(meta, _rows(28.0, 0.86), "cmd", "machine")
-    assert "earlier stage 3 (486 steps, 1200.7 s on x86_64 CPU; 625 steps in all)" in card
+    assert "earlier stage-3 runs (486 steps, 1200.7 s on x86_64 CPU; 625 steps in all)" in card
+    twice = {**stage, "steps": 900, "continued": {**stage, "device_name": "NVIDIA H100"}}
+    assert ("(486 steps, 1200.7 s on x86_64 CPU; then 139 steps, 216.8 s on NVIDIA H100; 1525 steps in all)"
+            in model_card({**meta, "refiner_stage": twice}, [], "cmd", "m"))
     assert "stage run on NVIDIA H100" in card
     fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity", "continued": None}}, [], "cmd", "m")
     assert "initialised as the identity (fresh)" in fresh and "in all" not in fresh

@@ -83,5 +83,4 @@ def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leav
     out = nlm_slices(noisy, sigma, image_axes=(2, 3))
     assert out[air].mean() < 0.3 * sigma
     assert abs(out[~air].mean() - 1.0) < 0.02  # the signal keeps its level
-    assert rician_unbias(np.zeros(3, np.float32), 0.5).tolist() == [0.0, 0.0, 0.0]
-    np.testing.assert_allclose(rician_unbias(np.array([10.0]), 0.1), [np.sqrt(100 - np.pi / 2 * 0.01)])
+    assert rician_unbias(np.array([0.0, -3.0], np.float32), 0.5).tolist() == [0.0, 0.0]  # an undershoot is no signal

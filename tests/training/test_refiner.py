@@ -214,5 +214,15 @@ def test_a_warm_started_stage_continues_the_refiner_and_keeps_its_record(tiny_ld
         torch.testing.assert_close(untouched.refiner.state_dict()[k], v, rtol=0, atol=0)
     stage = load_bundle(train_refiner(warm, first, tmp_path / "more", max_steps=1)).meta["refiner_stage"]
     assert stage["steps"] == 1 and stage["continued"]["steps"] == 2 and stage["continued"]["init"] == "identity"
+    assert stage["num_workers"] == cfg.data.num_workers
     fresh = load_bundle(train_refiner(cfg, first, tmp_path / "fresh", max_steps=1)).meta["refiner_stage"]
     assert "continued" not in fresh
+
+
+def test_the_stage_has_its_own_workers_or_the_runs(tiny_ldm):
+    from medldm.training.refiner import stage_data
+
+    cfg, _ = tiny_ldm
+    assert cfg.refiner_stage.num_workers is None and stage_data(cfg).num_workers == cfg.data.num_workers
+    own = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"num_workers": 3})})
+    assert stage_data(own).num_workers == 3 and own.data.num_workers == cfg.data.num_workers
