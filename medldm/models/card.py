@@ -21,8 +21,9 @@ def verdict(rows: list[dict]) -> str:
         if ours is None or best is None:
             continue
         word = "beats" if ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"] else "does NOT beat"
-        line = (f"- {case}: medldm {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f} {word} the best classical baseline "
-                f"({best['method']}: {best['psnr']:.2f} dB / {best['ssim']:.3f})")
+        d = _ssim_digits(ours, best)
+        line = (f"- {case}: medldm {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.{d}f} {word} the best classical baseline "
+                f"({best['method']}: {best['psnr']:.2f} dB / {best['ssim']:.{d}f})")
         if sup:
             line += f"; supervised U-Net {sup['psnr']:.2f} dB / {sup['ssim']:.3f}"
         if ceiling:
@@ -40,8 +41,13 @@ def _best_classical(rs: list[dict]) -> dict | None:
     return max(base, key=lambda r: r["psnr"]) if base else None
 
 
-def _pair(r: dict | None) -> str:
-    return f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "-"
+def _ssim_digits(a: dict, b: dict) -> int:
+    """3 decimals, 4 where 3 would print a tie that the comparison (on unrounded values) does not see."""
+    return 4 if f"{a['ssim']:.3f}" == f"{b['ssim']:.3f}" and a["ssim"] != b["ssim"] else 3
+
+
+def _pair(r: dict | None, digits: int = 3) -> str:
+    return f"{r['psnr']:.2f} / {r['ssim']:.{digits}f}" if r else "-"
 
 
 def _ceiling(r: dict | None) -> str:
@@ -61,8 +67,9 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
                 continue
             beats = ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"]
             ceiling = rs.get("VAE(truth)")
-            out.append(f"| {model} | {case} | {best['method']} {_pair(best)} | {_pair(rs.get('supervised U-Net'))} | "
-                       f"{f'**{_pair(ours)}**' if beats else _pair(ours)} | "
+            d = _ssim_digits(ours, best)
+            out.append(f"| {model} | {case} | {best['method']} {_pair(best, d)} | {_pair(rs.get('supervised U-Net'))} | "
+                       f"{f'**{_pair(ours, d)}**' if beats else _pair(ours, d)} | "
                        f"{_ceiling(ceiling)} |")
     return "\n".join(out) + "\n"
 

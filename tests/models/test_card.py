@@ -18,6 +18,10 @@ def test_bold_only_where_every_classical_baseline_is_beaten_on_both_metrics():
     # the best baseline is the best classical one: never the supervised U-Net or the VAE ceiling
     assert "beats the best classical baseline (TV-POCS" in verdict(_rows(28.0, 0.86))
     assert "does NOT beat" in verdict(_rows(28.0, 0.84))
+    # a margin below the third decimal is printed with a fourth, not as a tie
+    close = _rows(28.0, 0.8504)
+    assert "SSIM 0.8504 beats the best classical baseline (TV-POCS: 27.70 dB / 0.8500)" in verdict(close)
+    assert "| TV-POCS 27.70 / 0.8500 | 26.00 / 0.800 | **28.00 / 0.8504** |" in results_table({"m": close})
 
 
 def test_the_card_says_where_a_refiner_stage_started_and_ran():
