@@ -63,6 +63,7 @@ class _Context:
     overwrite: bool
     views: int | None = None
     dose: float | None = None
+    sigma: float | None = None
     previous: dict = field(default_factory=dict)
     _models: dict = field(default_factory=dict)
 
@@ -121,7 +122,7 @@ def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]
     name = ctx.model_name(modality)
     rec = ctx.reconstructor(name, modality)
     with _stage("reconstructing"):
-        result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor)
+        result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor, sigma=ctx.sigma)
     if not np.all(np.isfinite(result.volume.array)):
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
 
@@ -201,7 +202,8 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
 
 
 def _validate(source: Path, out: Path, task: str, steps: int, samples: int, modality: str | None,
-              factor: int | None, model: str | None, views: int | None = None, dose: float | None = None) -> dict:
+              factor: int | None, model: str | None, views: int | None = None, dose: float | None = None,
+              sigma: float | None = None) -> dict:
     """The model's model.json (empty without --model) once the options make sense, else UsageError."""
     if task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -216,6 +218,9 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
                          "sparse-view sinograms)")
     if dose is not None and (views is None or not dose > 0):
         raise UsageError("--dose takes photons per ray > 0 and applies with --views only")
+    if sigma is not None and (task != "denoise" or not 0 < sigma < float("inf")):
+        raise UsageError("--sigma takes the noise level (> 0, in the input's intensity units) and applies to "
+                         "--task denoise only")
     if not source.exists():
         raise UsageError(f"input {source} does not exist")
     if out.exists() and not out.is_dir():
@@ -240,19 +245,19 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
-              dose: float | None = None) -> int:
+              dose: float | None = None, sigma: float | None = None) -> int:
     """Reconstruct every unit under ``input`` into ``output``. Returns the exit code: 0 all units ok or
     skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written)."""
     source, out = Path(input), Path(output)
     try:
-        meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose)
+        meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
         units, ignored = discover(source, task, modality, simulate_views=views is not None)
         model_modality = str(meta.get("modality") or "").upper()
         for u in units:  # a NIfTI that does not say its modality is taken to be what the chosen model is for
             if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
                 u.modality, u.modality_source = model_modality, "model"
         params = {"task": task, "model": model, "steps": steps, "samples": samples, "seed": seed, "factor": factor,
-                  "modality": modality, "views": views, "dose": dose}
+                  "modality": modality, "views": views, "dose": dose, "sigma": sigma}
         before = previous_parameters(out)
         changed = sorted(k for k in params if before is not None and before.get(k) != params[k])
         if changed and not overwrite and read_previous(out):
@@ -269,7 +274,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         print(f"error: {err}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
-    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose)
+    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma)
     if dry_run:
         if rank == 0:
             print(format_plan(units, out, task, model, overwrite))

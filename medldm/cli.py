@@ -117,6 +117,8 @@ def reconstruct(
     factor: Optional[int] = typer.Option(None, help="SR factor along the slice axis."),
     views: Optional[int] = typer.Option(None, help="Research: --task recon of CT images by simulating N-view sinograms."),
     dose: Optional[float] = typer.Option(None, help="With --views: photons per ray (Poisson noise); default noiseless."),
+    sigma: Optional[float] = typer.Option(None, help="--task denoise: the noise level in the input's intensity units "
+                                          "(MR: Rician sigma), where it is known; default: estimated from each image."),
     device: Optional[str] = _DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
@@ -127,7 +129,8 @@ def reconstruct(
     from medldm.batch import run_batch
 
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
-                     factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose)
+                     factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose,
+                     sigma=sigma)
     raise typer.Exit(code)
 
 

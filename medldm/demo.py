@@ -132,8 +132,11 @@ def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2,
         # SR: the factor that made the thick slices (the default, "as fine as in-plane", would give 5x for
         # 4.5 mm CT slices at 0.96 mm pixels, finer than the 1.5 mm truth)
         factor = SETTINGS[name][0]["factors"][0] if m.task == "sr" else None
+        # MR denoise: the noise level the input was made with, as the NLM baseline below gets it (a NIfTI does
+        # not carry it; estimated from the image it came out 10% low on this slab)
+        sigma = float(m.operator.sigma) if name == "mr-denoise" else None
         kwargs = dict(task=name.split("-", 1)[1], model=reg["uri"], steps=steps, samples=samples, seed=0,
-                      modality=modality, factor=factor)
+                      modality=modality, factor=factor, sigma=sigma)
         # an earlier demo's outputs made with other settings are redone; any other usage error stays an error
         before = previous_parameters(out / "outputs" / name)
         stale = before is not None and any(before.get(k) != v for k, v in kwargs.items())

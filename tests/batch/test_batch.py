@@ -241,6 +241,8 @@ def test_default_model_missing_and_unknown_modality(tmp_path, shipped_dir):
     ({"task": "sr", "model": "DENOISE"}, "does 'denoise'"),
     ({"task": "recon", "only": "nifti"}, "nothing to reconstruct"),
     ({"task": "denoise", "inside": True}, "inside the input"),
+    ({"task": "sr", "sigma": 5.0}, "--sigma"),
+    ({"task": "denoise", "sigma": float("nan")}, "--sigma"),
 ])
 def test_usage_errors_exit_2_and_write_nothing(batch_input, bundles, tmp_path, capsys, kwargs, message):
     src = batch_input[0]
@@ -285,3 +287,18 @@ def test_rerun_with_other_parameters_refuses_to_reuse_results(batch_input, bundl
     assert _manifest(out)["units"][0]["reason"] == "already done"
     code, _ = run(nifti, out, task="denoise", model=str(bundles["denoise"]), steps=2, overwrite=True)
     assert code == 0 and _manifest(out)["parameters"]["steps"] == 2 and _manifest(out)["units"][0]["status"] == "ok"
+
+
+def test_a_known_noise_level_replaces_the_estimate(batch_input, bundles, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(batch_input[0] / "nifti" / "sub-01_T1w.nii.gz", src)  # the folder also holds a broken file
+    code, _ = run(src, tmp_path / "out", task="denoise", model=str(bundles["denoise"]), sigma=7.5, steps=1)
+    manifest = _manifest(tmp_path / "out")
+    assert code == 0 and manifest["parameters"]["sigma"] == 7.5
+    for unit in manifest["units"]:
+        prov = json.loads((tmp_path / "out" / unit["outputs"]["provenance"]).read_text())
+        assert prov["operator"]["sigma"] == 7.5
+    code, _ = run(src, tmp_path / "estimated", task="denoise", model=str(bundles["denoise"]), steps=1)
+    unit = _manifest(tmp_path / "estimated")["units"][0]
+    assert json.loads((tmp_path / "estimated" / unit["outputs"]["provenance"]).read_text())["operator"]["sigma"] != 7.5
