@@ -5,8 +5,9 @@
 #   bash pipelines/refiner_stages_gpu.sh OUT_DIR [MINUTES] [WORKERS] [MODEL ...]   (default: mr-denoise mr-recon)
 #
 # mr-denoise: a fresh refiner on the Rician-corrected NLM guide (shipped: 3.6 min, 14 workers, one H100,
-# 1,330 steps). mr-recon: the shipped TV-POCS-guided refiner continued (init: model); measured, not shipped:
-# 139 steps in 3.6 min, bound by the main process's CPU-side k-space projections, not by the GPU or the guides.
+# 1,330 steps). mr-recon: the TV-POCS-guided refiner continued (init: model): 139 steps in 3.6 min, bound by the
+# main process's CPU-side k-space projections, not by the GPU or the guides; the shipped mr-recon refiner is that
+# stage continued another 20 minutes on the CPU (README, Results).
 # Each stage writes OUT_DIR/<name>/model, and OUT_DIR/<name>.tar of it with its losses (for machines that hand
 # back single files). Install with
 #   python pipelines/train_default_models.py --only <name> --install-stage OUT_DIR/<name>/model

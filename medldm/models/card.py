@@ -95,6 +95,14 @@ def _init_words(st: dict) -> str:
     return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all)"
 
 
+def _legs_note(meta: dict) -> str:
+    st = meta.get("refiner_stage") or {}
+    if not st.get("continued"):
+        return ""
+    return (" (the refiner stage's last leg: `--model` names the folder the earlier legs, listed under Refiner, "
+            "left; each leg is the same command with its own settings)")
+
+
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
     weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
@@ -135,7 +143,7 @@ Trained degradation: `{deg}`.
   see `data_cards/`.
 - VAE: {vae_t.get('steps')} steps, {vae_t.get('seconds')} s; diffusion U-Net + refiner: {t.get('steps')} steps,
   {t.get('seconds')} s, on {machine}.{weights_line}
-- Reproduce: `{command}`
+- Reproduce: `{command}`{_legs_note(meta)}
 
 ## Verdict
 {verdict(rows)}

@@ -37,6 +37,6 @@ def test_the_card_says_where_a_refiner_stage_started_and_ran():
     twice = {**stage, "steps": 900, "continued": {**stage, "device_name": "NVIDIA H100"}}
     assert ("(486 steps, 1200.7 s on x86_64 CPU; then 139 steps, 216.8 s on NVIDIA H100; 1525 steps in all)"
             in model_card({**meta, "refiner_stage": twice}, [], "cmd", "m"))
-    assert "stage run on NVIDIA H100" in card
+    assert "stage run on NVIDIA H100" in card and "the refiner stage's last leg" in card
     fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity", "continued": None}}, [], "cmd", "m")
-    assert "initialised as the identity (fresh)" in fresh and "in all" not in fresh
+    assert "initialised as the identity (fresh)" in fresh and "in all" not in fresh and "last leg" not in fresh
