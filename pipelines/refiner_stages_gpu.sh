@@ -5,9 +5,11 @@
 #   bash pipelines/refiner_stages_gpu.sh OUT_DIR [MINUTES] [WORKERS] [MODEL ...]   (default: mr-denoise mr-recon)
 #
 # mr-denoise: a fresh refiner on the Rician-corrected NLM guide (shipped: 3.6 min, 14 workers, one H100,
-# 1,330 steps). mr-recon: the TV-POCS-guided refiner continued (init: model): 139 steps in 3.6 min, bound by the
-# main process's CPU-side k-space projections, not by the GPU or the guides; the shipped mr-recon refiner is that
-# stage continued another 20 minutes on the CPU (README, Results).
+# 1,330 steps). mr-recon: the TV-POCS-guided refiner continued (init: model): 139 steps in 3.6 min (mr-denoise's
+# loop ran 6.2 steps/s and one worker makes a TV-POCS batch in 0.98 s, so most likely the cascade's k-space
+# projections, which run on the CPU in the main process beside the busy workers, held it back; not profiled).
+# The shipped mr-recon refiner is that stage continued another 20 minutes on the CPU (README, Results).
+# Each model's own settings (guide, cascades, ...) come from its config; this script only sets time and workers.
 # Each stage writes OUT_DIR/<name>/model, and OUT_DIR/<name>.tar of it with its losses (for machines that hand
 # back single files). Install with
 #   python pipelines/train_default_models.py --only <name> --install-stage OUT_DIR/<name>/model
@@ -31,7 +33,7 @@ stage() {  # name, then --set overrides of the model's cpu config
 
 for name in "${models[@]}"; do
   case $name in
-    mr-denoise) stage mr-denoise --set refiner_stage.guide=nlm ;;
+    mr-denoise) stage mr-denoise ;;
     mr-recon) stage mr-recon --set refiner_stage.init=model ;;
     *) echo "no GPU refiner stage for $name (mr-denoise, mr-recon)" >&2; exit 2 ;;
   esac

@@ -53,8 +53,8 @@ def projection(ops: list, ys: list, norm: Normalisation):
 
 class GuidedPairs:
     """``DegradedPairs`` (with measurements) of step s plus the stage's guide: (x, cond, ops, ys, guide).
-    The guide is made where the pair is, so with ``data.num_workers`` TV-POCS and NLM (numpy, one core
-    each, as long as the rest of a step on 2 cores) run in worker processes. Picklable, for step_stream."""
+    The guide is made where the pair is, so with ``refiner_stage.num_workers`` TV-POCS and NLM (numpy, one
+    core each, as long as the rest of a step on 2 cores) run in worker processes. Picklable, for step_stream."""
 
     def __init__(self, pairs: DegradedPairs, guide: str, norm: Normalisation):
         self.pairs, self.guide, self.norm = pairs, guide, norm
