@@ -6,8 +6,9 @@
 #
 # mr-denoise: a fresh refiner on the Rician-corrected NLM guide (shipped: 3.6 min, 14 workers, one H100,
 # 1,330 steps). mr-recon: the TV-POCS-guided refiner continued (init: model): 139 steps in 3.6 min (mr-denoise's
-# loop ran 6.2 steps/s and one worker makes a TV-POCS batch in 0.98 s, so most likely the cascade's k-space
-# projections, which run on the CPU in the main process beside the busy workers, held it back; not profiled).
+# loop ran 6.2 steps/s and one worker makes a TV-POCS batch in 0.98 s). With the cascade's k-space projections
+# moved from the CPU onto the GPU, a later H100 leg (2026-11-26) ran 892 steps in 7.4 min, 2.0 steps/s, with the
+# GPU 3-15% busy: the host side still limits it (not profiled). That leg's weights were lost with its machine.
 # The shipped mr-recon refiner is that stage continued another 20 minutes on the CPU (README, Results).
 # Each model's own settings (guide, cascades, ...) come from its config; this script only sets time and workers.
 # Each stage writes OUT_DIR/<name>/model, and OUT_DIR/<name>.tar of it with its losses (for machines that hand

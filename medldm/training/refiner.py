@@ -40,10 +40,13 @@ from medldm.training.ldm import DegradedPairs
 
 
 def consistent(x_n: torch.Tensor, ops: list, ys: list, norm: Normalisation) -> torch.Tensor:
-    """Each patch projected onto its own measurement, in normalised units; differentiable (the projection runs
-    on the CPU, where the operators and measurements live)."""
-    out = [norm.forward(op.data_consistency(norm.inverse(xi[None].float().cpu()), y)) for xi, op, y in zip(x_n, ops, ys)]
-    return torch.cat(out).to(x_n.device)
+    """Each patch projected onto its own measurement, in normalised units; differentiable. It runs where x_n
+    is (the operators are device-agnostic). Moved onto an H100, they lifted mr-recon's stage from 0.64 to 2.0
+    steps/s (14 guide workers); the GPU still sat mostly idle (3-15% in nvidia-smi), so something else on the host
+    limits it (not profiled)."""
+    out = [norm.forward(op.data_consistency(norm.inverse(xi[None].float()), y.to(xi.device)))
+           for xi, op, y in zip(x_n, ops, ys)]
+    return torch.cat(out)
 
 
 def projection(ops: list, ys: list, norm: Normalisation):
@@ -132,7 +135,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     total = 10**9 if max_steps is None else max_steps
     while step < total and seconds_before + time.time() - t0 < 60 * minutes:
         x, cond, ops, ys, guide = next(pairs)
-        x, cond, guide = x.to(dev), cond.to(dev), guide.to(dev)
+        x, cond, guide, ys = x.to(dev), cond.to(dev), guide.to(dev), [y.to(dev) for y in ys]
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
                                      batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
