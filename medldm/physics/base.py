@@ -44,6 +44,11 @@ class Operator(ABC):
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """Project (weight None: hard) or pull (weight >= 0: soft, noise-weighted) x towards agreement with y."""
 
+    def dc_group(self) -> tuple | None:
+        """Operators with one equal, non-None key project identically (same geometry, no per-item mask), so a
+        batch's items may share one ``data_consistency`` call: the CT projector then runs once for the group."""
+        return None
+
     def residual(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """||A x - y|| / ||y||: how far an estimate is from explaining the measurement."""
         return float(torch.linalg.vector_norm(self.A(x) - y) / torch.linalg.vector_norm(y).clamp_min(1e-12))

@@ -1,11 +1,11 @@
 """Parallel-beam CT per axial slice: low-dose (Poisson) and sparse-view simulation.
 
-Projector. A torch radon: each ray sums bilinear samples of the slice at unit (pixel) spacing, drawn by
-``grid_sample`` for all views at once. We do not use skimage's radon/iradon pair because its unfiltered
-iradon is not the transpose of its radon; here the adjoint is the exact transpose (autograd through
-grid_sample), so <A x, y> = <x, A^T y> to rounding. circle=False: the detector spans the slice diagonal,
-ceil(sqrt(X^2 + Y^2)) bins, so nothing outside the inscribed circle (arms, table, patch corners) is
-truncated; the price is a sinogram ~1.4x wider.
+Projector (``ct_projector``). A torch radon: each ray sums bilinear samples of the slice at unit (pixel)
+spacing, as a sparse system matrix for small slices and ``grid_sample`` for large ones. We do not use
+skimage's radon/iradon pair because its unfiltered iradon is not the transpose of its radon; here the
+adjoint is the exact transpose (the matrix's, or autograd through grid_sample), so <A x, y> = <x, A^T y>
+to rounding. circle=False: the detector spans the slice diagonal, ceil(sqrt(X^2 + Y^2)) bins, so nothing
+outside the inscribed circle (arms, table, patch corners) is truncated; the price is a sinogram ~1.4x wider.
 
 Units. Images are HU. The measurement is the line integral of mu minus that of a field of view filled
 with water: y = R(mu(x)) - R(mu_water) = c R(x) with c = mu_water * pixel_mm / 1000, so A is *linear* in
@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medldm.errors import ConfigError, InputError
 from medldm.physics._common import check_image, noise_generator
 from medldm.physics.base import Operator, RandomOperator
+from medldm.physics.ct_projector import Projector, is_small, n_detectors, projector
 
 MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, 1/mm
-_CHUNK_SAMPLES = 2**24  # bound on grid_sample output elements per chunk (~64 MB in float32)
 
 
 def hu_to_mu(hu, mu_water: float = MU_WATER_PER_MM):
@@ -40,10 +39,6 @@ def hu_to_mu(hu, mu_water: float = MU_WATER_PER_MM):
 
 def mu_to_hu(mu, mu_water: float = MU_WATER_PER_MM):
     return 1000.0 * (mu / mu_water - 1.0)
-
-
-def n_detectors(shape: Sequence[int]) -> int:
-    return int(math.ceil(math.hypot(*shape) - 1e-9))
 
 
 def ramp_filter(sino: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -128,54 +123,20 @@ class LowDoseCT(Operator):
                 return cand, cand
         raise InputError(None, f"cannot infer the slice size from {d} detector bins; pass image_shape")
 
-    def _grid(self, shape: tuple[int, int], dtype, device) -> torch.Tensor:
-        key = ("grid", shape, dtype, str(device))
+    def projector(self, shape: Sequence[int], dtype=torch.float32, device=None) -> Projector:
+        """The projector of this geometry (slices of ``shape``, these views); large ones are kept here."""
+        angles = tuple(self.angles) if self.angles is not None else self.views
+        shape, dev = tuple(int(v) for v in shape), str(torch.device("cpu" if device is None else device))
+        if is_small(shape, self.views):
+            return projector(shape, angles, dtype, dev)  # shared by every operator of the geometry
+        key = ("projector", shape, dtype, dev)
         if key not in self._cache:
-            nx, ny = shape
-            d = n_detectors(shape)
-            if self.angles is not None:
-                theta = torch.tensor(self.angles, dtype=torch.float64) * (math.pi / 180.0)
-            else:
-                theta = torch.arange(self.views, dtype=torch.float64) * (math.pi / self.views)
-            s = torch.arange(d, dtype=torch.float64) - (d - 1) / 2  # detector offset, pixels
-            t = s.clone()  # position along the ray, pixels
-            cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-            dx = s[None, None, :] * cos - t[None, :, None] * sin  # (V, T, S) offsets along X
-            dy = s[None, None, :] * sin + t[None, :, None] * cos
-            # grid_sample, align_corners=False: pixel i's centre sits at (2 i + 1) / n - 1, i.e. 2 * offset / n.
-            grid = torch.stack((2 * dy / ny, 2 * dx / nx), dim=-1).reshape(1, self.views * d, d, 2)
-            self._cache[key] = grid.to(dtype=dtype, device=device)
+            self._cache[key] = projector(shape, angles, dtype, dev)
         return self._cache[key]
-
-    def _chunks(self, m: int, d: int):
-        per = max(1, _CHUNK_SAMPLES // (self.views * d * d))
-        return [(i, min(m, i + per)) for i in range(0, m, per)]
-
-    def _radon_slices(self, s: torch.Tensor) -> torch.Tensor:
-        """(M, 1, X, Y) -> (M, D, V) plain sums of bilinear samples (pixel units)."""
-        shape = tuple(s.shape[2:])
-        d, grid = n_detectors(shape), self._grid(shape, s.dtype, s.device)
-        outs = []
-        for a, b in self._chunks(s.shape[0], d):
-            g = grid.expand(b - a, -1, -1, -1)
-            smp = F.grid_sample(s[a:b], g, mode="bilinear", padding_mode="zeros", align_corners=False)
-            outs.append(smp.reshape(b - a, self.views, d, d).sum(dim=2).transpose(1, 2))
-        return torch.cat(outs, dim=0)
-
-    def _backproject_slices(self, sino: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """Exact transpose of ``_radon_slices``: (M, D, V) -> (M, 1, X, Y), via the vjp of grid_sample."""
-        outs = []
-        for a, b in self._chunks(sino.shape[0], sino.shape[1]):
-            with torch.enable_grad():
-                z = torch.zeros((b - a, 1, *shape), dtype=sino.dtype, device=sino.device, requires_grad=True)
-                (g,) = torch.autograd.grad(self._radon_slices(z), z, grad_outputs=sino[a:b],
-                                           create_graph=sino.requires_grad)
-            outs.append(g)
-        return torch.cat(outs, dim=0)
 
     def _radon(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x)
-        r = self._radon_slices(self._to_slices(x))  # (B*C*Z, D, V)
+        r = self.projector(x.shape[2:4], x.dtype, x.device).radon(self._to_slices(x))  # (B*C*Z, D, V)
         b, c = x.shape[:2]
         if x.ndim == 4:
             return r.reshape(b, c, *r.shape[1:])
@@ -185,11 +146,12 @@ class LowDoseCT(Operator):
         if y.ndim not in (4, 5) or y.shape[3] != self.views:
             raise InputError(None, f"sinogram must be (B, C, D, {self.views}[, Z]), got {tuple(y.shape)}")
         shape = self.slice_shape_for(y.shape[2])
+        proj = self.projector(shape, y.dtype, y.device)
         b, c = y.shape[:2]
         if y.ndim == 4:
-            return self._backproject_slices(y.reshape(-1, *y.shape[2:]), shape).reshape(b, c, *shape)
+            return proj.backproject(y.reshape(-1, *y.shape[2:])).reshape(b, c, *shape)
         z = y.shape[4]
-        s = self._backproject_slices(y.permute(0, 1, 4, 2, 3).reshape(-1, *y.shape[2:4]), shape)
+        s = proj.backproject(y.permute(0, 1, 4, 2, 3).reshape(-1, *y.shape[2:4]))
         return s.reshape(b, c, z, *shape).permute(0, 1, 3, 4, 2)
 
     # -- operator contract -------------------------------------------------------------------------------
@@ -225,19 +187,8 @@ class LowDoseCT(Operator):
         return self._backproject(ramp_filter(y, dim=2)) * (math.pi / (2 * self.views)) / self.scale
 
     def lipschitz(self, shape: Sequence[int], dtype=torch.float32, device=None) -> float:
-        """||A||^2 for (X, Y) slices by 30 power iterations (private generator), cached."""
-        shape = tuple(int(s) for s in shape)
-        key = ("lip", shape, dtype, str(device))
-        if key not in self._cache:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            v = torch.rand((1, 1, *shape), generator=g, dtype=torch.float64).to(device)
-            lam = 1.0
-            for _ in range(30):
-                w = self.adjoint(self.A(v))
-                lam = float(torch.linalg.vector_norm(w))
-                v = w / lam
-            self._cache[key] = lam * 1.01  # a hair above the estimate keeps 1/L a safe step
-        return self._cache[key]
+        """||A||^2 for (X, Y) slices (power iterations, shared by every operator of this geometry), 1% high."""
+        return self.scale**2 * self.projector(shape, dtype, device).norm_squared
 
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """``dc_steps`` gradient steps, step size 1 / Lipschitz constant (monotone decrease, no tuning).
@@ -248,7 +199,7 @@ class LowDoseCT(Operator):
         noise-weighted w is the inverse variance of y, about I0 exp(-p) for line integral p.
         """
         check_image(x)
-        lip = self.lipschitz(x.shape[2:4], torch.float64, x.device)
+        lip = self.lipschitz(x.shape[2:4], x.dtype, x.device)
         z = x.clone()
         if weight is None:
             for _ in range(self.dc_steps):
@@ -263,6 +214,11 @@ class LowDoseCT(Operator):
         for _ in range(self.dc_steps):
             z = z - tau * ((z - x) + w * self.adjoint(self.A(z) - y))
         return z
+
+    def dc_group(self) -> tuple:
+        # hard and soft data consistency depend on the geometry and the step count, not on the dose or its noise
+        angles = tuple(self.angles) if self.angles is not None else self.views
+        return ("parallel-beam", angles, self.pixel_mm, self.mu_water, self.dc_steps, self.image_shape)
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"operator": self.name, "views": self.views, "pixel_mm": self.pixel_mm,
