@@ -28,7 +28,7 @@ import torch
 from medldm.errors import ConfigError, InputError
 from medldm.physics._common import check_image, noise_generator
 from medldm.physics.base import Operator, RandomOperator
-from medldm.physics.ct_projector import Projector, is_small, n_detectors, projector
+from medldm.physics.ct_projector import Projector, n_detectors, projector
 
 MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, 1/mm
 
@@ -123,16 +123,22 @@ class LowDoseCT(Operator):
                 return cand, cand
         raise InputError(None, f"cannot infer the slice size from {d} detector bins; pass image_shape")
 
+    @property
+    def _angles(self) -> tuple[float, ...] | int:
+        """The geometry's views: the listed angles, or their number when evenly spread."""
+        return tuple(self.angles) if self.angles is not None else self.views
+
     def projector(self, shape: Sequence[int], dtype=torch.float32, device=None) -> Projector:
-        """The projector of this geometry (slices of ``shape``, these views); large ones are kept here."""
-        angles = tuple(self.angles) if self.angles is not None else self.views
+        """The projector of this geometry (slices of ``shape``, these views). Sparse ones are shared by every
+        operator of the geometry; a large grid_sample one is kept here and freed with this operator."""
         shape, dev = tuple(int(v) for v in shape), str(torch.device("cpu" if device is None else device))
-        if is_small(shape, self.views):
-            return projector(shape, angles, dtype, dev)  # shared by every operator of the geometry
         key = ("projector", shape, dtype, dev)
-        if key not in self._cache:
-            self._cache[key] = projector(shape, angles, dtype, dev)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        proj = projector(shape, self._angles, dtype, dev)
+        if not proj.sparse:
+            self._cache[key] = proj
+        return proj
 
     def _radon(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x)
@@ -217,8 +223,7 @@ class LowDoseCT(Operator):
 
     def dc_group(self) -> tuple:
         # hard and soft data consistency depend on the geometry and the step count, not on the dose or its noise
-        angles = tuple(self.angles) if self.angles is not None else self.views
-        return ("parallel-beam", angles, self.pixel_mm, self.mu_water, self.dc_steps, self.image_shape)
+        return ("parallel-beam", self._angles, self.pixel_mm, self.mu_water, self.dc_steps, self.image_shape)
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"operator": self.name, "views": self.views, "pixel_mm": self.pixel_mm,

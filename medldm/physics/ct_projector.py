@@ -49,7 +49,7 @@ class _Linear(torch.autograd.Function):
         # autocast would run the product in bf16 (grid_sample it keeps in float32): HU lose ~10 units and the
         # backward pass, run outside autocast, would no longer be the forward's transpose
         with torch.autocast(x.device.type, enabled=False):
-            return m @ x.to(m.dtype)
+            return m @ x
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -61,12 +61,10 @@ class Projector:
     """Radon transform of (M, 1, X, Y) slices to (M, D, V) sinograms (detector, view) and its transpose."""
 
     def __init__(self, shape: tuple[int, int], theta: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                 sparse: bool | None = None):
+                 sparse: bool):
         self.shape, self.views, self.d = shape, int(theta.numel()), n_detectors(shape)
         self.dtype, self.device = dtype, device
         points = _sample_points(shape, theta)
-        if sparse is None:
-            sparse = is_small(shape, self.views)
         self.sparse = bool(sparse)
         if self.sparse:
             coo = self._system_matrix(points).to(dtype=dtype, device=device)
