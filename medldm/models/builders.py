@@ -51,29 +51,52 @@ def build_unet(cfg: UNetConfig, spatial_dims: int, latent_channels: int) -> Diff
     )
 
 
-def build_refiner(cfg: RefinerConfig, spatial_dims: int) -> BasicUNet:
-    # Inputs: decoded latent estimate and the naive inverse; output: a residual added to the estimate.
-    net = BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(cfg.features))
+def build_refiner(cfg: RefinerConfig, spatial_dims: int, guide_channels: int = 1) -> BasicUNet:
+    # Inputs: decoded latent estimate and the guide (the naive inverse, or the refiner stage's classical
+    # images: guide_channels of them); output: a residual added to the estimate.
+    net = BasicUNet(spatial_dims=spatial_dims, in_channels=1 + guide_channels, out_channels=1,
+                    features=tuple(cfg.features))
     # Zero last layer: an untrained refiner is the identity on what its output is added to.
     torch.nn.init.zeros_(net.final_conv.weight)
     torch.nn.init.zeros_(net.final_conv.bias)
     return net
 
 
-def apply_refiner(apply, residual_on: str, decoded: torch.Tensor, naive: torch.Tensor, passes: int = 1,
+def widen_refiner_input(net: BasicUNet, guide_channels: int) -> BasicUNet:
+    """``net`` made to take ``guide_channels`` guide images, the added ones last and with zero weights: the
+    widened refiner computes what ``net`` did until training teaches it to use them (a warm start)."""
+    conv = net.conv_0.conv_0.conv
+    added = 1 + guide_channels - conv.in_channels
+    if added < 0:
+        raise ModelError(f"the refiner already sees {conv.in_channels - 1} guide images, more than {guide_channels}")
+    if added:
+        wide = type(conv)(conv.in_channels + added, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, conv.bias is not None).to(conv.weight)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.weight[:, :conv.in_channels] = conv.weight
+            if conv.bias is not None:
+                wide.bias.copy_(conv.bias)
+        net.conv_0.conv_0.conv = wide
+        net.conv_0.conv_0.in_channels = wide.in_channels  # MONAI's Convolution block records its own
+    return net
+
+
+def apply_refiner(apply, residual_on: str, decoded: torch.Tensor, guide: torch.Tensor, passes: int = 1,
                   project=None) -> torch.Tensor:
-    """The refined estimate: ``apply`` (the refiner, or a sliding-window call of it) on (decoded, naive),
-    its correction added to the naive inverse or to the decoded estimate, as ``residual_on`` says. With
-    ``passes`` > 1 a weight-shared cascade: ``project`` (data consistency) between passes, pass k > 1
-    refining the projected output of pass k - 1; the projection after the last pass is the caller's. One
-    place for training (stages 2 and 3) and both inference paths."""
+    """The refined estimate: ``apply`` (the refiner, or a sliding-window call of it) on (decoded, guide), the
+    guide being the naive inverse or the refiner stage's stack of classical images; its correction is added to
+    the guide's first image (the naive inverse unless the stage's guide replaced it) or to the decoded
+    estimate, as ``residual_on`` says. With ``passes`` > 1 a weight-shared cascade: ``project`` (data
+    consistency) between passes, pass k > 1 refining the projected output of pass k - 1; the projection after
+    the last pass is the caller's. One place for training (stages 2 and 3) and both inference paths."""
     if passes > 1 and project is None:
         raise ModelError(f"this refiner runs {passes} passes with data consistency between them: it needs the "
                          "measurement")
     x = decoded
     for k in range(passes):
         x = project(x) if k else x
-        x = (naive if residual_on == "naive" else x) + apply(torch.cat([x, naive], 1))
+        x = (guide[:, :1] if residual_on == "naive" else x) + apply(torch.cat([x, guide], 1))
     return x
 
 

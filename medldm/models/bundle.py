@@ -22,6 +22,7 @@ from medldm import __version__
 from medldm.config import RefinerConfig, SchedulerConfig, UNetConfig, VAEConfig, parse_config
 from medldm.errors import ModelError
 from medldm.models.builders import build_refiner, build_unet, build_vae
+from medldm.physics.classical import guide_parts
 
 FORMAT = "medldm-model/1"
 
@@ -56,7 +57,7 @@ class ModelBundle:
     @property
     def refiner_guide(self) -> str:
         """What the refiner sees beside the decoded estimate (the refiner stage's ``guide``; naive before it)."""
-        return str((self.meta.get("refiner_stage") or {}).get("guide", "naive"))
+        return refiner_guide(self.meta)
 
     @property
     def refiner_cascades(self) -> int:
@@ -122,6 +123,11 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def refiner_guide(meta: dict) -> str:
+    """The guide a saved model's refiner sees (its refiner stage's ``guide``; the naive inverse before it)."""
+    return str((meta.get("refiner_stage") or {}).get("guide", "naive"))
+
+
 def load_bundle(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelBundle:
     folder = Path(folder)
     meta = read_meta(folder)
@@ -135,7 +141,12 @@ def load_bundle(folder: str | Path, map_location: str | torch.device = "cpu") ->
         _load_into(unet, folder / "unet.safetensors", map_location)
         parse_config(meta["scheduler"], SchedulerConfig, f"{folder}/model.json:scheduler")
     if meta.get("refiner") is not None and meta["refiner"].get("enabled", False):
-        refiner = build_refiner(parse_config(meta["refiner"], RefinerConfig, f"{folder}/model.json:refiner"), dims)
+        try:
+            guide_images = len(guide_parts(refiner_guide(meta)))  # one refiner input channel each
+        except ValueError as err:
+            raise ModelError(f"{folder}/model.json: refiner_stage.guide: {err}") from None
+        refiner = build_refiner(parse_config(meta["refiner"], RefinerConfig, f"{folder}/model.json:refiner"), dims,
+                                guide_images)
         _load_into(refiner, folder / "refiner.safetensors", map_location)
     return ModelBundle(meta=meta, vae=vae, unet=unet, refiner=refiner, path=folder).eval()
 
@@ -144,6 +155,9 @@ def _load_into(module: torch.nn.Module, path: Path, map_location) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: weights file missing")
     state = load_file(str(path), device=str(map_location))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that disagree with the config (e.g. a refiner's guide images)
+        raise ModelError(f"{path}: weights do not match the config: {str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ModelError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

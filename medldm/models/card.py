@@ -79,20 +79,33 @@ GUIDE_WORDS = {"tv-pocs": "TV-POCS (TV alternated with the measurement's project
                "nlm": "2D non-local means of the noisy input, its Rician bias removed (computed at inference)"}
 
 
+def _guide_words(guide: str, residual_on_naive: bool) -> str:
+    """The card's words for a refiner stage's guide (not the plain naive inverse)."""
+    if "+" not in guide:
+        adds = " and adds its correction to it" if residual_on_naive else ""
+        return f", guided by {GUIDE_WORDS.get(guide, guide)} instead of the naive inverse (it sees that image{adds})"
+    names = ["the naive inverse" if p == "naive" else GUIDE_WORDS.get(p, p) for p in guide.split("+")]
+    adds = f"; it adds its correction to {names[0].split(' (')[0]}" if residual_on_naive else ""
+    return f", guided by {' and by '.join(names)}, stacked as input channels{adds}"
+
+
 def _init_words(st: dict) -> str:
     """Where a stage's refiner started; a warm start from an earlier stage 3 counts that stage's steps too."""
     if st.get("init") == "identity":
         return "the identity (fresh)"
     before = st.get("continued")
+    seen, now = (before or {}).get("guide", "naive").split("+"), st.get("guide", "naive").split("+")
+    widened = (f", its input widened to take {' and '.join(now[len(seen):])} too (zero weights at first)"
+               if len(now) > len(seen) else "")
     if not before:
-        return "the stage-2 refiner"
+        return f"the stage-2 refiner{widened}"
     legs, total = [], st["steps"]
     while before:  # a stage may itself have continued another
         where = f" on {before['device_name']}" if before.get("device_name") else ""
         legs.append(f"{before['steps']} steps, {before['seconds']} s{where}")
         total += before["steps"]
         before = before.get("continued")
-    return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all)"
+    return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all){widened}"
 
 
 def _legs_note(meta: dict) -> str:
@@ -112,9 +125,7 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         if st.get("guide", "naive") != "naive":
-            adds = " and adds its correction to it" if meta.get("refiner", {}).get("residual_on") == "naive" else ""
-            cascade += (f", guided by {GUIDE_WORDS.get(st['guide'], st['guide'])} instead of the naive inverse (it sees "
-                        f"that image{adds})")
+            cascade += _guide_words(st["guide"], meta.get("refiner", {}).get("residual_on") == "naive")
         ran_on = f"; stage run on {st['device_name']}" if st.get("device_name") else ""
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "

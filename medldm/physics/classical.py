@@ -84,9 +84,21 @@ def _axes(x: torch.Tensor, image_axes: tuple[int, int]) -> tuple[int, int]:
 GUIDES = ("naive", "tv-pocs", "nlm")
 
 
+def guide_parts(kind: str) -> list[str]:
+    """The classical images a guide is made of, one refiner input channel each: "naive+tv-pocs" is the naive
+    inverse and TV-POCS (the refiner's correction is added to the first, see ``apply_refiner``)."""
+    parts = kind.split("+")
+    unknown = [p for p in parts if p not in GUIDES]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown refiner guide {kind!r}: distinct parts joined by '+', each one of {', '.join(GUIDES)}")
+    return parts
+
+
 def guide_refusal(kind: str, task: str, modality: str) -> str | None:
     """Why a ``kind`` guide cannot serve a ``modality`` ``task`` model (None when it can): TV-POCS alternates
     with the projection onto a kept measurement; the NLM settings are those for Rician (MR) noise."""
+    if "+" in kind:
+        return next(filter(None, (guide_refusal(p, task, modality) for p in guide_parts(kind))), None)
     if kind == "tv-pocs" and task not in DC_TASKS:
         return f"tv-pocs projects onto the measurement, which only {' and '.join(DC_TASKS)} keep, not {modality} {task}"
     if kind == "nlm" and (task, modality) != ("denoise", "MR"):
@@ -98,7 +110,11 @@ def guide_image(kind: str, naive: torch.Tensor, *, image_axes: tuple[int, int],
                 project: Callable[[torch.Tensor], torch.Tensor] | None = None, sigma=None,
                 scale: float | None = None) -> torch.Tensor:
     """The refiner's guide: the naive inverse itself, TV-POCS started from it (needs ``project``) or its
-    non-local means (needs the noise ``sigma``)."""
+    non-local means (needs the noise ``sigma``); for a composite kind ("naive+tv-pocs") its parts stacked
+    on the channel axis, in that order."""
+    if "+" in kind:
+        return torch.cat([guide_image(p, naive, image_axes=image_axes, project=project, sigma=sigma, scale=scale)
+                          for p in guide_parts(kind)], 1)
     if kind == "naive":
         return naive
     if kind == "tv-pocs":

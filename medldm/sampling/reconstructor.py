@@ -164,7 +164,7 @@ class Reconstructor:
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
 
     def _guide(self, m, cond, norm, axis) -> torch.Tensor | None:
-        """The refiner's guide slices (S, 1, A, B), normalised, when it is not the naive inverse itself."""
+        """The refiner's guide slices (S, G, A, B), normalised, when it is not the naive inverse itself."""
         kind = self.bundle.refiner_guide
         if self.bundle.refiner is None or kind == "naive":
             return None
@@ -176,7 +176,7 @@ class Reconstructor:
         vol = guide_image(kind, cond, image_axes=tuple(2 + a for a in range(3) if a != axis), scale=1.0,
                           project=lambda x: norm.forward(op.data_consistency(norm.inverse(x), y)),
                           sigma=None if sigma is None else float(sigma) * norm.linear_scale)
-        return vol[0, 0].movedim(axis, 0)[:, None]
+        return vol[0].movedim(axis + 1, 0)  # (G, X, Y, Z) -> slices along axis, the G guide images as channels
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None) -> torch.Tensor:

@@ -45,10 +45,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     latent so that the decoded image explains the measurements (InverseSR-style latent optimisation).
     ``refine_dc(x_img, slice_index)`` (normalised, hard) projects between the passes of a cascaded refiner
     (``bundle.refiner_cascades`` > 1); the projection after the last pass is the caller's.
-    ``guide`` (S, 1, H, W), normalised: what the refiner sees instead of ``cond`` (``bundle.refiner_guide``).
+    ``guide`` (S, G, H, W), normalised: what the refiner sees instead of ``cond`` (``bundle.refiner_guide``,
+    G images).
     """
-    if guide is not None and guide.shape != cond.shape:
-        raise ValueError(f"guide {tuple(guide.shape)} must have the shape of cond {tuple(cond.shape)}")
+    if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
+        raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
     sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])

@@ -9,7 +9,8 @@ inverse it starts from (mr-recon MNI 4x: 21.1 vs 24.3 dB).
 Here the VAE and U-Net are frozen; each step degrades fresh patches (the stage-2 patch stream and
 physics), samples them exactly as ``restore_slices`` does at inference (``sample_steps`` DDIM steps from
 fresh noise) and trains the refiner (fresh, ``init: identity``, or the model's own) on (decoded, guide) -> truth,
-the guide being the naive inverse, TV-POCS started from it or its non-local means (``guide``).
+the guide being the naive inverse, TV-POCS started from it, its non-local means or a stack of these
+(``guide``: "naive+tv-pocs" gives the refiner both images, the correction added to the first).
 With ``loss_after_dc`` (recon, SR) the loss is taken after the hard data consistency inference ends with,
 back-propagated through the operator's projection.
 """
@@ -26,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from medldm.config import DataConfig, LDMRunConfig, RefinerConfig, parse_config
-from medldm.models.builders import apply_refiner, build_refiner
+from medldm.models.builders import apply_refiner, build_refiner, widen_refiner_input
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
 from medldm.models.normalisation import Normalisation
-from medldm.physics.classical import guide_image, guide_refusal
+from medldm.physics.classical import guide_image, guide_parts, guide_refusal
 from medldm.physics.registry import DC_TASKS, build_random_operator
 from medldm.sampling.slicewise import restore_slices
 from medldm.tracking import Tracker
@@ -104,19 +105,6 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         raise ModelError("the refiner stage samples slice-wise: 2D models only")
     bundle.vae.requires_grad_(False)
     bundle.unet.requires_grad_(False)
-    if stage.init == "identity":
-        bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"),
-                                       bundle.spatial_dims).to(dev)
-    refiner = bundle.refiner.train()
-    opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    ckpt_path = out_dir / "checkpoint.pt"
-    step, seconds_before, run_id, losses = 0, 0.0, None, []
-    if resume and ckpt_path.is_file():
-        ck = common.load_checkpoint(ckpt_path)
-        refiner.load_state_dict(ck["refiner"]); opt.load_state_dict(ck["opt"])
-        step, seconds_before, run_id = ck["step"], ck["seconds"], ck.get("run_id")
-        common.set_rng_state(ck["rng"])
-        losses = ck.get("losses", [])
     norm = Normalisation.for_modality(cfg.data.modality)
     train_norm = norm if norm.kind == "window" else Normalisation(kind="percentile", scale=1.0)
     random_op = build_random_operator(cfg.degradation.task, cfg.data.modality, **cfg.degradation.kwargs)
@@ -129,6 +117,27 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     why = guide_refusal(stage.guide, cfg.degradation.task, cfg.data.modality)
     if why:
         raise ConfigError(f"refiner_stage.guide of {cfg.name}: {why}")
+    parts, before = guide_parts(stage.guide), guide_parts(bundle.refiner_guide)
+    if stage.init == "identity":
+        bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"),
+                                       bundle.spatial_dims, len(parts)).to(dev)
+    elif len(parts) != len(before):
+        # a warm start given more guide images than it saw ignores the added ones until training weighs them in,
+        # starting as the refiner it continues only if the images it saw keep their channels
+        if parts[:len(before)] != before:
+            raise ConfigError(f"refiner_stage.guide {stage.guide!r} with init: model: the refiner saw "
+                              f"{bundle.refiner_guide!r}, and a wider guide must begin with it")
+        widen_refiner_input(bundle.refiner, len(parts))
+    refiner = bundle.refiner.train()
+    opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    ckpt_path = out_dir / "checkpoint.pt"
+    step, seconds_before, run_id, losses = 0, 0.0, None, []
+    if resume and ckpt_path.is_file():
+        ck = common.load_checkpoint(ckpt_path)
+        refiner.load_state_dict(ck["refiner"]); opt.load_state_dict(ck["opt"])
+        step, seconds_before, run_id = ck["step"], ck["seconds"], ck.get("run_id")
+        common.set_rng_state(ck["rng"])
+        losses = ck.get("losses", [])
     pairs = step_stream(GuidedPairs(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
                                                   cfg.train.seed + 2000, measurements=True), stage.guide, train_norm),
                         step, data.num_workers)

@@ -40,3 +40,20 @@ def test_the_card_says_where_a_refiner_stage_started_and_ran():
     assert "stage run on NVIDIA H100" in card and "the refiner stage's last leg" in card
     fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity", "continued": None}}, [], "cmd", "m")
     assert "initialised as the identity (fresh)" in fresh and "in all" not in fresh and "last leg" not in fresh
+
+
+def test_the_card_names_a_two_image_guide_and_the_widened_warm_start():
+    from medldm.models.card import model_card
+
+    stage = {"sample_steps": 5, "steps": 500, "seconds": 3300.0, "patch_size": [96, 96], "batch_size": 8,
+             "augment": True, "init": "model", "guide": "naive+tv-pocs"}
+    meta = {"name": "m", "vae": {"channels": [32, 64], "latent_channels": 4}, "latent_scale": 1.0,
+            "refiner": {"residual_on": "naive"}, "refiner_stage": stage}
+    card = model_card(meta, [], "cmd", "m")
+    assert "guided by the naive inverse and by TV-POCS" in card and "stacked as input channels" in card
+    assert "adds its correction to the naive inverse" in card
+    assert "the stage-2 refiner, its input widened to take tv-pocs too" in card
+    fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity"}}, [], "cmd", "m")
+    assert "identity (fresh)" in fresh and "widened" not in fresh
+    again = {**stage, "continued": {**stage, "steps": 100, "seconds": 600.0}}  # a second leg: nothing widened
+    assert "widened" not in model_card({**meta, "refiner_stage": again}, [], "cmd", "m")

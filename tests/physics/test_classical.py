@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.physics.classical import guide_image, guide_refusal, nlm_slices, rician_unbias, tv_pocs
+from medldm.physics.classical import guide_image, guide_parts, guide_refusal, nlm_slices, rician_unbias, tv_pocs
 from medldm.physics.kspace import RandomCartesianUndersampling
 from tests.physics.conftest import phantom2d
 
@@ -51,6 +51,22 @@ def test_guide_image_is_the_naive_inverse_itself_or_refused_when_unknown():
         tv_pocs(naive, lambda v: v, image_axes=(1, 2))
 
 
+def test_a_composite_guide_stacks_its_parts_as_channels_in_order():
+    x, op, y = _recon((2, 1, 32, 32))
+    naive = op.naive_inverse(y)
+    project = lambda v: op.data_consistency(v, y)  # noqa: E731
+    both = guide_image("naive+tv-pocs", naive, project=project, image_axes=(2, 3))
+    assert both.shape == (2, 2, 32, 32)
+    torch.testing.assert_close(both[:, :1], naive)
+    torch.testing.assert_close(both[:, 1:], guide_image("tv-pocs", naive, project=project, image_axes=(2, 3)))
+    assert guide_parts("naive+tv-pocs") == ["naive", "tv-pocs"] and guide_parts("nlm") == ["nlm"]
+    for bad in ("naive+naive", "naive+bm3d", "naive+"):
+        with pytest.raises(ValueError, match="unknown refiner guide"):
+            guide_parts(bad)
+    with pytest.raises(ValueError, match="projection"):  # each part keeps its own requirements
+        guide_image("naive+tv-pocs", naive, image_axes=(2, 3))
+
+
 def test_nlm_slices_denoise_each_image_with_its_own_sigma_whatever_the_layout():
     x, _, _ = _recon((3, 1, 40, 40))
     sigma = torch.tensor([0.02, 0.05, 0.1])
@@ -69,6 +85,8 @@ def test_guide_refusal_is_the_one_rule_of_where_a_guide_runs():
     assert "recon and sr" in guide_refusal("tv-pocs", "denoise", "MR")
     assert guide_refusal("nlm", "denoise", "MR") is None
     assert "Rician" in guide_refusal("nlm", "denoise", "CT") and "Rician" in guide_refusal("nlm", "recon", "MR")
+    assert guide_refusal("naive+tv-pocs", "recon", "CT") is None  # a composite runs where all its parts run
+    assert "recon and sr" in guide_refusal("naive+tv-pocs", "denoise", "CT")
 
 
 def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leave():

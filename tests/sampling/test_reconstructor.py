@@ -192,6 +192,33 @@ def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
         Reconstructor(bundle, device="cpu")(m, steps=1)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_two_image_guide_reaches_the_refiner_as_channels_and_the_correction_goes_to_the_naive_inverse(tmp_path, axis):
+    """``guide: naive+tv-pocs``: the refiner sees (decoded, naive, TV-POCS) slices along the model's axis; a
+    refiner that returns TV-POCS minus its first guide image makes the output the TV-POCS of those slices, so
+    both images arrive, in order."""
+    from medldm.models.bundle import load_bundle
+    from medldm.physics.classical import tv_pocs
+
+    m = simulate(volume((24, 20, 16)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "both", "recon", "MR", slice_axis=axis))
+    bundle.meta["refiner_stage"] = {"guide": "naive+tv-pocs"}
+    seen = []
+
+    class TVMinusNaive(torch.nn.Module):
+        def forward(self, inp):
+            seen.append(inp.shape[1])
+            return inp[:, 2:3] - inp[:, 1:2]
+
+    bundle.refiner = TVMinusNaive()
+    out = Reconstructor(bundle, device="cpu")(m, steps=1)
+    scale = float(np.abs(out.volume.array).max())
+    planes = tuple(2 + a for a in range(3) if a != axis)
+    expected = tv_pocs(m.naive_inverse().float(), lambda x: m.operator.data_consistency(x, m.y), image_axes=planes)
+    np.testing.assert_allclose(out.volume.array[0], expected[0, 0].numpy(), atol=1e-4 * scale)
+    assert set(seen) == {3} and out.provenance["parameters"]["refiner_guide"] == "naive+tv-pocs"
+
+
 def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp_path):
     from medldm.models.bundle import load_bundle
     from medldm.physics.classical import nlm_slices

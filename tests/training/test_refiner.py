@@ -174,6 +174,47 @@ def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_pat
     assert denoised.refiner_guide == "nlm" and denoised.refiner.final_conv.weight.abs().sum() > 0
 
 
+def test_a_warm_start_given_a_second_guide_image_starts_as_the_model_it_continues(tiny_ldm, tmp_path):
+    """init: model with guide naive+tv-pocs widens the refiner's input; the added channel starts unused, so
+    the saved (reloadable) refiner computes what the model's did, whatever TV-POCS image it is given."""
+    from medldm.errors import ConfigError
+
+    cfg, model = tiny_ldm
+    stage = cfg.refiner_stage.model_copy(update={"guide": "naive+tv-pocs", "init": "model"})
+    recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
+        update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
+    wide = load_bundle(train_refiner(recon_cfg, model, tmp_path / "w0", max_steps=0))
+    assert wide.refiner_guide == "naive+tv-pocs" and wide.refiner.conv_0.conv_0.conv.in_channels == 3
+    x = torch.rand(2, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    tv = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = load_bundle(model).refiner(x)
+    assert expected.abs().max() > 1e-6  # the stage-2 refiner has learned a correction: the check is not 0 == 0
+    torch.testing.assert_close(wide.refiner(torch.cat([x, tv], 1)), expected)
+    trained = load_bundle(train_refiner(recon_cfg, model, tmp_path / "w2", max_steps=2))
+    assert trained.refiner.conv_0.conv_0.conv.weight[:, 2].abs().sum() > 0  # training weighs the TV image in
+    narrow = recon_cfg.model_copy(update={"refiner_stage": stage.model_copy(update={"guide": "naive"})})
+    with pytest.raises(ConfigError, match="must begin with it"):
+        train_refiner(narrow, tmp_path / "w2" / "model", tmp_path / "n", max_steps=0)
+    # a TV-guided refiner's one guide channel holds TV-POCS: handing it the naive inverse there would not continue it
+    tv_model = train_refiner(recon_cfg.model_copy(update={"refiner_stage": stage.model_copy(
+        update={"guide": "tv-pocs", "init": "identity"})}), model, tmp_path / "tv", max_steps=0)
+    with pytest.raises(ConfigError, match="saw 'tv-pocs'"):
+        train_refiner(recon_cfg, tv_model, tmp_path / "tv-wide", max_steps=0)
+
+
+def test_a_widened_stage_resumes_where_one_run_ends(tiny_ldm, tmp_path):
+    cfg, model = tiny_ldm
+    recon_cfg = cfg.model_copy(update={
+        "refiner_stage": cfg.refiner_stage.model_copy(update={"guide": "naive+tv-pocs", "init": "model"}),
+        "degradation": cfg.degradation.model_copy(update={"task": "recon", "kwargs": {"accelerations": [4],
+                                                                                     "center_fractions": [0.08]}})})
+    straight = load_bundle(train_refiner(recon_cfg, model, tmp_path / "straight", max_steps=2)).refiner
+    train_refiner(recon_cfg, model, tmp_path / "legs", max_steps=1)
+    resumed = load_bundle(train_refiner(recon_cfg, model, tmp_path / "legs", max_steps=2, resume=True)).refiner
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_the_refiner_is_trained_on_its_guide(tiny_ldm, tmp_path, monkeypatch):
     """The wiring: each step hands apply_refiner TV-POCS of the step's own measurements (scale 1, as inference
     normalises), not the naive inverse."""
