@@ -89,14 +89,25 @@ def _guide_words(guide: str, residual_on_naive: bool) -> str:
     return f", guided by {' and by '.join(names)}, stacked as input channels{adds}"
 
 
+def _widening(st: dict) -> str:
+    """Words for the leg of a warm-started stage whose guide added images to what the refiner it continued saw
+    (its input widened, ``widen_refiner_input``); a leg without a ``continued`` record continued stage 2 (naive)."""
+    leg = st
+    while leg and leg.get("init") == "model":
+        now = leg.get("guide", "naive").split("+")
+        seen = (leg.get("continued") or {}).get("guide", "naive").split("+")
+        if len(now) > len(seen):
+            return f", its input widened to take {' and '.join(now[len(seen):])} too (zero weights at first)"
+        leg = leg.get("continued")
+    return ""
+
+
 def _init_words(st: dict) -> str:
     """Where a stage's refiner started; a warm start from an earlier stage 3 counts that stage's steps too."""
     if st.get("init") == "identity":
         return "the identity (fresh)"
     before = st.get("continued")
-    seen, now = (before or {}).get("guide", "naive").split("+"), st.get("guide", "naive").split("+")
-    widened = (f", its input widened to take {' and '.join(now[len(seen):])} too (zero weights at first)"
-               if len(now) > len(seen) else "")
+    widened = _widening(st)
     if not before:
         return f"the stage-2 refiner{widened}"
     legs, total = [], st["steps"]

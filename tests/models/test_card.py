@@ -55,5 +55,8 @@ def test_the_card_names_a_two_image_guide_and_the_widened_warm_start():
     assert "the stage-2 refiner, its input widened to take tv-pocs too" in card
     fresh = model_card({**meta, "refiner_stage": {**stage, "init": "identity"}}, [], "cmd", "m")
     assert "identity (fresh)" in fresh and "widened" not in fresh
-    again = {**stage, "continued": {**stage, "steps": 100, "seconds": 600.0}}  # a second leg: nothing widened
-    assert "widened" not in model_card({**meta, "refiner_stage": again}, [], "cmd", "m")
+    again = {**stage, "continued": {**stage, "steps": 100, "seconds": 600.0}}  # the first leg widened it
+    assert "600.0 s; 600 steps in all), its input widened to take tv-pocs" in model_card(
+        {**meta, "refiner_stage": again}, [], "cmd", "m")
+    same = {**stage, "continued": {**stage, "init": "identity"}}  # built with both channels: nothing widened
+    assert "widened" not in model_card({**meta, "refiner_stage": same}, [], "cmd", "m")
