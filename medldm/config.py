@@ -189,7 +189,8 @@ class RefinerStageConfig(Strict):
     # no anatomy and so cannot overfit one; "naive+tv-pocs": both, as two input channels (the correction is added
     # to the naive inverse), so the refiner can lean on TV where the naive inverse is poor (ct-recon at 60 views)
     # and on the naive inverse where TV over-smooths (90 views); with init: model the added channel starts unused
-    guide: Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs"] = "naive"
+    # ("tv-pocs+naive" widens a TV-guided refiner the same way: the correction stays on TV-POCS)
+    guide: Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs", "tv-pocs+naive"] = "naive"
     # worker processes drawing the stage's patches and guides (None: data.num_workers); every step gets the same
     # batch whatever the number, but a stage that stops on max_minutes takes more steps with more workers
     num_workers: int | None = Field(None, ge=0)

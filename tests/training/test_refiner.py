@@ -197,9 +197,15 @@ def test_a_warm_start_given_a_second_guide_image_starts_as_the_model_it_continue
         train_refiner(narrow, tmp_path / "w2" / "model", tmp_path / "n", max_steps=0)
     # a TV-guided refiner's one guide channel holds TV-POCS: handing it the naive inverse there would not continue it
     tv_model = train_refiner(recon_cfg.model_copy(update={"refiner_stage": stage.model_copy(
-        update={"guide": "tv-pocs", "init": "identity"})}), model, tmp_path / "tv", max_steps=0)
+        update={"guide": "tv-pocs", "init": "identity"})}), model, tmp_path / "tv", max_steps=1)
     with pytest.raises(ConfigError, match="saw 'tv-pocs'"):
         train_refiner(recon_cfg, tv_model, tmp_path / "tv-wide", max_steps=0)
+    tv_first = recon_cfg.model_copy(update={"refiner_stage": stage.model_copy(update={"guide": "tv-pocs+naive"})})
+    widened = load_bundle(train_refiner(tv_first, tv_model, tmp_path / "tv-naive", max_steps=0))
+    assert widened.refiner_guide == "tv-pocs+naive" and widened.refiner.conv_0.conv_0.conv.in_channels == 3
+    expected = load_bundle(tv_model).refiner(x)
+    assert expected.abs().max() > 1e-6  # one Adam step moved its zero last layer
+    torch.testing.assert_close(widened.refiner(torch.cat([x, tv], 1)), expected)
 
 
 def test_a_widened_stage_resumes_where_one_run_ends(tiny_ldm, tmp_path):
