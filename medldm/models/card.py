@@ -84,8 +84,10 @@ def _guide_words(guide: str, residual_on_naive: bool) -> str:
     if "+" not in guide:
         adds = " and adds its correction to it" if residual_on_naive else ""
         return f", guided by {GUIDE_WORDS.get(guide, guide)} instead of the naive inverse (it sees that image{adds})"
-    names = ["the naive inverse" if p == "naive" else GUIDE_WORDS.get(p, p) for p in guide.split("+")]
-    adds = f"; it adds its correction to {names[0].split(' (')[0]}" if residual_on_naive else ""
+    parts = guide.split("+")
+    names = ["the naive inverse" if p == "naive" else GUIDE_WORDS.get(p, p) for p in parts]
+    first = "the naive inverse" if parts[0] == "naive" else parts[0]  # the short name, without its explanation
+    adds = f"; it adds its correction to {first}" if residual_on_naive else ""
     return f", guided by {' and by '.join(names)}, stacked as input channels{adds}"
 
 
