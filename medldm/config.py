@@ -130,6 +130,9 @@ class TrainConfig(Strict):
     # VAE losses
     kl_weight: float = Field(1e-6, ge=0)
     ssim_weight: float = Field(0.0, ge=0)
+    # start the stage's patch stream (patches, degradations, sampling noise) this many steps in: a leg continuing
+    # earlier ones (init: model) otherwise redraws their patches, its stream restarting at the seed
+    stream_offset: int = Field(0, ge=0)
     adv_weight: float = Field(0.0, ge=0)
     adv_start: int = Field(0, ge=0)
     # MONAI PerceptualLoss, only from LOCAL weights (torchvision ResNet-50 state dict): never downloads
@@ -191,6 +194,13 @@ class RefinerStageConfig(Strict):
     # and on the naive inverse where TV over-smooths (90 views); with init: model the added channel starts unused
     # ("tv-pocs+naive" widens a TV-guided refiner the same way: the correction stays on TV-POCS)
     guide: Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs", "tv-pocs+naive"] = "naive"
+    # weight of an SSIM term (MONAI SSIMLoss, the evaluation's 7-pixel uniform window) beside the L1 loss: L1 alone
+    # leaves faint texture on flat regions that costs SSIM more than PSNR (mr-recon MNI 4x: PSNR level with
+    # TV-POCS, SSIM 0.007 under it)
+    ssim_weight: float = Field(0.0, ge=0)
+    # start the stage's patch stream (patches, degradations, sampling noise) this many steps in: a leg continuing
+    # earlier ones (init: model) otherwise redraws their patches, its stream restarting at the seed
+    stream_offset: int = Field(0, ge=0)
     # worker processes drawing the stage's patches and guides (None: data.num_workers); every step gets the same
     # batch whatever the number, but a stage that stops on max_minutes takes more steps with more workers
     num_workers: int | None = Field(None, ge=0)

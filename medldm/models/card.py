@@ -115,7 +115,8 @@ def _init_words(st: dict) -> str:
     legs, total = [], st["steps"]
     while before:  # a stage may itself have continued another
         where = f" on {before['device_name']}" if before.get("device_name") else ""
-        legs.append(f"{before['steps']} steps, {before['seconds']} s{where}")
+        loss = f", loss L1 + {before['ssim_weight']:g} x (1 - SSIM)" if before.get("ssim_weight") else ""
+        legs.append(f"{before['steps']} steps, {before['seconds']} s{where}{loss}")
         total += before["steps"]
         before = before.get("continued")
     return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all){widened}"
@@ -135,6 +136,8 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     st = meta.get("refiner_stage")
     if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
         through_dc = ", loss after the hard data consistency" if st.get("loss_after_dc") else ""
+        if st.get("ssim_weight"):
+            through_dc = f", loss L1 + {st['ssim_weight']:g} x (1 - SSIM)" + through_dc.replace(", loss", ",")
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         if st.get("guide", "naive") != "naive":

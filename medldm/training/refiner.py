@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import SSIMLoss
 
 from medldm.config import DataConfig, LDMRunConfig, RefinerConfig, parse_config
 from medldm.models.builders import apply_refiner, build_refiner, widen_refiner_input
@@ -129,9 +130,12 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
                               f"{bundle.refiner_guide!r}, and a wider guide must begin with it")
         widen_refiner_input(bundle.refiner, len(parts))
     refiner = bundle.refiner.train()
+    # skimage's SSIM as the evaluation computes it (7-pixel uniform window), on the patches' normalised range
+    ssim_loss = (SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="uniform", win_size=7)
+                 if stage.ssim_weight > 0 else None)
     opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     ckpt_path = out_dir / "checkpoint.pt"
-    step, seconds_before, run_id, losses = 0, 0.0, None, []
+    step, seconds_before, run_id, losses, ssim_losses = 0, 0.0, None, [], []
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
         refiner.load_state_dict(ck["refiner"]); opt.load_state_dict(ck["opt"])
@@ -140,12 +144,13 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         losses = ck.get("losses", [])
     pairs = step_stream(GuidedPairs(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
                                                   cfg.train.seed + 2000, measurements=True), stage.guide, train_norm),
-                        step, data.num_workers)
+                        step + stage.stream_offset, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
                   params={"model": str(model_dir), "minutes": minutes, "sample_steps": sample_steps, "lr": lr,
                           "patch_size": data.patch_size, "batch_size": data.batch_size, "augment": data.augment,
-                          "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide},
+                          "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide,
+                          "ssim_weight": stage.ssim_weight},
                   tags={"medldm.stage": "refiner", "medldm.task": cfg.degradation.task})
     progress = common.Progress(max_steps, step, f"refiner {cfg.name} ({minutes:g} min)", True)
     t0 = time.time()
@@ -154,21 +159,26 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         x, cond, ops, ys, guide = next(pairs)
         x, cond, guide, ys = x.to(dev), cond.to(dev), guide.to(dev), [y.to(dev) for y in ys]
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
-            decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps, seed=cfg.train.seed + step,
-                                     batch_size=cond.shape[0], refine=False)["decoded"][0].to(dev)
+            decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps,
+                                     seed=cfg.train.seed + stage.stream_offset + step, batch_size=cond.shape[0],
+                                     refine=False)["decoded"][0].to(dev)
         project = projection(ops, ys, train_norm)
         with common.autocast(dev, cfg.train.amp):
             refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,
                                     stage.cascades, project)
         if through_dc:
             refined = project(refined)
-        loss = F.l1_loss(refined, x)
+        l1 = F.l1_loss(refined, x)
+        loss = l1 if ssim_loss is None else l1 + stage.ssim_weight * ssim_loss(refined, x)
         common.optimizer_step(opt, loss, refiner.parameters(), cfg.train.grad_clip)
         step += 1
-        losses.append(loss.item())
-        progress.update(l1=losses[-1])
+        losses.append(l1.item())  # L1 alone, comparable across legs whatever their SSIM weight
+        ssim_losses.append(loss.item() - losses[-1])
+        progress.update(l1=losses[-1], **({"ssim_term": ssim_losses[-1]} if ssim_loss is not None else {}))
         if step % cfg.train.log_every == 0:
-            tracker.log_metrics({"train/refiner_l1": float(np.mean(losses[-cfg.train.log_every:]))}, step)
+            tracker.log_metrics({"train/refiner_l1": float(np.mean(losses[-cfg.train.log_every:])),
+                                 **({"train/refiner_ssim_term": float(np.mean(ssim_losses[-cfg.train.log_every:]))}
+                                    if ssim_loss is not None else {})}, step)
         if step % cfg.train.ckpt_every == 0:
             _checkpoint(ckpt_path, refiner, opt, step, seconds_before + time.time() - t0, tracker.run_id, losses)
     progress.close()
@@ -180,7 +190,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
         "num_workers": data.num_workers,
-        "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
+        "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "ssim_weight": stage.ssim_weight,
+        "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None,

@@ -60,3 +60,20 @@ def test_the_card_names_a_two_image_guide_and_the_widened_warm_start():
         {**meta, "refiner_stage": again}, [], "cmd", "m")
     same = {**stage, "continued": {**stage, "init": "identity"}}  # built with both channels: nothing widened
     assert "widened" not in model_card({**meta, "refiner_stage": same}, [], "cmd", "m")
+
+
+def test_the_card_gives_each_leg_its_loss():
+    from medldm.models.card import model_card
+
+    plain = {"sample_steps": 5, "steps": 512, "seconds": 2402.8, "patch_size": [96, 96], "batch_size": 8,
+             "augment": True, "init": "model", "loss_after_dc": True, "device_name": "x86_64 CPU"}
+    mixed = {**plain, "steps": 543, "ssim_weight": 0.2, "continued": {**plain, "init": "identity"}}
+    meta = {"name": "m", "vae": {"channels": [32, 64], "latent_channels": 4}, "latent_scale": 1.0}
+    card = model_card({**meta, "refiner_stage": mixed}, [], "cmd", "m")
+    assert "543 steps, 2402.8 s" in card and "loss L1 + 0.2 x (1 - SSIM), after the hard data consistency" in card
+    assert "(512 steps, 2402.8 s on x86_64 CPU; 1055 steps in all)" in card  # the earlier leg: L1 alone
+    later = {**mixed, "ssim_weight": 0.5, "continued": mixed}
+    card = model_card({**meta, "refiner_stage": later}, [], "cmd", "m")
+    assert "then 543 steps, 2402.8 s on x86_64 CPU, loss L1 + 0.2 x (1 - SSIM); 1598 steps in all" in card
+    assert "loss L1 + 0.5 x (1 - SSIM), after the hard" in card
+    assert "SSIM" not in model_card({**meta, "refiner_stage": plain}, [], "cmd", "m").split("## Verdict")[0]

@@ -297,3 +297,54 @@ def test_the_stage_has_its_own_workers_or_the_runs(tiny_ldm):
     assert cfg.refiner_stage.num_workers is None and stage_data(cfg).num_workers == cfg.data.num_workers
     own = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"num_workers": 3})})
     assert stage_data(own).num_workers == 3 and own.data.num_workers == cfg.data.num_workers
+
+
+def test_the_ssim_term_is_the_evaluations_ssim_and_changes_only_the_training_signal(tiny_ldm, tmp_path):
+    """SSIMLoss with a 7-pixel uniform window is skimage's SSIM (the evaluation's) to within its border and
+    covariance conventions; with ssim_weight > 0 the first step's L1 is the plain run's (the same batch and
+    refiner) while the updates differ (Adam's first step is the gradient's sign, which the term may keep: three
+    steps), the weight is recorded and losses.json keeps L1 alone."""
+    import json
+
+    from monai.losses import SSIMLoss
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 48, 48, generator=g), 5, 1, 2)
+    y = (x + 0.05 * torch.randn(1, 1, 48, 48, generator=g)).clamp(0, 1)
+    term = SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="uniform", win_size=7)(y, x)
+    assert abs((1 - term.item()) - structural_similarity(x[0, 0].numpy(), y[0, 0].numpy(), data_range=1.0)) < 5e-3
+
+    cfg, model = tiny_ldm
+    with_ssim = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"ssim_weight": 0.5})})
+    plain = load_bundle(train_refiner(cfg, model, tmp_path / "plain", max_steps=3))
+    mixed = load_bundle(train_refiner(with_ssim, model, tmp_path / "mixed", max_steps=3))
+    l1_plain = json.loads((tmp_path / "plain" / "losses.json").read_text())
+    l1_mixed = json.loads((tmp_path / "mixed" / "losses.json").read_text())
+    assert len(l1_mixed) == 3 and l1_mixed[0] == pytest.approx(l1_plain[0], rel=1e-6)
+    assert mixed.meta["refiner_stage"]["ssim_weight"] == 0.5 and plain.meta["refiner_stage"]["ssim_weight"] == 0.0
+    pairs = zip(mixed.refiner.state_dict().values(), plain.refiner.state_dict().values())
+    moved = [(a - b).abs().max() for a, b in pairs if a.is_floating_point()]
+    assert max(moved) > 0
+
+
+def test_a_stream_offset_starts_the_leg_where_an_earlier_one_stopped(tiny_ldm, tmp_path, monkeypatch):
+    """stream_offset k: step 0 gets the patches, degradation and sampling noise of step k of a leg without it."""
+    import medldm.training.refiner as refiner_module
+
+    cfg, model = tiny_ldm
+    seen = []
+    real = refiner_module.restore_slices
+
+    def spy(bundle, cond, **kw):
+        seen.append((cond.clone(), kw["seed"]))
+        return real(bundle, cond, **kw)
+
+    monkeypatch.setattr(refiner_module, "restore_slices", spy)
+    train_refiner(cfg, model, tmp_path / "plain", max_steps=3)
+    later = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"stream_offset": 2})})
+    out = load_bundle(train_refiner(later, model, tmp_path / "offset", max_steps=1))
+    (plain0, _), _, (plain2, seed2), (offset0, seed0) = seen
+    torch.testing.assert_close(offset0, plain2, rtol=0, atol=0)
+    assert seed0 == seed2 and not torch.equal(offset0, plain0)
+    assert out.meta["refiner_stage"]["settings"]["stream_offset"] == 2
