@@ -130,9 +130,6 @@ class TrainConfig(Strict):
     # VAE losses
     kl_weight: float = Field(1e-6, ge=0)
     ssim_weight: float = Field(0.0, ge=0)
-    # start the stage's patch stream (patches, degradations, sampling noise) this many steps in: a leg continuing
-    # earlier ones (init: model) otherwise redraws their patches, its stream restarting at the seed
-    stream_offset: int = Field(0, ge=0)
     adv_weight: float = Field(0.0, ge=0)
     adv_start: int = Field(0, ge=0)
     # MONAI PerceptualLoss, only from LOCAL weights (torchvision ResNet-50 state dict): never downloads

@@ -88,6 +88,10 @@ def stage_data(cfg: LDMRunConfig) -> DataConfig:
                                       **({"num_workers": stage.num_workers} if stage.num_workers is not None else {})})
 
 
+# what a resumed leg must share with its checkpoint: the loss and the data it trains on (max_minutes may change)
+SAME_ON_RESUME = ("ssim_weight", "stream_offset", "loss_after_dc", "cascades", "guide", "sample_steps")
+
+
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
                   resume: bool = False, device: str | None = None) -> Path:
     """Retrain (``init: identity``) or fine-tune (``init: model``) the refiner of the model folder
@@ -138,6 +142,12 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     step, seconds_before, run_id, losses, ssim_losses = 0, 0.0, None, [], []
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
+        saved = ck.get("settings") or {}
+        changed = [f"{k} {saved[k]!r} -> {getattr(stage, k)!r}" for k in SAME_ON_RESUME
+                   if k in saved and saved[k] != getattr(stage, k)]
+        if changed:
+            raise ConfigError(f"{ckpt_path}: resuming with other refiner_stage settings ({'; '.join(changed)}); "
+                              "start a new --out with init: model to continue under them")
         refiner.load_state_dict(ck["refiner"]); opt.load_state_dict(ck["opt"])
         step, seconds_before, run_id = ck["step"], ck["seconds"], ck.get("run_id")
         common.set_rng_state(ck["rng"])
@@ -180,10 +190,11 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
                                  **({"train/refiner_ssim_term": float(np.mean(ssim_losses[-cfg.train.log_every:]))}
                                     if ssim_loss is not None else {})}, step)
         if step % cfg.train.ckpt_every == 0:
-            _checkpoint(ckpt_path, refiner, opt, step, seconds_before + time.time() - t0, tracker.run_id, losses)
+            _checkpoint(ckpt_path, refiner, opt, step, seconds_before + time.time() - t0, tracker.run_id, losses,
+                        stage.model_dump())
     progress.close()
     seconds = round(seconds_before + time.time() - t0, 1)
-    _checkpoint(ckpt_path, refiner, opt, step, seconds, tracker.run_id, losses)
+    _checkpoint(ckpt_path, refiner, opt, step, seconds, tracker.run_id, losses, stage.model_dump())
     # a warm start keeps the record of the stage it continued (its steps count towards the refiner's training)
     earlier = bundle.meta.get("refiner_stage") if stage.init == "model" else None
     bundle.meta["refiner_stage"] = {
@@ -204,6 +215,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     return folder
 
 
-def _checkpoint(path: Path, refiner, opt, step: int, seconds: float, run_id, losses: list[float]) -> None:
+def _checkpoint(path: Path, refiner, opt, step: int, seconds: float, run_id, losses: list[float],
+                settings: dict) -> None:
     common.save_checkpoint(path, {"refiner": refiner.state_dict(), "opt": opt.state_dict(), "step": step,
-                                  "seconds": seconds, "run_id": run_id, "rng": common.rng_state(), "losses": losses})
+                                  "seconds": seconds, "run_id": run_id, "rng": common.rng_state(), "losses": losses,
+                                  "settings": settings})

@@ -328,6 +328,48 @@ def test_the_ssim_term_is_the_evaluations_ssim_and_changes_only_the_training_sig
     assert max(moved) > 0
 
 
+def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypatch):
+    import json
+
+    import medldm.training.refiner as refiner_module
+
+    cfg, model = tiny_ldm
+    terms, totals = [], []
+    real_ssim, real_step = refiner_module.SSIMLoss, refiner_module.common.optimizer_step
+
+    class SpySSIM(real_ssim):
+        def forward(self, x, y):
+            terms.append(super().forward(x, y).item())
+            return super().forward(x, y)
+
+    def spy_step(opt, loss, *a, **k):
+        totals.append(loss.item())
+        return real_step(opt, loss, *a, **k)
+
+    monkeypatch.setattr(refiner_module, "SSIMLoss", SpySSIM)
+    monkeypatch.setattr(refiner_module.common, "optimizer_step", spy_step)
+    with_ssim = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"ssim_weight": 0.5})})
+    train_refiner(with_ssim, model, tmp_path / "r", max_steps=2)
+    l1s = json.loads((tmp_path / "r" / "losses.json").read_text())  # L1 alone, to 6 decimals
+    assert len(terms) == len(l1s) == len(totals) == 2 and all(0 < t < 1 for t in terms)
+    for l1, term, total in zip(l1s, terms, totals):
+        assert total == pytest.approx(l1 + 0.5 * term, abs=2e-6)
+
+
+def test_a_resume_under_other_loss_or_stream_settings_is_refused(tiny_ldm, tmp_path):
+    from medldm.errors import ConfigError
+
+    cfg, model = tiny_ldm
+    train_refiner(cfg, model, tmp_path / "r", max_steps=1)
+    for change in ({"ssim_weight": 0.5}, {"stream_offset": 7}):
+        other = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update=change)})
+        with pytest.raises(ConfigError, match=next(iter(change))):
+            train_refiner(other, model, tmp_path / "r", max_steps=2, resume=True)
+    longer = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"max_minutes": 99.0})})
+    assert load_bundle(train_refiner(longer, model, tmp_path / "r", max_steps=2, resume=True)
+                       ).meta["refiner_stage"]["steps"] == 2
+
+
 def test_a_stream_offset_starts_the_leg_where_an_earlier_one_stopped(tiny_ldm, tmp_path, monkeypatch):
     """stream_offset k: step 0 gets the patches, degradation and sampling noise of step k of a leg without it."""
     import medldm.training.refiner as refiner_module
