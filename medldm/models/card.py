@@ -104,6 +104,15 @@ def _widening(st: dict) -> str:
     return ""
 
 
+def _loss_words(leg: dict) -> str:
+    """The loss of one stage leg: L1, plus the SSIM term where its settings gave one (legs before that setting had
+    none), and where it was taken."""
+    weight = (leg.get("settings") or {}).get("ssim_weight")
+    parts = [f"L1 + {weight:g} x (1 - SSIM)" if weight else "", "after the hard data consistency"
+             if leg.get("loss_after_dc") else ""]
+    return ", loss " + ", ".join(p for p in parts if p) if any(parts) else ""
+
+
 def _init_words(st: dict) -> str:
     """Where a stage's refiner started; a warm start from an earlier stage 3 counts that stage's steps too."""
     if st.get("init") == "identity":
@@ -115,7 +124,7 @@ def _init_words(st: dict) -> str:
     legs, total = [], st["steps"]
     while before:  # a stage may itself have continued another
         where = f" on {before['device_name']}" if before.get("device_name") else ""
-        loss = f", loss L1 + {before['ssim_weight']:g} x (1 - SSIM)" if before.get("ssim_weight") else ""
+        loss = _loss_words({"settings": before.get("settings")})  # where earlier legs took it: not repeated
         legs.append(f"{before['steps']} steps, {before['seconds']} s{where}{loss}")
         total += before["steps"]
         before = before.get("continued")
@@ -135,9 +144,7 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
     st = meta.get("refiner_stage")
     if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
-        through_dc = ", loss after the hard data consistency" if st.get("loss_after_dc") else ""
-        if st.get("ssim_weight"):
-            through_dc = f", loss L1 + {st['ssim_weight']:g} x (1 - SSIM)" + through_dc.replace(", loss", ",")
+        through_dc = _loss_words(st)
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         if st.get("guide", "naive") != "naive":

@@ -139,7 +139,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
                  if stage.ssim_weight > 0 else None)
     opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     ckpt_path = out_dir / "checkpoint.pt"
-    step, seconds_before, run_id, losses, ssim_losses = 0, 0.0, None, [], []
+    step, seconds_before, run_id, losses, ssim_terms = 0, 0.0, None, [], []
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
         saved = ck.get("settings") or {}
@@ -179,16 +179,18 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         if through_dc:
             refined = project(refined)
         l1 = F.l1_loss(refined, x)
-        loss = l1 if ssim_loss is None else l1 + stage.ssim_weight * ssim_loss(refined, x)
-        common.optimizer_step(opt, loss, refiner.parameters(), cfg.train.grad_clip)
+        term = None if ssim_loss is None else stage.ssim_weight * ssim_loss(refined, x)
+        common.optimizer_step(opt, l1 if term is None else l1 + term, refiner.parameters(), cfg.train.grad_clip)
         step += 1
         losses.append(l1.item())  # L1 alone, comparable across legs whatever their SSIM weight
-        ssim_losses.append(loss.item() - losses[-1])
-        progress.update(l1=losses[-1], **({"ssim_term": ssim_losses[-1]} if ssim_loss is not None else {}))
+        shown = {"l1": losses[-1]}
+        if term is not None:
+            ssim_terms.append(term.item())
+            shown["ssim_term"] = ssim_terms[-1]
+        progress.update(**shown)
         if step % cfg.train.log_every == 0:
-            tracker.log_metrics({"train/refiner_l1": float(np.mean(losses[-cfg.train.log_every:])),
-                                 **({"train/refiner_ssim_term": float(np.mean(ssim_losses[-cfg.train.log_every:]))}
-                                    if ssim_loss is not None else {})}, step)
+            window = {"l1": losses[-cfg.train.log_every:], "ssim_term": ssim_terms[-cfg.train.log_every:]}
+            tracker.log_metrics({f"train/refiner_{k}": float(np.mean(v)) for k, v in window.items() if v}, step)
         if step % cfg.train.ckpt_every == 0:
             _checkpoint(ckpt_path, refiner, opt, step, seconds_before + time.time() - t0, tracker.run_id, losses,
                         stage.model_dump())
@@ -201,8 +203,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
         "num_workers": data.num_workers,
-        "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "ssim_weight": stage.ssim_weight,
-        "settings": stage.model_dump(),
+        "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
         "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None,

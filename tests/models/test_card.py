@@ -67,13 +67,16 @@ def test_the_card_gives_each_leg_its_loss():
 
     plain = {"sample_steps": 5, "steps": 512, "seconds": 2402.8, "patch_size": [96, 96], "batch_size": 8,
              "augment": True, "init": "model", "loss_after_dc": True, "device_name": "x86_64 CPU"}
-    mixed = {**plain, "steps": 543, "ssim_weight": 0.2, "continued": {**plain, "init": "identity"}}
+    mixed = {**plain, "steps": 543, "settings": {"ssim_weight": 0.2}, "continued": {**plain, "init": "identity"}}
     meta = {"name": "m", "vae": {"channels": [32, 64], "latent_channels": 4}, "latent_scale": 1.0}
     card = model_card({**meta, "refiner_stage": mixed}, [], "cmd", "m")
     assert "543 steps, 2402.8 s" in card and "loss L1 + 0.2 x (1 - SSIM), after the hard data consistency" in card
     assert "(512 steps, 2402.8 s on x86_64 CPU; 1055 steps in all)" in card  # the earlier leg: L1 alone
-    later = {**mixed, "ssim_weight": 0.5, "continued": mixed}
+    later = {**mixed, "settings": {"ssim_weight": 0.5}, "continued": mixed}
     card = model_card({**meta, "refiner_stage": later}, [], "cmd", "m")
     assert "then 543 steps, 2402.8 s on x86_64 CPU, loss L1 + 0.2 x (1 - SSIM); 1598 steps in all" in card
     assert "loss L1 + 0.5 x (1 - SSIM), after the hard" in card
     assert "SSIM" not in model_card({**meta, "refiner_stage": plain}, [], "cmd", "m").split("## Verdict")[0]
+    no_dc = {**mixed, "loss_after_dc": False, "continued": None}
+    assert "initialised as the stage-2 refiner, loss L1 + 0.2 x (1 - SSIM); stage run on" in model_card(
+        {**meta, "refiner_stage": no_dc}, [], "c", "m")

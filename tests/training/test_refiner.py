@@ -299,39 +299,20 @@ def test_the_stage_has_its_own_workers_or_the_runs(tiny_ldm):
     assert stage_data(own).num_workers == 3 and own.data.num_workers == cfg.data.num_workers
 
 
-def test_the_ssim_term_is_the_evaluations_ssim_and_changes_only_the_training_signal(tiny_ldm, tmp_path):
-    """SSIMLoss with a 7-pixel uniform window is skimage's SSIM (the evaluation's) to within its border and
-    covariance conventions; with ssim_weight > 0 the first step's L1 is the plain run's (the same batch and
-    refiner) while the updates differ (Adam's first step is the gradient's sign, which the term may keep: three
-    steps), the weight is recorded and losses.json keeps L1 alone."""
+def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypatch):
+    """The term is skimage's SSIM (the evaluation's) to within its border and covariance conventions; the step's
+    loss is L1 + w * term while losses.json keeps L1 alone, and the weight is recorded."""
     import json
 
-    from monai.losses import SSIMLoss
     from skimage.metrics import structural_similarity
+
+    import medldm.training.refiner as refiner_module
 
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 48, 48, generator=g), 5, 1, 2)
     y = (x + 0.05 * torch.randn(1, 1, 48, 48, generator=g)).clamp(0, 1)
-    term = SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="uniform", win_size=7)(y, x)
+    term = refiner_module.SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="uniform", win_size=7)(y, x)
     assert abs((1 - term.item()) - structural_similarity(x[0, 0].numpy(), y[0, 0].numpy(), data_range=1.0)) < 5e-3
-
-    cfg, model = tiny_ldm
-    with_ssim = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"ssim_weight": 0.5})})
-    plain = load_bundle(train_refiner(cfg, model, tmp_path / "plain", max_steps=3))
-    mixed = load_bundle(train_refiner(with_ssim, model, tmp_path / "mixed", max_steps=3))
-    l1_plain = json.loads((tmp_path / "plain" / "losses.json").read_text())
-    l1_mixed = json.loads((tmp_path / "mixed" / "losses.json").read_text())
-    assert len(l1_mixed) == 3 and l1_mixed[0] == pytest.approx(l1_plain[0], rel=1e-6)
-    assert mixed.meta["refiner_stage"]["ssim_weight"] == 0.5 and plain.meta["refiner_stage"]["ssim_weight"] == 0.0
-    pairs = zip(mixed.refiner.state_dict().values(), plain.refiner.state_dict().values())
-    moved = [(a - b).abs().max() for a, b in pairs if a.is_floating_point()]
-    assert max(moved) > 0
-
-
-def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypatch):
-    import json
-
-    import medldm.training.refiner as refiner_module
 
     cfg, model = tiny_ldm
     terms, totals = [], []
@@ -349,7 +330,8 @@ def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypa
     monkeypatch.setattr(refiner_module, "SSIMLoss", SpySSIM)
     monkeypatch.setattr(refiner_module.common, "optimizer_step", spy_step)
     with_ssim = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"ssim_weight": 0.5})})
-    train_refiner(with_ssim, model, tmp_path / "r", max_steps=2)
+    out = load_bundle(train_refiner(with_ssim, model, tmp_path / "r", max_steps=2))
+    assert out.meta["refiner_stage"]["settings"]["ssim_weight"] == 0.5
     l1s = json.loads((tmp_path / "r" / "losses.json").read_text())  # L1 alone, to 6 decimals
     assert len(terms) == len(l1s) == len(totals) == 2 and all(0 < t < 1 for t in terms)
     for l1, term, total in zip(l1s, terms, totals):
