@@ -30,7 +30,7 @@ from medldm.evaluation.check import check_spec, run_check  # noqa: E402
 from medldm.evaluation.evaluate import evaluate_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
-from medldm.models.card import model_card  # noqa: E402
+from medldm.models.card import ROWS_FILE, model_card  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS as MODELS, SHIPPED_DIR, Reconstructor  # noqa: E402
 
 EVAL_CROP = (128, 128, 16)  # centre crops keep the evaluation of a model to a few minutes on 2 cores
@@ -205,12 +205,16 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags:
     meta["validation_check"] = check
     meta["card"] = {"command": command, "machine": machine}  # pipelines/write_model_cards.py rewrites cards from these
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / ROWS_FILE).write_text(json.dumps(rows, indent=1))
     (tmp / "README.md").write_text(model_card(meta, rows, command, machine))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     card_path = ROOT / "data_cards" / f"model-{name}.md"
     shutil.copy(dest / "README.md", card_path)
-    print(f"installed {name} -> {dest} ({time.time() - t0:.0f} s evaluation)")
+    print(f"installed {name} -> {dest} ({time.time() - t0:.0f} s evaluation; its card has no FID rows: "
+          f"`medldm evaluate --model {name} --crop {','.join(map(str, EVAL_CROP))} --steps {steps} --samples 2 --fid "
+          f"--out DIR`, then `pipelines/write_model_cards.py --rows DIR` "
+          "updates the card and data_cards/evaluation.md)")
     return dest
 
 

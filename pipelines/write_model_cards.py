@@ -1,10 +1,14 @@
-"""Rewrite the model card (README.md) of every shipped model from its model.json and its saved evaluation rows.
+"""Rewrite the model card (README.md) of every shipped model from its model.json and its evaluation rows.
 
-    python pipelines/write_model_cards.py [--rows outputs/evaluation-full]
-    python pipelines/write_model_cards.py --readme-table   # the README's results table, printed
+    python pipelines/write_model_cards.py                    # from the rows each model folder keeps
+    python pipelines/write_model_cards.py --rows outputs/fid-mr-recon   # take a later evaluation's rows
+    python pipelines/write_model_cards.py --readme-table     # the README's results table, printed
 
-Used after changing the card template, or to put a later `medldm evaluate --out DIR` run (its DIR/<name>.json
-rows: supervised U-Net, FID) into the cards; train_default_models.py writes the same cards at install time.
+Each shipped folder keeps the rows its card was written from (evaluation.json). `--rows DIR` replaces them,
+whole, by a later `medldm evaluate --out DIR` run's DIR/<name>.json for the models DIR has rows for (say, one
+with --fid); the other models' cards are rewritten from their stored rows. The table at the end of
+data_cards/evaluation.md is then rewritten from the rows of all shipped models (the prose above it is kept).
+train_default_models.py stores an install's rows (no FID) and writes its card, not that table.
 """
 
 from __future__ import annotations
@@ -18,36 +22,83 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medldm.models.card import model_card, results_table  # noqa: E402
+from medldm.evaluation.evaluate import markdown_table  # noqa: E402
+from medldm.models.card import ROWS_FILE, model_card, results_table  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
+
+TABLE_START = "\n| model |"
+
+
+def stored_rows(name: str) -> list[dict] | None:
+    path = SHIPPED_DIR / name / ROWS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def given_rows(name: str, rows_dir: Path | None) -> list[dict] | None:
+    path = rows_dir / f"{name}.json" if rows_dir else None
+    if path is None or not path.is_file():
+        return None
+    rows = json.loads(path.read_text())
+    others = sorted({r.get("model") for r in rows} - {name})
+    if others:
+        raise SystemExit(f"{path}: rows of {others}, not of {name}")
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=Path, default=None, help="A `medldm evaluate --out` folder with <name>.json rows.")
-    ap.add_argument("--readme-table", action="store_true", help="Only print the README's results table from the rows.")
+    ap.add_argument("--readme-table", action="store_true", help="Only print the README's results table (stored "
+                    "rows, or those of --rows where it has them); nothing is written.")
     args = ap.parse_args(argv)
-    rows_dir = args.rows or ROOT / "outputs" / "shipped-eval"
+    if args.rows is not None and not args.rows.is_dir():
+        raise SystemExit(f"--rows {args.rows}: not a folder")
+    order = list(DEFAULT_MODELS)
+    names = sorted(shipped_models(), key=lambda n: order.index(n) if n in order else len(order))
+    rows = {n: given_rows(n, args.rows) or stored_rows(n) for n in names}
     if args.readme_table:
-        order = list(DEFAULT_MODELS)
-        names = sorted(shipped_models(), key=lambda n: order.index(n) if n in order else len(order))
-        rows = {n: json.loads((rows_dir / f"{n}.json").read_text()) for n in names if (rows_dir / f"{n}.json").is_file()}
-        print(results_table(rows), end="")
+        missing = [n for n, r in rows.items() if r is None]
+        if missing:
+            print(f"no evaluation rows for {', '.join(missing)} (see --rows)", file=sys.stderr)
+        print(results_table({n: r for n, r in rows.items() if r is not None}), end="")
         return
-    for name in shipped_models():
-        rows_path = rows_dir / f"{name}.json"
-        if not rows_path.is_file():
-            print(f"{name}: no evaluation rows at {rows_path}; card left as is")
+    evaluation_md = ROOT / "data_cards" / "evaluation.md"
+    if evaluation_md.is_file() and TABLE_START not in evaluation_md.read_text():
+        raise SystemExit(f"{evaluation_md}: no '| model |' table to replace")
+    for name in names:
+        if rows[name] is None:
+            print(f"{name}: no evaluation rows in {SHIPPED_DIR / name / ROWS_FILE} or --rows; card left as is")
             continue
         meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
         if "card" not in meta:
             print(f"{name}: model.json has no card command/machine (installed before they were recorded); "
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
-        card = model_card(meta, json.loads(rows_path.read_text()), meta["card"]["command"], meta["card"]["machine"])
+        _warn_of_dropped_rows(name, stored_rows(name), rows[name])
+        card = model_card(meta, rows[name], meta["card"]["command"], meta["card"]["machine"])
+        (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")
         print(f"{name}: card written")
+    write_evaluation_table(evaluation_md, names, rows)
+
+
+def _warn_of_dropped_rows(name: str, old: list[dict] | None, new: list[dict]) -> None:
+    kept = {(r["case"], r["method"]) for r in new}
+    dropped = [f"{c}: {m}" for c, m in dict.fromkeys((r["case"], r["method"]) for r in old or []) if (c, m) not in kept]
+    if dropped:
+        print(f"{name}: the new rows lack {len(dropped)} stored ones ({'; '.join(dropped[:4])}"
+              f"{'; ...' if len(dropped) > 4 else ''})")
+
+
+def write_evaluation_table(path: Path, names: list[str], rows: dict[str, list[dict] | None]) -> None:
+    """Replace the table at the end of `path` by every named model's rows."""
+    if not path.is_file() or any(rows[n] is None for n in names):
+        print(f"{path}: left as is (it needs rows for every shipped model)")
+        return
+    text = path.read_text()
+    path.write_text(text[:text.rfind(TABLE_START) + 1] + markdown_table([r for n in names for r in rows[n]]))
+    print(f"{path}: table rewritten from {len(names)} models' rows")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,70 @@ def test_the_stage_command_sets_every_recorded_setting(train_default_models):
     del meta["refiner_stage"]["source_model"]
     with pytest.raises(SystemExit, match="started from"):
         train_default_models.stage_command("mr-sr", meta)
+
+
+def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsys):
+    """A later run without --rows (say, after a template change) must not drop the FID rows a card was given."""
+    import json
+    import shutil
+
+    import medldm.sampling.reconstructor as reconstructor
+    from medldm.evaluation.evaluate import markdown_table
+
+    spec = importlib.util.spec_from_file_location("write_model_cards", ROOT / "pipelines" / "write_model_cards.py")
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    shipped = tmp_path / "shipped"
+    (shipped / "ct-recon").mkdir(parents=True)
+    (tmp_path / "data_cards").mkdir()
+    prose = "# Evaluation\n\n| model | an earlier table |\n|---|---|\n\nHow the rows were made.\n"
+    evaluation_md = tmp_path / "data_cards" / "evaluation.md"
+    evaluation_md.write_text(prose + "\n| model |\n|---|\n| old |\n")
+    shutil.copy(ROOT / "medldm" / "shipped" / "ct-recon" / "model.json", shipped / "ct-recon")
+    for module in (cards, reconstructor):
+        monkeypatch.setattr(module, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(cards, "ROOT", tmp_path)
+    case = "slab/60 views"
+    rows = [{"model": "ct-recon", "case": case, "method": "FBP", "psnr": 25.0, "ssim": 0.80},
+            {"model": "ct-recon", "case": case, "method": "medldm (default)", "psnr": 30.0, "ssim": 0.90},
+            {"model": "ct-recon", "case": "all cases", "method": "FBP", "fid": 90.0},
+            {"model": "ct-recon", "case": "all cases", "method": "medldm (default)", "fid": 60.0}]
+    given = tmp_path / "fid-run"
+    given.mkdir()
+    (given / "ct-recon.json").write_text(json.dumps(rows))
+    stored = shipped / "ct-recon" / "evaluation.json"
+
+    cards.main([])  # nothing stored yet: card and table are left alone, not written without rows
+    assert not (shipped / "ct-recon" / "README.md").exists()
+    assert evaluation_md.read_text().endswith("| old |\n")
+    cards.main(["--rows", str(given)])
+    card = (shipped / "ct-recon" / "README.md").read_text()
+    assert "FID (all cases, 3 planes, lower is better): medldm (default) 60.0, FBP 90.0" in card
+    assert (tmp_path / "data_cards" / "model-ct-recon.md").read_text() == card
+    assert json.loads(stored.read_text()) == rows
+    assert evaluation_md.read_text() == prose + "\n" + markdown_table(rows)  # only the last table replaced
+
+    (shipped / "ct-recon" / "README.md").unlink()
+    cards.main([])  # rebuilt from the stored rows alone
+    assert (shipped / "ct-recon" / "README.md").read_text() == card
+    capsys.readouterr()
+    cards.main(["--readme-table"])
+    assert "| ct-recon | slab/60 views | FBP 25.00 / 0.800 | - | **30.00 / 0.900** | - |" in capsys.readouterr().out
+
+    (given / "ct-recon.json").write_text(json.dumps(rows[:1] + rows[2:]))
+    cards.main(["--rows", str(given), "--readme-table"])  # prints the given rows, stores nothing
+    assert "ct-recon" not in capsys.readouterr().out.splitlines()[-1]
+    assert json.loads(stored.read_text()) == rows
+    cards.main(["--rows", str(given)])  # rows replaced whole, and the ones dropped are named
+    assert "lack 1 stored ones (slab/60 views: medldm (default))" in capsys.readouterr().out
+    assert json.loads(stored.read_text()) == rows[:1] + rows[2:]
+
+    empty = tmp_path / "other-run"
+    empty.mkdir()
+    cards.main(["--rows", str(empty)])  # a run without this model's rows keeps its stored ones
+    assert json.loads(stored.read_text()) == rows[:1] + rows[2:]
+    (empty / "ct-recon.json").write_text(json.dumps([{**rows[0], "model": "ct-sr"}]))
+    with pytest.raises(SystemExit, match="not of ct-recon"):
+        cards.main(["--rows", str(empty)])
+    with pytest.raises(SystemExit, match="not a folder"):
+        cards.main(["--rows", str(tmp_path / "missing")])

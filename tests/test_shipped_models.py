@@ -1,12 +1,13 @@
 """Each committed model reproduces the validation figure in its own model.json (and so in its card)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from medldm.data.prepare import prepare_data
 from medldm.evaluation.check import run_check
-from medldm.sampling.reconstructor import SHIPPED_DIR, Reconstructor, shipped_models
+from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, Reconstructor, shipped_models
 
 NAMES = shipped_models()
 
@@ -33,3 +34,26 @@ def test_shipped_models_folder_is_consistent():
         meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
         assert meta["name"] == name and (SHIPPED_DIR / name / "README.md").is_file()
         assert "validation_check" in meta
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
+    """So that pipelines/write_model_cards.py rewrites every card on a fresh clone, FID rows and all."""
+    from medldm.models.card import ROWS_FILE, model_card
+
+    meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
+    rows = json.loads((SHIPPED_DIR / name / ROWS_FILE).read_text())
+    card = model_card(meta, rows, meta["card"]["command"], meta["card"]["machine"])
+    assert (SHIPPED_DIR / name / "README.md").read_text() == card
+
+
+def test_data_cards_hold_the_shipped_cards_and_their_rows():
+    from medldm.evaluation.evaluate import markdown_table
+    from medldm.models.card import ROWS_FILE
+
+    docs = Path(__file__).parents[1] / "data_cards"
+    for name in NAMES:
+        assert (docs / f"model-{name}.md").read_text() == (SHIPPED_DIR / name / "README.md").read_text()
+    order = list(DEFAULT_MODELS)
+    rows = [r for n in sorted(NAMES, key=order.index) for r in json.loads((SHIPPED_DIR / n / ROWS_FILE).read_text())]
+    assert (docs / "evaluation.md").read_text().endswith("\n" + markdown_table(rows))

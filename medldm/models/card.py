@@ -6,6 +6,9 @@ from medldm.evaluation.evaluate import markdown_table
 
 
 NOT_CLASSICAL = ("medldm", "VAE(truth)", "supervised")
+# The evaluation rows a shipped model's card was written from, kept in its folder so that the card (FID rows
+# included) can be rewritten on any clone: outputs/ is not committed.
+ROWS_FILE = "evaluation.json"
 
 
 def verdict(rows: list[dict]) -> str:
