@@ -55,7 +55,9 @@ def main(argv=None):
         raise SystemExit(f"--rows {args.rows}: not a folder")
     order = list(DEFAULT_MODELS)
     names = sorted(shipped_models(), key=lambda n: order.index(n) if n in order else len(order))
-    rows = {n: given_rows(n, args.rows) or stored_rows(n) for n in names}
+    stored = {n: stored_rows(n) for n in names}
+    given = {n: given_rows(n, args.rows) for n in names}
+    rows = {n: stored[n] if given[n] is None else given[n] for n in names}
     if args.readme_table:
         missing = [n for n, r in rows.items() if r is None]
         if missing:
@@ -74,7 +76,7 @@ def main(argv=None):
             print(f"{name}: model.json has no card command/machine (installed before they were recorded); "
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
-        _warn_of_dropped_rows(name, stored_rows(name), rows[name])
+        _warn_of_dropped_rows(name, stored[name], rows[name])
         card = model_card(meta, rows[name], meta["card"]["command"], meta["card"]["machine"])
         (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)

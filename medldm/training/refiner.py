@@ -88,8 +88,9 @@ def stage_data(cfg: LDMRunConfig) -> DataConfig:
                                       **({"num_workers": stage.num_workers} if stage.num_workers is not None else {})})
 
 
-# what a resumed leg must share with its checkpoint: the loss and the data it trains on (max_minutes may change)
-SAME_ON_RESUME = ("ssim_weight", "stream_offset", "loss_after_dc", "cascades", "guide", "sample_steps")
+# the only stage settings a resumed leg may change: neither moves its loss, its data or its batches (a setting
+# added later is held fixed without being listed; a changed lr would be overridden by the optimizer state anyway)
+MAY_CHANGE_ON_RESUME = ("max_minutes", "num_workers")
 
 
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
@@ -143,8 +144,9 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     if resume and ckpt_path.is_file():
         ck = common.load_checkpoint(ckpt_path)
         saved = ck.get("settings") or {}
-        changed = [f"{k} {saved[k]!r} -> {getattr(stage, k)!r}" for k in SAME_ON_RESUME
-                   if k in saved and saved[k] != getattr(stage, k)]
+        now = stage.model_dump()
+        changed = [f"{k} {v!r} -> {now.get(k)!r}" for k, v in saved.items()
+                   if k not in MAY_CHANGE_ON_RESUME and v != now.get(k)]
         if changed:
             raise ConfigError(f"{ckpt_path}: resuming with other refiner_stage settings ({'; '.join(changed)}); "
                               "start a new --out with init: model to continue under them")
@@ -157,10 +159,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
                         step + stage.stream_offset, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
-                  params={"model": str(model_dir), "minutes": minutes, "sample_steps": sample_steps, "lr": lr,
-                          "patch_size": data.patch_size, "batch_size": data.batch_size, "augment": data.augment,
-                          "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide,
-                          "ssim_weight": stage.ssim_weight},
+                  params={**stage.model_dump(), "model": str(model_dir), "patch_size": data.patch_size,
+                          "batch_size": data.batch_size, "augment": data.augment, "loss_after_dc": through_dc},
                   tags={"medldm.stage": "refiner", "medldm.task": cfg.degradation.task})
     progress = common.Progress(max_steps, step, f"refiner {cfg.name} ({minutes:g} min)", True)
     t0 = time.time()

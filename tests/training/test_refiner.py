@@ -38,6 +38,10 @@ def test_only_the_refiner_changes_and_the_run_is_logged(tiny_ldm, mlflow_tmp, tm
     assert stage["steps"] == 3 and stage["sample_steps"] == cfg.refiner_stage.sample_steps
     run = mlflow.get_run(stage["mlflow_run_id"])
     assert "train/refiner_l1" in run.data.metrics and run.data.tags["medldm.stage"] == "refiner"
+    # every stage setting is a param, the effective data settings (the stage's or the run's) among them
+    assert {k: run.data.params[k] for k in ("stream_offset", "ssim_weight", "guide", "patch_size")} == {
+        "stream_offset": "0", "ssim_weight": "0.0", "guide": cfg.refiner_stage.guide,
+        "patch_size": str(cfg.refiner_stage.patch_size or cfg.data.patch_size)}
 
 
 def test_resume_ends_where_one_run_ends(tiny_ldm, tmp_path):
@@ -320,8 +324,9 @@ def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypa
 
     class SpySSIM(real_ssim):
         def forward(self, x, y):
-            terms.append(super().forward(x, y).item())
-            return super().forward(x, y)
+            out = super().forward(x, y)
+            terms.append(out.item())
+            return out
 
     def spy_step(opt, loss, *a, **k):
         totals.append(loss.item())
@@ -343,11 +348,12 @@ def test_a_resume_under_other_loss_or_stream_settings_is_refused(tiny_ldm, tmp_p
 
     cfg, model = tiny_ldm
     train_refiner(cfg, model, tmp_path / "r", max_steps=1)
-    for change in ({"ssim_weight": 0.5}, {"stream_offset": 7}):
+    for change in ({"ssim_weight": 0.5}, {"stream_offset": 7}, {"lr": 1e-3}):  # any setting but the allowed ones
         other = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update=change)})
         with pytest.raises(ConfigError, match=next(iter(change))):
             train_refiner(other, model, tmp_path / "r", max_steps=2, resume=True)
-    longer = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"max_minutes": 99.0})})
+    longer = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"max_minutes": 99.0,
+                                                                                       "num_workers": 0})})
     assert load_bundle(train_refiner(longer, model, tmp_path / "r", max_steps=2, resume=True)
                        ).meta["refiner_stage"]["steps"] == 2
 
