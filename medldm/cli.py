@@ -88,6 +88,43 @@ def train_ldm_cmd(config: Path = typer.Option(..., "--config", help="An LDM run 
     _train("ldm", config, out, resume, device, set_)
 
 
+@train_app.command("bank")
+def train_bank_cmd(config: Path = typer.Option(..., "--config", help="The model's LDM run config YAML (configs/)."),
+                   model: Path = typer.Option(..., "--model", help="The model folder whose VAE encodes the bank."),
+                   out: Path = typer.Option(..., help="The bank folder (a build that stopped continues there)."),
+                   batches: Optional[int] = typer.Option(None, help="Data batches in the bank (default bridge_stage.bank_batches)."),
+                   workers: Optional[int] = typer.Option(None, help="Processes making guides (default bridge_stage.bank_workers)."),
+                   device: Optional[str] = _DEVICE, set_: list[str] = _SET):
+    """Precompute a bank of (truth, guide) VAE latents for the bridge stage: a U-Net step then costs the U-Net alone."""
+    from medldm.models.bundle import load_bundle
+    from medldm.training.banks import build_bank
+
+    cfg = _load_run_config("ldm", config, set_)
+    try:
+        folder = build_bank(cfg, load_bundle(model), out, batches=batches, workers=workers, device=device)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"bank saved: {folder}")
+
+
+@train_app.command("bridge")
+def train_bridge_cmd(config: Path = typer.Option(..., "--config", help="The model's LDM run config YAML (configs/)."),
+                     model: Path = typer.Option(..., "--model", help="The model folder (VAE, U-Net to start from, refiner)."),
+                     bank: Path = typer.Option(..., "--bank", help="A bank made by medldm train bank for this model."),
+                     out: Path = typer.Option(..., help="Run folder (checkpoint, losses, model/)."),
+                     resume: bool = _RESUME, device: Optional[str] = _DEVICE, set_: list[str] = _SET):
+    """Train the latent U-Net as a flow from the guide's latent to the truth's, on a latent bank (VAE and refiner
+    frozen); then retrain the refiner on its samples (medldm train refiner)."""
+    from medldm.training.bridge import train_bridge
+
+    cfg = _load_run_config("ldm", config, set_)
+    try:
+        folder = train_bridge(cfg, model, bank, out, resume=resume, device=device)
+    except MedldmError as err:
+        _fail(err)
+    typer.echo(f"model saved: {folder}")
+
+
 @train_app.command("refiner")
 def train_refiner_cmd(config: Path = typer.Option(..., "--config", help="The model's LDM run config YAML (configs/)."),
                       model: Path = typer.Option(..., "--model", help="The trained model folder (e.g. runs/ldm-<name>/model)."),

@@ -107,6 +107,18 @@ class SchedulerConfig(Strict):
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    # Where sampling starts (rflow only). "noise": N(0, I), the classic latent diffusion. A guide's name: the flow
+    # runs from that classical image's latent plus ``start_noise`` x N(0, I) to the truth's latent, and the U-Net is
+    # conditioned on that latent (a bridge, as in InDI / I2SB / ResShift): it learns only what the guide misses, in
+    # a few steps, and its samples spread where the measurement leaves the answer open.
+    start: Literal["noise", "naive", "tv-pocs", "nlm"] = "noise"
+    start_noise: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _start_needs_rflow(self):
+        if self.start != "noise" and self.kind != "rflow":
+            raise ValueError(f"start {self.start!r} (a flow from a guide) needs kind: rflow, not {self.kind!r}")
+        return self
 
 
 class DegradationConfig(Strict):
@@ -203,6 +215,24 @@ class RefinerStageConfig(Strict):
     num_workers: int | None = Field(None, ge=0)
 
 
+class BridgeStageConfig(Strict):
+    """The latent U-Net trained as a flow from a guide's latent to the truth's (``medldm.training.bridge``), on a
+    bank of precomputed latents (``medldm.training.banks``): a step costs the U-Net alone."""
+
+    guide: Literal["naive", "tv-pocs", "nlm"] = "naive"  # the image the flow starts from (its latent, plus noise)
+    start_noise: float = Field(0.5, gt=0)  # std of the noise added to the start latent (latents have unit std)
+    bank_batches: int = Field(400, ge=1)  # data batches (data.batch_size pairs each) encoded into the bank
+    bank_workers: int = Field(0, ge=0)  # worker processes making the bank's guides
+    init: Literal["model", "fresh"] = "model"  # start from the model's U-Net, or a new one of unet's config
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    max_minutes: float = Field(20.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ckpt_every: int = Field(200, ge=1)
+    val_every: int = Field(250, ge=1)
+
+
 class LDMRunConfig(Strict):
     kind: Literal["ldm"] = "ldm"
     name: str
@@ -213,6 +243,7 @@ class LDMRunConfig(Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
     refiner_stage: RefinerStageConfig = Field(default_factory=RefinerStageConfig)
+    bridge_stage: BridgeStageConfig = Field(default_factory=BridgeStageConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

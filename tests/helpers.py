@@ -22,8 +22,9 @@ TINY_REFINER = RefinerConfig(features=[4, 4, 8, 8, 16, 4])
 
 def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = "MR", seed: int = 0,
                      slice_axis: int | None = None, scheduler: str = "ddpm", refiner: bool = True,
-                     spatial_dims: int = 2, patch=None) -> Path:
-    """``spatial_dims=3``: a 3D model whose training patch (default 32x32x16) the tests' volumes exceed."""
+                     spatial_dims: int = 2, patch=None, flow_start: str = "noise") -> Path:
+    """``spatial_dims=3``: a 3D model whose training patch (default 32x32x16) the tests' volumes exceed.
+    ``flow_start``: a flow model (rflow) that starts from that guide's latent instead of noise."""
     torch.manual_seed(seed)
     vae = build_vae(TINY_VAE, spatial_dims)
     unet = build_unet(TINY_UNET, spatial_dims, TINY_VAE.latent_channels)
@@ -35,7 +36,7 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
         "patch_size": list(patch or ([32, 32] if spatial_dims == 2 else [32, 32, 16])),
         "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
         "normalisation": Normalisation.for_modality(modality).to_dict(), "unet": TINY_UNET.model_dump(),
-        "scheduler": SchedulerConfig(kind=scheduler).model_dump(),
+        "scheduler": SchedulerConfig(kind="rflow" if flow_start != "noise" else scheduler, start=flow_start).model_dump(),
         "refiner": TINY_REFINER.model_copy(update={"enabled": refiner}).model_dump(),
         "degradation": {"task": task, "kwargs": kwargs}, "cond_noise_max": 0.1, "metrics": {}, "training": {},
     }

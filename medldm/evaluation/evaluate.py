@@ -3,7 +3,8 @@
 Rows (method per case): the task's classical baselines; ``VAE(truth)`` (encode + decode the ground
 truth: the latent ceiling); then medldm variants, each adding one piece:
 ``latent`` (diffusion, decoded) -> ``+DC`` -> ``+refiner`` -> ``+refiner+DC`` (the default output)
--> ``+latent DC`` (data consistency every few steps during sampling too). The default output is also
+beside ``no diffusion`` (the default path decoding the encoded naive inverse, or a flow's start image, instead of a
+latent sample) -> ``+latent DC`` (data consistency every few steps during sampling too). The default output is also
 run with K samples for the uncertainty map and its calibration (Spearman std vs |error|).
 
 ``supervised``: the task's supervised U-Net baseline (``medldm.training.supervised``), a row per case.
@@ -36,8 +37,8 @@ def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:
     norm = Normalisation.from_dict(rec.meta["normalisation"]).fit(t)
     axis = rec.slice_axis
     slices = norm.forward(t).movedim(axis, 0)[:, None]
-    out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, batch_size=16,
-                         refine=False, use_diffusion=False)["decoded"]
+    out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, batch_size=16, refine=False,
+                         use_diffusion=False, start=slices if rec.bundle.flow_start != "noise" else None)["decoded"]
     return norm.inverse(out[0, :, 0].movedim(0, axis)).numpy()
 
 
@@ -47,6 +48,8 @@ def variants(task: str, steps: int) -> dict[str, dict]:
     if task in ("recon", "sr"):
         rows["medldm latent+DC"] = {**base, "refine": False, "dc": True}
         rows["medldm +refiner"] = {**base, "refine": True, "dc": False}
+    # the default path with the latent sample replaced by the VAE's encoding of its start image: what diffusion adds
+    rows["medldm no diffusion"] = {**base, "refine": True, "dc": True, "use_diffusion": False}
     rows["medldm (default)"] = {**base, "refine": True, "dc": True}
     if task in ("recon", "sr"):
         rows["medldm +latent opt"] = {**base, "refine": True, "dc": True, "latent_opt_steps": 10}

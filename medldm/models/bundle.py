@@ -60,6 +60,11 @@ class ModelBundle:
         return refiner_guide(self.meta)
 
     @property
+    def flow_start(self) -> str:
+        """Where sampling starts: "noise", or the guide whose latent (plus noise) a flow model starts from."""
+        return str((self.meta.get("scheduler") or {}).get("start", "noise"))
+
+    @property
     def refiner_cascades(self) -> int:
         """Refiner passes, each followed by data consistency (the refiner stage's ``cascades``; 1 before it)."""
         return int((self.meta.get("refiner_stage") or {}).get("cascades", 1))

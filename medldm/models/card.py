@@ -142,9 +142,32 @@ def _legs_note(meta: dict) -> str:
             "left; each leg is the same command with its own settings)")
 
 
+def _flow_words(meta: dict) -> tuple[str, str]:
+    """What the latent U-Net is (for "What it is") and, for a flow, its bridge-stage training line."""
+    sched, bs = meta.get("scheduler") or {}, meta.get("bridge_stage")
+    if sched.get("start", "noise") == "noise" or not bs:
+        return ("a MONAI DiffusionModelUNet conditioned by concatenation on the encoded naive\ninverse (with noise "
+                "augmentation, level as an input channel), sampled with DDIM"), ""
+    guide = sched["start"]
+    what = (f"a MONAI DiffusionModelUNet trained as a flow (MONAI RFlowScheduler, Euler steps)\nfrom the latent of the "
+            f"{guide} image plus {sched['start_noise']:g} x Gaussian noise to the truth's latent, conditioned on\nthat "
+            f"latent: different noise, different samples, which spread where the measurement leaves the answer open")
+    bank = bs["bank"]
+    line = (f"\n- Flow U-Net (`medldm train bank`, then `medldm train bridge`): {bs['steps']} steps, {bs['seconds']} s, batch "
+            f"{bs['settings']['batch_size']}, lr {bs['settings']['lr']:g}, from the "
+            f"{'stage-2 U-Net' if bs['settings']['init'] == 'model' else 'a new U-Net'}, on a bank of {bs['bank_pairs']} "
+            f"(truth, {guide}) latent pairs ({bank['batches']} batches of the bank's stream, seed {bank['seed']}, "
+            f"{bank['seconds']} s to build on {bank.get('device_name', 'an unrecorded machine')}); held-out bank pairs, "
+            f"latent MSE: one sample {bs['validation']['sample_mse']:.3f}, mean of two "
+            f"{bs['validation']['mean2_mse']:.3f}, the {guide} start {bs['validation']['start_mse']:.3f}; on "
+            f"{bs['device_name']}.")
+    return what, line
+
+
 def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
     t = meta.get("training", {})
-    weights_line = f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else ""
+    flow_line = _flow_words(meta)[1]  # a flow U-Net replaces stage 2's weights (it started from them)
+    weights_line = flow_line or (f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else "")
     st = meta.get("refiner_stage")
     if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
         through_dc = _loss_words(st)
@@ -153,7 +176,8 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
         if st.get("guide", "naive") != "naive":
             cascade += _guide_words(st["guide"], meta.get("refiner", {}).get("residual_on") == "naive")
         ran_on = f"; stage run on {st['device_name']}" if st.get("device_name") else ""
-        weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step DDIM "
+        sampler = "flow" if (meta.get("scheduler") or {}).get("start", "noise") != "noise" else "DDIM"
+        weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step {sampler} "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
                          f"initialised as {_init_words(st)}{through_dc}{cascade}{ran_on}.")
@@ -167,8 +191,7 @@ def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
 ## What it is
 A 2D latent diffusion model applied slice-wise (slice axis {meta.get('slice_axis')}): a MONAI AutoencoderKL
 (channels {meta['vae']['channels']}, {meta['vae']['latent_channels']} latent channels, latent scale
-{meta.get('latent_scale'):.4g}), a MONAI DiffusionModelUNet conditioned by concatenation on the encoded naive
-inverse (with noise augmentation, level as an input channel), sampled with DDIM, then a pixel-space refiner
+{meta.get('latent_scale'):.4g}), {_flow_words(meta)[0]}, then a pixel-space refiner
 (MONAI BasicUNet) that sees the decoded estimate and the naive inverse (or the guide named below), then hard data consistency
 (recon, SR). Intensity normalisation: `{meta.get('normalisation')}`.
 

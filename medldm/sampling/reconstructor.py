@@ -122,7 +122,7 @@ class Reconstructor:
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
-        guide = self._guide(m, cond, norm, axis) if refine else None
+        guide, start = self._guides(m, cond, norm, axis, refine=refine)
         t_prep = time.time()
 
         def latent_dc(x_slices, idx):
@@ -154,7 +154,7 @@ class Reconstructor:
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide)
+                                  guide=guide, start=start)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -163,23 +163,33 @@ class Reconstructor:
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
 
-    def _guide(self, m, cond, norm, axis) -> torch.Tensor | None:
-        """The refiner's guide slices (S, G, A, B), normalised, when it is not the naive inverse itself."""
-        kind = self.bundle.refiner_guide
-        if self.bundle.refiner is None or kind == "naive":
-            return None
+    def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The refiner's guide slices (S, G, A, B) when it is not the naive inverse itself, and the slices
+        (S, 1, A, B) a flow model starts from; each classical image is computed once, both normalised."""
+        refiner_kind = self.bundle.refiner_guide if refine and self.bundle.refiner is not None else "naive"
+        start_kind = self.bundle.flow_start
+        parts = [] if refiner_kind == "naive" else refiner_kind.split("+")
+        if start_kind not in ("noise", "naive") and start_kind not in parts:
+            parts.append(start_kind)
+        if not parts:
+            return None, (cond[0, 0].movedim(axis, 0)[:, None] if start_kind == "naive" else None)
+        kind = "+".join(parts)
         op, y = m.operator, m.y
         sigma = getattr(op, "sigma", None)
         why = guide_refusal(kind, m.task, m.modality)
-        if why or self.bundle.spatial_dims != 2:  # the refiner stage that makes guided models is 2D-only
-            raise ModelError(f"this model's refiner starts from a {kind} guide: {why or 'a 2D model only'}")
+        if why or self.bundle.spatial_dims != 2:  # the stages that make guided models are 2D-only
+            raise ModelError(f"this model starts from or refines with a {kind} guide: {why or 'a 2D model only'}")
         vol = guide_image(kind, cond, image_axes=tuple(2 + a for a in range(3) if a != axis), scale=1.0,
                           project=lambda x: norm.forward(op.data_consistency(norm.inverse(x), y)),
                           sigma=None if sigma is None else float(sigma) * norm.linear_scale)
-        return vol[0].movedim(axis + 1, 0)  # (G, X, Y, Z) -> slices along axis, the G guide images as channels
+        images = vol[0].movedim(axis + 1, 0)  # (G, X, Y, Z) -> slices along axis, the G images as channels
+        by_kind = dict(zip(parts, images.split(1, dim=1)))
+        by_kind.setdefault("naive", cond[0, 0].movedim(axis, 0)[:, None])
+        guide = None if refiner_kind == "naive" else torch.cat([by_kind[p] for p in refiner_kind.split("+")], 1)
+        return guide, (None if start_kind == "noise" else by_kind[start_kind])
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
-                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None) -> torch.Tensor:
+                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None) -> torch.Tensor:
         """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
@@ -196,7 +206,7 @@ class Reconstructor:
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    guide=guide, progress=bar.update if bar else None)
+                    guide=guide, start=start, progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         return vols_n
 

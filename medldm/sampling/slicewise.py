@@ -36,7 +36,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    data_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   guide: torch.Tensor | None = None, progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+                   guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                   progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
 
@@ -47,6 +48,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     (``bundle.refiner_cascades`` > 1); the projection after the last pass is the caller's.
     ``guide`` (S, G, H, W), normalised: what the refiner sees instead of ``cond`` (``bundle.refiner_guide``,
     G images).
+    ``start`` (S, 1, H, W), normalised: the image a flow model (``bundle.flow_start`` not "noise") starts from and
+    is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
@@ -59,6 +62,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     s = padded.shape[0]
     down = bundle.vae_config.downsample
     lat_shape = (bundle.vae_config.latent_channels, padded.shape[-2] // down, padded.shape[-1] // down)
+    from_image = bundle.flow_start != "noise"
+    if from_image and (start is None or start.shape != cond.shape):
+        raise ValueError(f"this model's flow starts from its {bundle.flow_start} image: pass start with cond's shape "
+                         f"{tuple(cond.shape)}")
+    start_padded = pad_to_multiple(start)[0] if from_image else None
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, s, *lat_shape), generator=gen)  # one global draw
     step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
@@ -67,9 +75,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     for k in range(samples):
         for a in range(0, s, batch_size):
             b = min(s, a + batch_size)
-            c_img = padded[a:b].to(device)
-            c = codec.encode(c_img)
+            c = codec.encode((start_padded if from_image else padded)[a:b].to(device))
             cin = condition_input(c, torch.zeros(b - a, device=device))
+            z_init = noise[k, a:b].to(device)
+            if from_image:  # a bridge: from the start image's latent plus noise, not from noise alone
+                z_init = c + sched_cfg.start_noise * z_init
             if use_diffusion:
                 def denoiser(z_t, t, cin=cin):
                     return bundle.unet(torch.cat([z_t, cin], 1), t)
@@ -82,10 +92,10 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                         return codec.encode(x)
 
                 with torch.no_grad():
-                    z = sample(denoiser, noise[k, a:b].to(device), scheduler, steps, eta=eta, generator=step_gen,
+                    z = sample(denoiser, z_init, scheduler, steps, eta=eta, generator=step_gen,
                                correct=corr, correct_every=correct_every, progress=progress)
             else:
-                z = c  # "VAE only": decode the encoded naive inverse
+                z = c  # "VAE only": decode the encoded naive inverse (or the flow's start image)
             if data_loss is not None and latent_opt_steps > 0:
                 z = optimise_latent(codec, z, lambda x, a=a, b=b: data_loss(x[..., :h, :w], torch.arange(a, b)),
                                     latent_opt_steps, latent_opt_lr)

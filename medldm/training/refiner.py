@@ -80,6 +80,14 @@ class GuidedPairs:
         return x, cond, ops, ys, guide
 
 
+def flow_start_image(kind: str, made: list[str], images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor | None:
+    """The image a flow model starts from (None for a model sampled from noise): the naive inverse or one of the
+    classical images ``made`` (their channels in ``images``)."""
+    if kind == "noise":
+        return None
+    return cond if kind == "naive" else images[:, made.index(kind):made.index(kind) + 1]
+
+
 def stage_data(cfg: LDMRunConfig) -> DataConfig:
     """The data of the refiner stage: the run's, with the stage's patch size, augmentation and workers."""
     stage = cfg.refiner_stage
@@ -124,6 +132,8 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     if why:
         raise ConfigError(f"refiner_stage.guide of {cfg.name}: {why}")
     parts, before = guide_parts(stage.guide), guide_parts(bundle.refiner_guide)
+    # a flow model starts from a guide's latent: the stage makes that image beside the refiner's (once)
+    made = parts + [k for k in (bundle.flow_start,) if k not in ("noise", "naive", *parts)]
     if stage.init == "identity":
         bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"),
                                        bundle.spatial_dims, len(parts)).to(dev)
@@ -155,7 +165,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
         common.set_rng_state(ck["rng"])
         losses = ck.get("losses", [])
     pairs = step_stream(GuidedPairs(DegradedPairs(PatchBatches(data, seed=cfg.train.seed + 2000), random_op, train_norm,
-                                                  cfg.train.seed + 2000, measurements=True), stage.guide, train_norm),
+                                                  cfg.train.seed + 2000, measurements=True), "+".join(made), train_norm),
                         step + stage.stream_offset, data.num_workers)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment, cfg.tracking.tracking_uri)
     tracker.start(f"refiner-{cfg.name}", run_id=run_id,
@@ -166,12 +176,13 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     t0 = time.time()
     total = 10**9 if max_steps is None else max_steps
     while step < total and seconds_before + time.time() - t0 < 60 * minutes:
-        x, cond, ops, ys, guide = next(pairs)
-        x, cond, guide, ys = x.to(dev), cond.to(dev), guide.to(dev), [y.to(dev) for y in ys]
+        x, cond, ops, ys, images = next(pairs)
+        x, cond, images, ys = x.to(dev), cond.to(dev), images.to(dev), [y.to(dev) for y in ys]
+        guide, start = images[:, :len(parts)], flow_start_image(bundle.flow_start, made, images, cond)
         with torch.no_grad():  # the estimate exactly as inference makes it, from this step's own noise
             decoded = restore_slices(bundle, cond, samples=1, steps=sample_steps,
                                      seed=cfg.train.seed + stage.stream_offset + step, batch_size=cond.shape[0],
-                                     refine=False)["decoded"][0].to(dev)
+                                     refine=False, start=start)["decoded"][0].to(dev)
         project = projection(ops, ys, train_norm)
         with common.autocast(dev, cfg.train.amp):
             refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,

@@ -23,7 +23,7 @@ def test_recon_rows_supervised_and_fid(tmp_path):
     per_case = {(r["case"], r["method"]) for r in rows}
     for case in ("p/4x", "p/8x"):
         for method in ("zero-filled", "TV-POCS", "supervised U-Net", "VAE(truth)", "medldm latent",
-                       "medldm (default)", "medldm +latent DC", "medldm mean of 2"):
+                       "medldm no diffusion", "medldm (default)", "medldm +latent DC", "medldm mean of 2"):
             assert (case, method) in per_case, (case, method)
     fid = {r["method"]: r["fid"] for r in rows if r["case"] == "all cases"}
     assert set(fid) == {"zero-filled", "TV-POCS", "supervised U-Net", "medldm (default)"}
