@@ -70,6 +70,51 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
+# first bytes of formats people keep next to scans, to say what a misnamed file is
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF document"),
+               (b"PK\x03\x04", "a ZIP archive"), (b"GIF8", "a GIF image"), (b"II*\x00", "a TIFF image"),
+               (b"MM\x00*", "a TIFF image"))
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _content_kind(path: Path) -> str:
+    """What the first bytes say a file is: 'nifti', 'gzip' (a .nii.gz, checked when read), 'hdf5', or a
+    description ("a PNG image", "text", "empty", "unrecognised binary data")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(600)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "empty"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if len(head) >= 348 and (head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2")):
+        return "nifti"
+    if head.startswith(_HDF5_SIGNATURE) or head[512:520] == _HDF5_SIGNATURE:  # HDF5 may follow a user block
+        return "hdf5"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+
+
+def _not_ours(path: Path) -> str | None:
+    """Why a file named .nii/.nii.gz/.h5 is not one by content (then it is ignored, not failed), else None."""
+    kind = _content_kind(path)
+    if _is_nifti(path):
+        ok = ("gzip",) if path.name.lower().endswith(".gz") else ("nifti",)
+    else:
+        ok = ("hdf5",)
+    if kind in ok or kind == "unreadable":  # an unreadable file fails as a unit and says why
+        return None
+    return f"named {''.join(path.suffixes[-2:]) if _is_nifti(path) else path.suffix} but its content is {kind}"
+
+
 def infer_nifti_modality(path: Path, explicit: str | None) -> tuple[str | None, str | None]:
     """(modality, where it came from): --modality, a BIDS JSON sidecar, or a BIDS file-name suffix."""
     if explicit:
@@ -128,7 +173,7 @@ def _file_unit(path: Path, root: Path, task: str, reason: str) -> Unit | None:
         return Unit(f"dicom-object-{short_hash(rel)}", "dicom-object", [path], skip=f"{path}: {reason}")
     if reason.startswith(("DICOMDIR", "duplicate copy")):
         return None
-    if reason == "not a DICOM file" and path.suffix.lower() not in _DICOM_SUFFIXES:
+    if reason == "not a DICOM file":  # neither a preamble nor raw DICOM elements: not DICOM by content
         return None
     return Unit(f"file-{task}-{short_hash(task, rel)}", "file", [path], fail=f"{path}: {reason}")
 
@@ -225,6 +270,11 @@ def discover(source: str | Path, task: str, modality: str | None = None,
     series, nifti, h5, others, ignored = [], [], [], [], []
 
     def add_file(path: Path, reason: str):
+        if _is_nifti(path) or path.suffix.lower() in _H5_SUFFIXES:
+            why = _not_ours(path)
+            if why:
+                ignored.append({"path": str(path), "reason": why})
+                return
         if _is_nifti(path):
             nifti.append(path)
         elif path.suffix.lower() in _H5_SUFFIXES:
@@ -232,6 +282,8 @@ def discover(source: str | Path, task: str, modality: str | None = None,
         else:
             unit = _file_unit(path, root, task, reason)
             if unit is None:
+                if reason == "not a DICOM file" and path.suffix.lower() in _DICOM_SUFFIXES:
+                    reason = f"named {path.suffix} but its content is not DICOM ({_content_kind(path)})"
                 ignored.append({"path": str(path), "reason": reason})
             else:
                 others.append(unit)

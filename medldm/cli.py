@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -217,15 +218,26 @@ def register(model: str = typer.Argument(..., help="Model folder, shipped model 
 def serve(model_uri: str = typer.Argument(..., help="models:/NAME@alias or runs:/ID/model"),
           host: str = typer.Option("127.0.0.1"), port: int = typer.Option(5000),
           timeout: int = typer.Option(600, help="Request timeout in seconds."),
-          max_payload_mb: float = typer.Option(256, help="Largest accepted request (MEDLDM_MAX_PAYLOAD_MB).")):
-    """Serve a registered model with `mlflow models serve --env-manager local` (POST /invocations)."""
+          max_payload_mb: float = typer.Option(256, help="Largest accepted request (MEDLDM_MAX_PAYLOAD_MB)."),
+          tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
+                                                     "or sqlite:///mlflow.db).")):
+    """Serve a registered model with `mlflow models serve --env-manager local` (POST /invocations).
+
+    SIGTERM or SIGINT (Ctrl-C) stops the server and every process it started."""
     from medldm.serving import serve as start, stop
 
-    proc = start(model_uri, host=host, port=port, timeout_s=timeout, env={"MEDLDM_MAX_PAYLOAD_MB": str(max_payload_mb)})
-    try:
-        raise typer.Exit(proc.wait())
-    except KeyboardInterrupt:
+    proc = start(model_uri, host=host, port=port, timeout_s=timeout, tracking_uri=tracking_uri,
+                 env={"MEDLDM_MAX_PAYLOAD_MB": str(max_payload_mb)})
+
+    def _stop_tree(signum, _frame):
+        # the server runs in its own process group (so a terminal's Ctrl-C alone would not reach uvicorn):
+        # forward the stop to the whole group and wait for it, then exit as killed by that signal
         stop(proc)
+        raise typer.Exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop_tree)
+    signal.signal(signal.SIGINT, _stop_tree)
+    raise typer.Exit(proc.wait())
 
 
 @app.command()

@@ -263,6 +263,17 @@ def _cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "medldm" / "mlflow"
 
 
+def _name_filter(name: str) -> str:
+    """An MLflow filter matching exactly this registered-model name: the name is quoted, never parsed as a clause.
+
+    MLflow's filter parser has no escape inside a quoted string, so the name is wrapped in the quote it lacks."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise ModelError(f"registered model name {name!r} holds both quote characters; MLflow cannot search for it")
+
+
 def _resolve_version(client, rest: str):
     """'NAME@alias', 'NAME/3', 'NAME/latest' -> ModelVersion; other forms (a logged-model id) -> None."""
     if "@" in rest:
@@ -272,7 +283,7 @@ def _resolve_version(client, rest: str):
     if len(parts) == 2 and parts[1].isdigit():
         return client.get_model_version(parts[0], parts[1])
     if len(parts) == 2 and parts[1].lower() == "latest":
-        versions = client.search_model_versions(f"name = '{parts[0]}'")
+        versions = client.search_model_versions(_name_filter(parts[0]))
         if not versions:
             raise ModelError(f"registered model {parts[0]!r} has no versions")
         return max(versions, key=lambda v: int(v.version))
@@ -348,7 +359,7 @@ def download_model(uri: str) -> tuple[Path, dict]:
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, env_manager: str = "local", *,
           workers: int | None = None, timeout_s: int | None = None, env: dict[str, str] | None = None,
-          log_path: str | os.PathLike | None = None) -> subprocess.Popen:
+          log_path: str | os.PathLike | None = None, tracking_uri: str | None = None) -> subprocess.Popen:
     """Start ``mlflow models serve -m URI --env-manager local -h HOST -p PORT`` in its own process group.
 
     ``env`` adds variables for the server (e.g. MEDLDM_MAX_PAYLOAD_MB, MEDLDM_DEVICE; MEDLDM_WARMUP=0 skips the
@@ -356,6 +367,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, env_manager
     MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (MLflow's default 60 s is short for full-size CPU sampling).
     The server's output goes to ``log_path`` (else it is inherited). Stop it with :func:`stop`.
     """
+    _use_tracking_uri(tracking_uri)
     bin_dir = str(Path(sys.executable).parent)
     penv = {**os.environ, **(env or {})}
     penv["PATH"] = bin_dir + os.pathsep + penv.get("PATH", "")

@@ -56,20 +56,24 @@ def _ds(value: float) -> float:
 def choose_pixel_encoding(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(stored integers, RescaleSlope, RescaleIntercept) representing ``values`` without clipping.
 
-    Integral data within int16 (CT HU, most MR) keep slope 1 and intercept 0, so stored values are the data.
-    Anything else is spread over the full int16 range; the quantisation error is at most slope / 2.
+    Integral data within int16 (CT HU) or uint16 (MR) keep slope 1 and intercept 0, so stored values are the data.
+    Non-negative data (magnitude MR) are stored unsigned with intercept 0; anything else is spread over the full
+    int16 range. The quantisation error is at most slope / 2.
     """
     values = np.asarray(values, dtype=np.float64)
     lo, hi = float(values.min()), float(values.max())
     integral = bool(np.all(values == np.round(values)))
-    if integral and lo >= -32768 and hi <= 32767:
-        return values.astype(np.int16), 1.0, 0.0
     if integral and lo >= 0 and hi <= 65535:
         return values.astype(np.uint16), 1.0, 0.0
+    if integral and lo >= -32768 and hi <= 32767:
+        return values.astype(np.int16), 1.0, 0.0
     if hi == lo:
-        return np.zeros(values.shape, np.int16), 1.0, _ds(lo)
+        return np.zeros(values.shape, np.uint16 if lo >= 0 else np.int16), 1.0, _ds(lo)
+    if lo >= 0:
+        slope = _ds(hi / 65000.0)  # headroom so DS rounding cannot push the maximum off the range
+        return np.clip(np.round(values / slope), 0, 65535).astype(np.uint16), slope, 0.0
     # Round slope/intercept to what DS can hold first, then quantise against those exact values.
-    slope = _ds((hi - lo) / 65000.0)  # a little headroom so DS rounding can never push values off the range
+    slope = _ds((hi - lo) / 65000.0)
     intercept = _ds((hi + lo) / 2.0)
     stored = np.round((values - intercept) / slope)
     return np.clip(stored, -32768, 32767).astype(np.int16), slope, intercept

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import defusedxml.ElementTree as ET
 import h5py
 import numpy as np
+from defusedxml import DefusedXmlException
 
 from medldm.errors import InputError
 from medldm.io._hdf5 import checked_hdf5_path, python_value
@@ -69,7 +70,7 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
     return kspace, mask, attrs
 
 
-def _spacing_from_attrs(attrs: dict) -> tuple[float, float, float]:
+def _spacing_from_attrs(attrs: dict, where: str | None = None) -> tuple[float, float, float]:
     """(H, W, slice) spacing in mm: explicit attrs first, then the ISMRMRD encoded space, else 1 mm."""
     for key in ("spacing", "voxel_size", "pixel_spacing"):
         if key in attrs:
@@ -87,6 +88,9 @@ def _spacing_from_attrs(attrs: dict) -> tuple[float, float, float]:
             size = {c.tag.split("}")[-1]: float(c.text) for c in next(e for e in enc if e.tag.endswith("matrixSize"))}
             fov = {c.tag.split("}")[-1]: float(c.text) for c in next(e for e in enc if e.tag.endswith("fieldOfView_mm"))}
             return fov["x"] / size["x"], fov["y"] / size["y"], fov["z"] / max(size.get("z", 1.0), 1.0)
+        except DefusedXmlException as exc:
+            # entity declarations (billion laughs) and external references have no place in an ISMRMRD header
+            raise InputError(where, f"ismrmrd_header refused: unsafe XML ({type(exc).__name__})") from None
         except (ET.ParseError, StopIteration, KeyError, ValueError, TypeError, ZeroDivisionError):
             log.debug("ismrmrd_header without usable encodedSpace; using 1 mm spacing")
     return 1.0, 1.0, 1.0
@@ -111,7 +115,7 @@ def fastmri_h5_to_volume(source: str | os.PathLike | np.ndarray, attrs: dict | N
             raise InputError(None, f"k-space must be complex [slices, H, W], got {kspace.dtype} {kspace.shape}")
     image = _zero_filled_magnitude(kspace)  # [slices, H, W]
     array = np.ascontiguousarray(np.transpose(image, (1, 2, 0))[None])  # (1, H, W, slices)
-    affine = np.diag([*_spacing_from_attrs(attrs), 1.0])
+    affine = np.diag([*_spacing_from_attrs(attrs, meta.get("source")), 1.0])
     meta["fastmri_attrs"] = {k: v for k, v in attrs.items() if k != "ismrmrd_header"}
     volume = Volume(array=array, affine=affine, modality="MR", meta=meta)
     volume.check_finite()

@@ -38,6 +38,9 @@ def coarsest_axis(volume: Volume) -> int:
     return int(np.argmax(volume.spacing))
 
 
+MIN_AXIS = 2  # noise estimation and the networks need an image, not a line or a voxel
+
+
 def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: int | None = None, sigma: float | None = None,
                profile: str = "box") -> Measurement:
     """Build the measurement for image-domain inputs: a noisy image (denoise) or a thick-slice image (sr)."""
@@ -46,6 +49,9 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
 
     if volume.spatial_dims != 3 or volume.array.shape[0] != 1:
         raise InputError(volume.meta.get("source"), f"expected a single-channel 3D volume, got shape {volume.array.shape}")
+    if sum(n >= MIN_AXIS for n in volume.spatial_shape) < 2:
+        raise InputError(volume.meta.get("source"), f"a volume needs at least {MIN_AXIS} voxels along two of its "
+                         f"axes (X, Y, Z), got shape {tuple(volume.spatial_shape)}")
     volume.check_finite()
     y = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
     modality = volume.modality or "MR"

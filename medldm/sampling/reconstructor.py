@@ -33,6 +33,15 @@ DEFAULT_MODELS = {"mr-recon": "MR", "mr-denoise": "MR", "mr-sr": "MR", "ct-denoi
 
 @dataclass
 class ReconstructionResult:
+    """What one reconstruction returns.
+
+    ``volume``: the mean over samples, physical units (MR signal, CT HU), on the output grid (finer for SR).
+    ``uncertainty``: per-voxel standard deviation over the samples (None for ``samples=1``).
+    ``residual``: relative data residual ||A x - y|| / ||y|| for recon/sr (None for denoising).
+    ``timings``: seconds per stage. ``provenance``: model, parameters, operator, input hash (JSON-ready).
+    ``samples``: every sample (K, X, Y, Z) when ``keep_samples=True``. ``extras["naive_inverse"]``: the input's
+    naive inverse (zero-filled, FBP, cubic upsampling, or the noisy image) on the output grid."""
+
     volume: Volume
     uncertainty: Volume | None
     residual: float | None
@@ -63,6 +72,10 @@ def resolve_model(name_or_uri: str | Path) -> tuple[Path, dict]:
 
 
 class Reconstructor:
+    """A trained model ready to reconstruct: ``Reconstructor.load("mr-recon")(data, steps=10, samples=4)``.
+
+    ``device`` defaults to CUDA when available (then ``amp`` runs the networks in bfloat16), else the CPU."""
+
     def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None,
                  amp: bool = True):
         if bundle.unet is None:
@@ -75,6 +88,8 @@ class Reconstructor:
 
     @classmethod
     def load(cls, name_or_uri: str | Path, device: str | None = None) -> "Reconstructor":
+        """A shipped name (``mr-recon``, ``mr-denoise``, ``mr-sr``, ``ct-denoise``, ``ct-recon``, ``ct-sr``), a model
+        folder, or an MLflow URI (``models:/NAME@alias``, ``runs:/ID/model``; downloaded once and cached)."""
         folder, origin = resolve_model(name_or_uri)
         return cls(load_bundle(folder), device=device, origin=origin)
 
@@ -110,6 +125,30 @@ class Reconstructor:
                  latent_opt_steps: int = 0, refine: bool = True,
                  use_diffusion: bool = True, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
                  progress: bool = False) -> ReconstructionResult:
+        """Reconstruct one volume.
+
+        ``data``: a :class:`~medldm.io.volume.Volume`, a path (NIfTI, DICOM folder or file, fastMRI k-space .h5,
+        CT sinogram .h5) or a :class:`~medldm.sampling.measurement.Measurement` (e.g. from ``simulate``).
+
+        Sampling: ``steps`` sampler steps; ``samples`` independent samples (2 or more give the uncertainty
+        map); ``seed`` makes the output reproducible; ``eta`` is DDIM's stochasticity (0 = deterministic
+        DDIM; flow models ignore it); ``use_diffusion=False`` skips sampling and decodes the encoded input (or
+        the model's start image): the ablation the model cards report; ``refine`` runs the pixel refiner.
+
+        What the input measured, for image inputs:
+        ``sigma`` (denoise): noise standard deviation in the image's units; MR defaults to an estimate from the
+        image (Rician, ``estimate_rician_sigma``), CT to 0 (no soft data consistency).
+        ``factor`` (sr): slice-thickness factor along Z; defaults to round(slice spacing / finest in-plane
+        spacing), e.g. 5 mm slices at 1 mm in-plane give 5.
+        ``views`` (recon of a CT *image*): simulate a sparse-view sinogram with this many views (research);
+        ``dose``: photons per ray for its Poisson noise (None: noiseless). k-space and sinogram files carry
+        their own mask / views.
+
+        Data consistency: ``dc`` projects the output onto the measurement at the end (hard, or soft with
+        ``dc_weight`` when y is noisy); ``latent_dc_every`` / ``latent_opt_steps`` also correct during sampling
+        (2D models). ``batch_size`` slices per network call; ``progress`` shows a bar; ``keep_samples`` returns
+        every sample.
+        """
         if samples < 1 or steps < 1:
             raise ValueError("samples and steps must be >= 1")
         t0 = time.time()

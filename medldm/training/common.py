@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import time
 from contextlib import nullcontext
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
+
+from medldm.errors import ConfigError
 
 
 @dataclass
@@ -133,13 +136,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors and plain values, so a checkpoint loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -154,8 +164,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    # The checkpoint holds state_dicts, RNG states and plain values written by save_checkpoint only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a resume checkpoint without running pickled code (tensors, numbers, strings and containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{path}: not a checkpoint this version of medldm can resume safely (it holds objects "
+                          f"other than tensors and plain values; checkpoints before 2026-12-05 stored numpy RNG "
+                          f"state that way): {str(exc).splitlines()[0]}") from None
 
 
 class Progress:

@@ -94,3 +94,21 @@ def test_volume_too_large_for_memory_gets_a_clear_reason(monkeypatch):
     batch_io.check_memory(100_000, samples=4)  # 5.6 MB: fine
     with pytest.raises(InputError, match="GiB is free"):
         batch_io.check_memory(512**3, samples=4)
+
+
+def test_files_that_are_not_ours_by_content_are_ignored_with_the_reason(tmp_path):
+    png = b"\x89PNG\r\n\x1a\n" + bytes(200)
+    (tmp_path / "IM_notdicom.dcm").write_bytes(png)
+    (tmp_path / "photo.nii.gz").write_bytes(png)
+    (tmp_path / "notes.h5").write_text("not hdf5 at all\n")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "truncated.nii.gz").write_bytes(b"\x1f\x8b" + bytes(10))  # gzip by content: a unit that fails later
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "sub-01_T1w.nii")
+    units, ignored = discover(tmp_path, "denoise")
+    reasons = {i["path"].rsplit("/", 1)[-1]: i["reason"] for i in ignored}
+    assert reasons == {"IM_notdicom.dcm": "named .dcm but its content is not DICOM (a PNG image)",
+                       "notes.h5": "named .h5 but its content is text",
+                       "notes.txt": "not a DICOM file",
+                       "photo.nii.gz": "named .nii.gz but its content is a PNG image"}
+    assert sorted(u.inputs[0].name for u in units) == ["sub-01_T1w.nii", "truncated.nii.gz"]
+    assert not any(u.fail for u in units)  # nothing fails before the run: exit codes stay about real inputs

@@ -376,6 +376,20 @@ def test_roundtrip_oblique_float_data(tmp_path):
     np.testing.assert_allclose(back.affine, affine, atol=1e-4)
 
 
+def test_non_negative_mr_is_stored_unsigned(tmp_path):
+    data = np.abs(np.random.default_rng(6).normal(60.0, 40.0, size=(12, 10, 4))).astype(np.float32)  # max ~ 131
+    files = write_dicom_series(Volume(data[None], np.eye(4), "MR", {}), tmp_path)
+    ds = pydicom.dcmread(files[0])
+    assert ds.PixelRepresentation == 0 and float(ds.RescaleIntercept) == 0.0
+    back = read_dicom_series(tmp_path).array
+    assert back.min() >= 0 and np.max(np.abs(back - data[None])) <= float(ds.RescaleSlope) / 2 + 1e-4
+    integral = np.round(data * 10)  # integral magnitudes within uint16 are the stored values, no rescale written
+    files = write_dicom_series(Volume(integral[None], np.eye(4), "MR", {}), tmp_path / "int")
+    ds = pydicom.dcmread(files[0])
+    assert ds.PixelRepresentation == 0 and "RescaleSlope" not in ds
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "int").array[0], integral)
+
+
 def test_writer_lps_signs(tmp_path):
     affine = _affine(np.eye(3), (0.5, 0.75, 3.0), (10.0, 20.0, 30.0))  # RAS: i -> R, j -> A, k -> S
     files = write_dicom_series(Volume(synthetic_data(shape=(6, 4, 2))[None], affine, "MR", {}), tmp_path)

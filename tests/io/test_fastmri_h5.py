@@ -82,6 +82,14 @@ def test_bad_files(tmp_path, kspace, mask, message):
         read_fastmri_h5(path)
 
 
+def test_an_xml_bomb_header_is_refused_by_name(tmp_path):
+    bomb = ('<?xml version="1.0"?><!DOCTYPE h [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+            "<ismrmrdHeader>&b;</ismrmrdHeader>")
+    path = _write(tmp_path / "bomb.h5", _fft2c(_image()).astype(np.complex64), header=bomb)
+    with pytest.raises(InputError, match=r"bomb\.h5: ismrmrd_header refused: unsafe XML"):
+        fastmri_h5_to_volume(path)
+
+
 def test_not_hdf5(tmp_path):
     (tmp_path / "x.h5").write_text("plain text")
     with pytest.raises(InputError, match="not an HDF5 file"):

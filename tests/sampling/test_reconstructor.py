@@ -83,6 +83,9 @@ def test_task_mismatch_and_bad_inputs(models):
         Reconstructor.load("no-such-model")
     with pytest.raises(ValueError):
         models["denoise"](volume(), steps=0)
+    for shape in [(1, 1, 1), (1, 1, 9)]:  # a voxel or a line is not an image: say the minimum size
+        with pytest.raises(InputError, match=r"at least 2 voxels along two of its axes"):
+            models["denoise"](Volume(np.ones((1, *shape), np.float32), np.eye(4), "MR"), steps=1)
 
 
 def test_measured_kspace_uses_the_magnitude(models):

@@ -156,6 +156,7 @@ def pyfunc(tiny_model):
     ({"array": [[[1.0]]], "spacing": [1, 1]}, "spacing must be 3"),
     ({"array": [[[float("inf")]]]}, "NaN/Inf"),
     ({"steps": 2}, "exactly one of nifti_b64"),
+    ({"array": [[[5.0]]]}, r"shape \[1, 1, 1\]: .*at least 2 voxels along two of its axes"),
 ])
 def test_bad_requests_are_invalid_parameter_value(pyfunc, record, message):
     from mlflow.exceptions import MlflowException
@@ -252,3 +253,23 @@ def test_a_new_registry_behind_the_same_uri_is_not_served_from_the_cache(tmp_pat
         assert p.returncode == 0, p.stderr[-2000:]
         seen.append(p.stdout.strip().splitlines()[-1])
     assert seen == ["models:/same-name/1 clone-0", "models:/same-name/1 clone-1"]
+
+
+def test_latest_version_lookup_quotes_the_name_and_cannot_be_injected(store):
+    import mlflow
+
+    from medldm.errors import ModelError
+    from medldm.serving import _resolve_version
+
+    client = mlflow.MlflowClient()
+    for name in ("it's mine", "plain"):
+        client.create_registered_model(name)
+        for _ in range(2):
+            client.create_model_version(name, "file:///nonexistent")
+    assert (v := _resolve_version(client, "it's mine/latest")).name == "it's mine" and str(v.version) == "2"
+    assert _resolve_version(client, "plain/latest").name == "plain"
+    # a clause smuggled into the name is matched as a literal name (none), not parsed as a filter
+    with pytest.raises(ModelError, match="has no versions"):
+        _resolve_version(client, "x' OR name LIKE '%/latest")
+    with pytest.raises(ModelError, match="both quote characters"):
+        _resolve_version(client, "a'b\"c/latest")

@@ -88,3 +88,35 @@ def test_real_server_good_and_bad_requests(store, tiny_model, tmp_path):
         code = stop(proc)
     assert code is not None
     assert not _ping(url)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigterm_to_medldm_serve_stops_the_whole_server(store, tiny_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from medldm.serving import register_model, wait_until_ready
+
+    reg = register_model(tiny_model, "tiny-sigterm", input_example=False)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "wb")
+    cli = subprocess.Popen([sys.executable, "-m", "medldm", "serve", reg["model_uri"], "--port", str(port),
+                            "--tracking-uri", store], stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "MEDLDM_WARMUP": "0"})
+    try:
+        try:
+            wait_until_ready(url, timeout=120, proc=cli)
+        except (RuntimeError, TimeoutError):
+            pytest.fail(f"server did not start:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        cli.send_signal(signal.SIGTERM)  # what `kill PID` and service managers send
+        assert cli.wait(30) == 128 + signal.SIGTERM
+        assert not _ping(url)
+        with socket.socket() as s:  # the port is free again: no uvicorn worker left behind
+            s.bind(("127.0.0.1", port))
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        log.close()
