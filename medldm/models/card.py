@@ -53,15 +53,10 @@ def _pair(r: dict | None, digits: int = 3) -> str:
     return f"{r['psnr']:.2f} / {r['ssim']:.{digits}f}" if r else "-"
 
 
-def _ceiling(r: dict | None) -> str:
-    return f"{r['psnr']:.2f}" if r else "-"
-
-
 def results_table(rows_by_model: dict[str, list[dict]]) -> str:
-    """The README's table: per case, the best classical baseline, the supervised U-Net, the default output
-    (bold where it beats every classical baseline on PSNR and SSIM) and the VAE ceiling."""
-    out = ["| model | case | best classical baseline | supervised U-Net | medldm | VAE(truth) |",
-           "|---|---|---|---|---|---|"]
+    """The README's table: per case, the best classical baseline, the supervised U-Net and the default output
+    (bold where it beats every classical baseline on PSNR and SSIM); each model linked to its card."""
+    out = ["| model | case | best classical baseline | supervised U-Net | medldm |", "|---|---|---|---|---|"]
     for model, rows in rows_by_model.items():
         for case in dict.fromkeys(r["case"] for r in rows if "psnr" in r):
             rs = {r["method"]: r for r in rows if r["case"] == case and "psnr" in r}
@@ -69,11 +64,9 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
             if ours is None or best is None:
                 continue
             beats = ours["psnr"] > best["psnr"] and ours["ssim"] > best["ssim"]
-            ceiling = rs.get("VAE(truth)")
             d = _ssim_digits(ours, best)
-            out.append(f"| {model} | {case} | {best['method']} {_pair(best, d)} | {_pair(rs.get('supervised U-Net'))} | "
-                       f"{f'**{_pair(ours, d)}**' if beats else _pair(ours, d)} | "
-                       f"{_ceiling(ceiling)} |")
+            out.append(f"| [{model}](data_cards/model-{model}.md) | {case} | {best['method']} {_pair(best, d)} | "
+                       f"{_pair(rs.get('supervised U-Net'))} | {f'**{_pair(ours, d)}**' if beats else _pair(ours, d)} |")
     return "\n".join(out) + "\n"
 
 
