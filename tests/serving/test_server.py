@@ -76,6 +76,20 @@ def test_real_server_good_and_bad_requests(store, tiny_model, tmp_path):
             err = info.value
             assert err.status == 400 and err.error_code == "INVALID_PARAMETER_VALUE", what
             assert message in str(err) and len(str(err)) < 500, (what, str(err)[:300])
+        # the guard: no 'inputs' -> what a valid request looks like; a declared body over the limit -> 413 unread
+        with pytest.raises(RemoteError) as info:
+            post_json(url + "/invocations", {"foo": 1})
+        assert info.value.status == 400 and "a valid request is" in str(info.value)
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("POST", "/invocations")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(10**12))  # a terabyte announced, nothing sent
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413 and b"too large" in resp.read()
+        conn.close()
         with pytest.raises(RemoteError) as info:  # the dataframe formats are refused for type-hinted models
             post_json(url + "/invocations", {"dataframe_records": [{"array": [[[1.0]]]}]})
         assert info.value.status == 400
@@ -114,7 +128,8 @@ def test_sigterm_to_medldm_serve_stops_the_whole_server(store, tiny_model, tmp_p
         cli.send_signal(signal.SIGTERM)  # what `kill PID` and service managers send
         assert cli.wait(30) == 128 + signal.SIGTERM
         assert not _ping(url)
-        with socket.socket() as s:  # the port is free again: no uvicorn worker left behind
+        with socket.socket() as s:  # nothing listens any more (TIME_WAIT connections may linger, as for any server)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
     finally:
         if cli.poll() is None:
