@@ -162,7 +162,8 @@ def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsy
     assert (shipped / "ct-recon" / "README.md").read_text() == card
     capsys.readouterr()
     cards.main(["--readme-table"])
-    assert "| ct-recon | slab/60 views | FBP 25.00 / 0.800 | - | **30.00 / 0.900** | - |" in capsys.readouterr().out
+    assert ("| [ct-recon](data_cards/model-ct-recon.md) | slab/60 views | FBP 25.00 / 0.800 | - | **30.00 / 0.900** |\n"
+            in capsys.readouterr().out)
 
     (given / "ct-recon.json").write_text(json.dumps(rows[:1] + rows[2:]))
     cards.main(["--rows", str(given), "--readme-table"])  # prints the given rows, stores nothing

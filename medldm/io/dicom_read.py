@@ -383,6 +383,7 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
     }
     volume = Volume(array=array, affine=affine, modality=_modality(slices[0][1]), meta=meta)
     volume.check_finite()
-    log.info("read DICOM series %s: %d slices of %dx%d", slices[0][1].get("SeriesInstanceUID", "?"), n,
-             array.shape[1], array.shape[2])
+    # identifiers (UIDs, paths) only at DEBUG: INFO logs end up in places patient data must not (#28)
+    log.info("read a DICOM series: %d slices of %dx%d", n, array.shape[1], array.shape[2])
+    log.debug("its SeriesInstanceUID: %s", slices[0][1].get("SeriesInstanceUID", "?"))
     return volume

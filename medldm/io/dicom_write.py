@@ -268,7 +268,8 @@ def write_dicom_series(
         ds.file_meta.ImplementationVersionName = f"MEDLDM_{medldm.__version__}"[:16]
         _atomic_save(ds, path)
         written.append(path)
-    log.info("wrote derived %s series %s: %d slices (%dx%d) to %s", modality, series_uid, nz, nx, ny, out)
+    log.info("wrote a derived %s series: %d slices (%dx%d)", modality, nz, nx, ny)  # no UID or path at INFO
+    log.debug("derived series %s in %s", series_uid, out)
     return written
 
 

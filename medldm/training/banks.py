@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medldm.config import LDMRunConfig
@@ -42,14 +43,22 @@ VALIDATION_EVERY = 50  # every 50th pair is held out of training (the bridge's v
 _CHUNK = re.compile(r"batches_(\d+)-(\d+)\.safetensors$")
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, shapes, values as float32), not of its bytes: the same VAE
+    saved in float16 (shipped) or float32 (a training run's folder) has one digest."""
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).float().contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def bank_recipe(cfg: LDMRunConfig, bundle: ModelBundle) -> dict:
     """Everything that decides the bank's content, except how many batches it holds."""
     data = stage_data(cfg)
-    return {"format": BANK_FORMAT, "model": cfg.name, "vae_sha256": file_digest(Path(bundle.path) / "vae.safetensors"),
+    return {"format": BANK_FORMAT, "model": cfg.name, "vae_weights_sha256": weights_digest(Path(bundle.path) / "vae.safetensors"),
             "latent_scale": bundle.latent_scale, "degradation": cfg.degradation.model_dump(),
             "guide": cfg.bridge_stage.guide, "seed": cfg.train.seed + SEED_OFFSET,
             "data": {"datalist": data.datalist, "patch_size": list(data.patch_size), "batch_size": data.batch_size,

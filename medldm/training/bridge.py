@@ -29,7 +29,7 @@ from medldm.models.latent import condition_input
 from medldm.sampling.samplers import rflow_sample
 from medldm.tracking import Tracker
 from medldm.training import common
-from medldm.training.banks import LatentBank, file_digest
+from medldm.training.banks import LatentBank, weights_digest
 
 # settings a resumed run may change: the budget; anything else would change its loss or its batches
 MAY_CHANGE_ON_RESUME = ("max_minutes", "max_steps", "bank_batches", "bank_workers", "ckpt_every", "val_every")
@@ -77,7 +77,7 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
     if bundle.spatial_dims != 2:
         raise ModelError("the bridge stage trains 2D models (its bank holds slices)")
     bank = LatentBank(bank_dir)
-    expect = {"guide": stage.guide, "vae_sha256": file_digest(Path(model_dir) / "vae.safetensors"),
+    expect = {"guide": stage.guide, "vae_weights_sha256": weights_digest(Path(model_dir) / "vae.safetensors"),
               "model": cfg.name}
     wrong = [f"{k} {bank.recipe.get(k)!r} (expected {v!r})" for k, v in expect.items() if bank.recipe.get(k) != v]
     if wrong:

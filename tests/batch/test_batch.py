@@ -209,6 +209,22 @@ def test_overwrite_redoes_finished_units(denoise_run, tmp_path):
     assert hidden_entries(out) == []
 
 
+def test_info_logs_hold_no_identifiers(batch_input, bundles, tmp_path, caplog):
+    """What a run logs at INFO (often kept in shared job logs) names no patient, series UID or input path (#28)."""
+    import pydicom
+
+    root = batch_input[0]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "study").rglob("*.dcm"))]
+    identifiers = {str(h.get(tag)) for h in headers for tag in ("SeriesInstanceUID", "SOPInstanceUID", "PatientName",
+                                                                    "PatientID", "StudyInstanceUID") if h.get(tag)}
+    with caplog.at_level(logging.INFO, logger="medldm"):
+        run(root, tmp_path / "out", task="denoise", model=str(bundles["denoise"]), samples=1)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    assert "read a DICOM series" in logged and "wrote a derived MR series" in logged  # the run did log
+    assert len(identifiers) > 5 and not [i for i in identifiers if i in logged]
+    assert str(root) not in logged and str(tmp_path) not in logged
+
+
 def test_dry_run_writes_nothing(batch_input, bundles, tmp_path):
     out = tmp_path / "out"
     code, stdout = run(batch_input[0], out, task="denoise", model=str(bundles["denoise"]), dry_run=True)

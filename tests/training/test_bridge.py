@@ -66,3 +66,18 @@ def test_a_bank_of_another_guide_or_vae_is_refused(tiny_ldm, tmp_path):  # noqa:
         train_bridge(_cfg(cfg, guide="nlm", max_steps=1), model, tmp_path / "bank", tmp_path / "out")
     chunk = next((tmp_path / "bank").glob("batches_*.safetensors"))
     assert set(load_file(str(chunk))) == {"truth", "start"}
+
+
+def test_the_vae_digest_is_of_its_weights_not_its_file(tmp_path):
+    """A shipped VAE (float16) and the same VAE in a training run's folder (float32) must fit the same bank."""
+    from safetensors.torch import save_file
+
+    from medldm.training.banks import weights_digest
+
+    w = {"b": torch.randn(3, 2).half(), "a": torch.randn(4).half()}
+    save_file(w, tmp_path / "f16.safetensors")
+    save_file({k: v.float() for k, v in reversed(list(w.items()))}, tmp_path / "f32.safetensors")
+    save_file({**w, "a": w["a"] + 1}, tmp_path / "other.safetensors")
+    assert (tmp_path / "f16.safetensors").read_bytes() != (tmp_path / "f32.safetensors").read_bytes()
+    assert weights_digest(tmp_path / "f16.safetensors") == weights_digest(tmp_path / "f32.safetensors")
+    assert weights_digest(tmp_path / "f16.safetensors") != weights_digest(tmp_path / "other.safetensors")

@@ -252,7 +252,7 @@ def test_the_refiner_is_trained_on_its_guide(tiny_ldm, tmp_path, monkeypatch):
     monkeypatch.setattr(refiner_module, "apply_refiner", spy_apply)
     train_refiner(recon_cfg, model, tmp_path / "r", max_steps=1)
     (step,) = seen
-    assert step["scale"] == 1.0 and step["applied"] is step["guide"]
+    assert step["scale"] == 1.0 and torch.equal(step["applied"], step["guide"])
     expected = tv_pocs(step["naive"], step["project"], image_axes=(2, 3), scale=1.0)
     torch.testing.assert_close(step["guide"], expected)
     assert (step["guide"] - step["naive"]).abs().max() > 1e-3
