@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class _Context:
     views: int | None = None
     dose: float | None = None
     sigma: float | None = None
+    deidentify: Any = None  # a medldm.io.deidentify.Deidentifier for the whole run, or None
+    source: Path | None = None
     previous: dict = field(default_factory=dict)
     _models: dict = field(default_factory=dict)
 
@@ -151,6 +154,17 @@ def _entry(unit: Unit) -> dict:
              "reason": "", "outputs": {}, "seconds": 0.0, "modality": unit.modality}
     if unit.series_uid:
         entry["series_uid"] = unit.series_uid
+    return entry
+
+
+def _redacted(entry: dict, unit: Unit, ctx: _Context) -> dict:
+    """Under --deidentify the manifest names inputs by keyed digests, holds no series UID and no input path."""
+    if ctx.deidentify is None:
+        return entry
+    deid = ctx.deidentify
+    entry = {k: v for k, v in entry.items() if k != "series_uid"}
+    entry["inputs"] = [deid.hash_text(str(p)) for p in unit.inputs]
+    entry["reason"] = deid.redact(str(entry.get("reason") or ""), [*unit.inputs, ctx.source, unit.series_uid])
     return entry
 
 
@@ -245,9 +259,14 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
-              dose: float | None = None, sigma: float | None = None) -> int:
+              dose: float | None = None, sigma: float | None = None, deidentify: bool = False,
+              deid_dates: str = "shift", deid_secret: str | None = None) -> int:
     """Reconstruct every unit under ``input`` into ``output``. Returns the exit code: 0 all units ok or
-    skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written)."""
+    skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written).
+
+    ``deidentify``: derived DICOM follows the PS3.15 Basic Profile (``medldm.io.deidentify``; ``deid_dates``
+    "shift" or "remove"), and the manifest and provenance name inputs by keyed digests (``deid_secret``, or a
+    random key for this run)."""
     source, out = Path(input), Path(output)
     try:
         meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
@@ -257,7 +276,10 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
             if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
                 u.modality, u.modality_source = model_modality, "model"
         params = {"task": task, "model": model, "steps": steps, "samples": samples, "seed": seed, "factor": factor,
-                  "modality": modality, "views": views, "dose": dose, "sigma": sigma}
+                  "modality": modality, "views": views, "dose": dose, "sigma": sigma, "deidentify": deidentify,
+                  "deid_dates": deid_dates if deidentify else None}
+        if deid_dates not in ("shift", "remove"):
+            raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
         before = previous_parameters(out)
         changed = sorted(k for k in params if before is not None and before.get(k) != params[k])
         if changed and not overwrite and read_previous(out):
@@ -274,7 +296,14 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         print(f"error: {err}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
-    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma)
+    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma,
+                   source=source)
+    if deidentify:
+        from medldm.io.deidentify import Deidentifier
+
+        ctx.deidentify = Deidentifier(deid_dates, deid_secret)
+        ignored = [{"path": ctx.deidentify.hash_text(i["path"]),
+                    "reason": ctx.deidentify.redact(i["reason"], [Path(i["path"]), source])} for i in ignored]
     if dry_run:
         if rank == 0:
             print(format_plan(units, out, task, model, overwrite))
@@ -285,7 +314,10 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     ctx.previous = read_previous(out)
     owned = _start_distributed() if world > 1 else False
     mine = [u for i, u in enumerate(units) if i % world == rank]
-    header = {"medldm_version": __version__, "created": utc_now(), "input": str(source), "output": str(out),
+    where = {"input": str(source), "output": str(out)} if ctx.deidentify is None else {
+        "input": ctx.deidentify.hash_text(str(source)), "output": ctx.deidentify.hash_text(str(out)),
+        "deidentified": "input paths as HMAC-SHA256 digests (16 hex digits) under the run's key"}
+    header = {"medldm_version": __version__, "created": utc_now(), **where,
               "task": task, "model": model,
               "parameters": {k: v for k, v in params.items() if k not in ("task", "model")},
               "ignored": ignored[:MAX_IGNORED_LISTED], "ignored_count": len(ignored)}
@@ -298,7 +330,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     with tqdm(mine, desc="reconstruct", unit="unit", disable=None if rank == 0 else True, file=sys.stderr) as bar:
         for unit in bar:
             bar.set_postfix_str(unit.id, refresh=False)
-            entries.append(process_unit(unit, ctx))
+            entries.append(_redacted(process_unit(unit, ctx), unit, ctx))
             write_json_atomic(path, {**header, "rank": rank, "units": entries, "summary": summarise(entries),
                                      "updated": utc_now()})
     if world == 1:

@@ -85,7 +85,7 @@ def write_outputs(unit: Unit, ctx, tmp: Path, result, volume, modality, name, mo
         source_meta = (volume.meta.get("dicom") or {}) if volume is not None else {}
         template = {k: v for k, v in source_meta.items() if not k.endswith("UID") or isinstance(v, str)}
         write_dicom_series(result.volume, tmp / "dicom", source_meta=template,
-                           derivation_description=description, modality=modality)
+                           derivation_description=description, modality=modality, deidentify=ctx.deidentify)
         outputs["dicom"] = tmp / "dicom"
     if unit.kind == "fastmri":
         recon = np.transpose(result.volume.array[0], (2, 0, 1))  # (H, W, slices) -> fastMRI's [slices, H, W]
@@ -94,7 +94,8 @@ def write_outputs(unit: Unit, ctx, tmp: Path, result, volume, modality, name, mo
     outputs["provenance"] = tmp / "provenance.json"
     rel = {k: f"{unit.id}/{Path(p).name}" for k, p in outputs.items()}
     provenance = {**result.provenance, "unit": {"id": unit.id, "kind": unit.kind,
-                                                "inputs": [str(p) for p in unit.inputs],
+                                                "inputs": [str(p) if ctx.deidentify is None else
+                                                           ctx.deidentify.hash_text(str(p)) for p in unit.inputs],
                                                 "modality": modality, "modality_source": unit.modality_source},
                   "model_requested": name, "timings": result.timings, "residual": result.residual, "outputs": rel}
     write_json_atomic(outputs["provenance"], provenance)

@@ -160,6 +160,12 @@ def reconstruct(
     device: Optional[str] = _DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
+    deidentify: bool = typer.Option(False, "--deidentify", help="Derived DICOM per DICOM PS3.15 Basic Profile (new "
+                                    "UIDs/names/IDs, consistent within the run); inputs named by digests in "
+                                    "manifest and provenance."),
+    deid_dates: str = typer.Option("shift", help="With --deidentify: shift (one offset, intervals kept) | remove."),
+    deid_secret_file: Optional[Path] = typer.Option(None, help="With --deidentify: a file holding the site's key, so "
+                                                    "runs and resumed runs map alike (keep it apart from outputs)."),
 ):
     """Batch reconstruction of DICOM series, NIfTI, fastMRI k-space .h5 and CT sinogram .h5 files.
 
@@ -168,8 +174,23 @@ def reconstruct(
 
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
                      factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose,
-                     sigma=sigma)
+                     sigma=sigma, deidentify=deidentify, deid_dates=deid_dates,
+                     deid_secret=_read_secret(deid_secret_file, deidentify))
     raise typer.Exit(code)
+
+
+def _read_secret(path: Optional[Path], deidentify: bool) -> Optional[str]:
+    if path is None:
+        return None
+    if not deidentify:
+        raise typer.BadParameter("applies with --deidentify only", param_hint="--deid-secret-file")
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read it: {err.strerror}", param_hint="--deid-secret-file") from None
+    if len(secret) < 16:
+        raise typer.BadParameter("holds fewer than 16 characters: too short to be a key", param_hint="--deid-secret-file")
+    return secret
 
 
 @app.command()

@@ -19,7 +19,7 @@ _LAZY = {
     "SeriesInfo": "dicom_read", "SeriesList": "dicom_read", "find_dicom_series": "dicom_read",
     "read_dicom_series": "dicom_read", "write_dicom_series": "dicom_write",
     "read_fastmri_h5": "fastmri_h5", "fastmri_h5_to_volume": "fastmri_h5", "write_fastmri_recon_h5": "fastmri_h5",
-    "read_nifti": "nifti", "write_nifti": "nifti",
+    "read_nifti": "nifti", "write_nifti": "nifti", "Deidentifier": "deidentify",
 }
 
 __all__ = ["Volume", "read_volume", *_LAZY]

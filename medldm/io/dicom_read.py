@@ -44,7 +44,7 @@ TEMPLATE_KEYWORDS = (
     "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime", "Modality",
     "BodyPartExamined", "PatientPosition", "Laterality", "ProtocolName",
     "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName", "DeviceSerialNumber",
-    "SoftwareVersions", "SliceThickness", "SpacingBetweenSlices", "SpecificCharacterSet",
+    "SoftwareVersions", "SliceThickness", "SpacingBetweenSlices", "SpecificCharacterSet", "BurnedInAnnotation",
     # MR Image module
     "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
     "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",

@@ -13,6 +13,7 @@ import datetime as _dt
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -24,6 +25,9 @@ import medldm
 from medldm.errors import InputError
 from medldm.io.dicom_read import LPS_TO_RAS
 from medldm.io.volume import MODALITIES, Volume
+
+if TYPE_CHECKING:
+    from medldm.io.deidentify import Deidentifier
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +128,19 @@ def write_dicom_series(
     derivation_description: str = "",
     series_number: int | None = None,
     modality: str | None = None,
+    deidentify: Deidentifier | None = None,
 ) -> list[Path]:
     """Write ``volume`` (one channel) as a derived series into ``out_dir``; returns the files in slice order.
 
     ``source_meta`` is the ``meta["dicom"]`` template from read_dicom_series (default: the volume's own).
-    Without it the series gets a new anonymous patient and study.
+    Without it the series gets a new anonymous patient and study. ``deidentify`` (a ``Deidentifier``, one per
+    run) applies the PS3.15 Basic Profile to every file; the source's free-text series description is then not
+    kept, and a source marked BurnedInAnnotation YES is refused before anything is written.
     """
     out = Path(out_dir)
     src = _source_template(volume, source_meta)
+    if deidentify is not None:
+        deidentify.check_source(src.get("BurnedInAnnotation"), out)
     modality = (modality or volume.modality or src.get("Modality") or "").upper()
     if modality not in MODALITIES:
         raise InputError(out, f"cannot write DICOM without a modality in {MODALITIES} (got {modality or None!r}); "
@@ -182,7 +191,8 @@ def write_dicom_series(
     base.SeriesInstanceUID = series_uid
     base.SeriesNumber = int(series_number)
     base.SeriesDate, base.SeriesTime = date, time
-    base.SeriesDescription = (str(src.get("SeriesDescription", "") or "") + series_description_suffix).strip()[:64]
+    kept = "" if deidentify is not None else str(src.get("SeriesDescription", "") or "")  # free text: may identify
+    base.SeriesDescription = (kept + series_description_suffix).strip()[:64] or "medldm"
     base.ContentDate, base.ContentTime = date, time
     base.InstanceCreationDate, base.InstanceCreationTime = date, time
     # Value 3 is mandatory for both IODs: CT allows AXIAL/LOCALIZER, MR a defined term (OTHER fits all).
@@ -190,7 +200,8 @@ def write_dicom_series(
     base.DerivationDescription = (derivation_description or f"medldm {medldm.__version__}")[:1024]
     base.AcquisitionNumber = None
     base.PatientOrientation = None
-    base.BurnedInAnnotation = "NO"
+    # a reconstruction shows what its source's pixels show, burned-in text included
+    base.BurnedInAnnotation = "YES" if str(src.get("BurnedInAnnotation", "")).upper() == "YES" else "NO"
 
     equipment = Dataset()
     equipment.Manufacturer = "medldm"
@@ -266,6 +277,8 @@ def write_dicom_series(
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationVersionName = f"MEDLDM_{medldm.__version__}"[:16]
+        if deidentify is not None:
+            deidentify(ds)
         _atomic_save(ds, path)
         written.append(path)
     log.info("wrote a derived %s series: %d slices (%dx%d)", modality, nz, nx, ny)  # no UID or path at INFO

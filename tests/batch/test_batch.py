@@ -225,6 +225,36 @@ def test_info_logs_hold_no_identifiers(batch_input, bundles, tmp_path, caplog):
     assert str(root) not in logged and str(tmp_path) not in logged
 
 
+def test_deidentified_run_holds_no_identifier_in_any_output_byte(batch_input, bundles, tmp_path):
+    """--deidentify: derived DICOM per the Basic Profile, manifest and provenance name inputs by digests, and no
+    file written (names included) holds a UID, name or path of the input (#28)."""
+    import pydicom
+
+    root = batch_input[0]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "study").rglob("*.dcm"))]
+    identifiers = {str(h.get(tag)) for h in headers for tag in ("SeriesInstanceUID", "SOPInstanceUID", "PatientName",
+                                                                    "StudyInstanceUID", "FrameOfReferenceUID",
+                                                                    "SeriesDescription") if h.get(tag)}
+    identifiers |= {str(root), *(str(p.relative_to(root)) for p in root.rglob("*") if len(p.name) >= 6)}
+    out = tmp_path / "out"
+    code, stdout = run(root, out, task="denoise", model=str(bundles["denoise"]), samples=1, deidentify=True)
+    assert code == 1  # the broken inputs still fail
+    m = _manifest(out)
+    assert "input paths as HMAC" in m["deidentified"] and len(m["input"]) == 16
+    assert m["parameters"]["deidentify"] is True and m["parameters"]["deid_dates"] == "shift"
+    assert sum(u["status"] == "ok" for u in m["units"]) >= 2 and len(identifiers) > 10
+    leaks = [f"{p.relative_to(out)}: {i}" for p in out.rglob("*") for i in identifiers
+             if i in str(p.relative_to(out)) or (p.is_file() and i.encode() in p.read_bytes())]
+    assert leaks == [] and not [i for i in identifiers if i in stdout]
+    series = next(u for u in m["units"] if u["kind"] == "dicom" and u["status"] == "ok")
+    ds = pydicom.dcmread(next((out / series["outputs"]["dicom"]).glob("*.dcm")))
+    assert ds.PatientIdentityRemoved == "YES" and ds.PatientName != PATIENT
+    assert all(len(i) == 16 for u in m["units"] for i in u["inputs"]) and "series_uid" not in series
+    # a rerun without --deidentify must not reuse the de-identified results silently
+    code, _ = run(root, out, task="denoise", model=str(bundles["denoise"]), samples=1)
+    assert code == 2
+
+
 def test_dry_run_writes_nothing(batch_input, bundles, tmp_path):
     out = tmp_path / "out"
     code, stdout = run(batch_input[0], out, task="denoise", model=str(bundles["denoise"]), dry_run=True)
@@ -284,6 +314,18 @@ def test_cli_reconstruct(batch_input, bundles, tmp_path):
     assert result.output.count("nifti-denoise-") == 1 and not (tmp_path / "out").exists()
     result = CliRunner().invoke(app, ["reconstruct", str(nifti), str(tmp_path / "out"), "--task", "nope"])
     assert result.exit_code == 2
+    key = tmp_path / "site.key"
+    key.write_text("short")
+    base = ["reconstruct", str(nifti), str(tmp_path / "out"), "--task", "denoise", "--model", str(bundles["denoise"])]
+    for extra, message in ((["--deid-secret-file", str(key)], "with --deidentify only"),
+                           (["--deidentify", "--deid-secret-file", str(key)], "too short to be a key"),
+                           (["--deidentify", "--deid-secret-file", str(tmp_path / "none")], "cannot read it"),
+                           (["--deidentify", "--deid-dates", "blur"], "shift or remove")):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split()), result.output
+    key.write_text("a site key of 32 characters 0123")
+    result = CliRunner().invoke(app, base + ["--deidentify", "--deid-secret-file", str(key), "--dry-run"])
+    assert result.exit_code == 0, result.output
 
 
 def test_input_never_modified(batch_input, denoise_run):
