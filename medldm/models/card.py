@@ -157,7 +157,31 @@ def _flow_words(meta: dict) -> tuple[str, str]:
     return what, line
 
 
-def model_card(meta: dict, rows: list[dict], command: str, machine: str) -> str:
+def noise_section(noise: dict | None) -> str:
+    """The measured accuracy of the noise-level estimate (``benchmarks/noise_estimate.py --json``), per volume
+    and variant: the worst relative error over the levels and seeds."""
+    if not noise:
+        return ""
+    worst: dict[tuple[str, str], list[float]] = {}
+    for r in noise["rows"]:
+        worst.setdefault((r["volume"], r["variant"]), []).append(r["worst_error"])
+    levels = sorted({r["sigma_over_max"] for r in noise["rows"]})
+    lines = [f"| {v} | {k} | {100 * max(e):.1f}% |" for (v, k), e in worst.items()]
+    return f"""
+## Noise level
+Without a given `sigma`, it is estimated from the input (`medldm.physics.noise.rician_sigma_estimate`: a fit to
+the air's Rayleigh law, else a foreground MAD); provenance records the estimate and how it was made. Worst
+relative error over sigma = {', '.join(f'{100 * lv:g}' for lv in levels)}% of the max and {noise['seeds']} seeds:
+
+| volume | input | worst error |
+|---|---|---|
+""" + "\n".join(lines) + f"""
+
+Reproduce: `{noise['command']}`.
+"""
+
+
+def model_card(meta: dict, rows: list[dict], command: str, machine: str, noise: dict | None = None) -> str:
     t = meta.get("training", {})
     flow_line = _flow_words(meta)[1]  # a flow U-Net replaces stage 2's weights (it started from them)
     weights_line = flow_line or (f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else "")
@@ -206,7 +230,7 @@ Trained degradation: `{deg}`.
 `VAE(truth)` is the VAE's own reconstruction of the ground truth: the ceiling of any latent-only output.
 `supervised U-Net` is a MONAI BasicUNet of the refiner's size trained on the same data and degradations
 (`pipelines/train_supervised_baselines.py`; its budget is in `medldm/shipped/supervised/<name>/model.json`).
-
+{noise_section(noise)}
 ## Intended use and limits
 Research only: not a medical device, not for diagnosis. Trained on a population-average template, synthetic
 subjects and (CT) one real head: expect failures on pathology, other anatomy, other contrasts and

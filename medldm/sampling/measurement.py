@@ -44,7 +44,7 @@ MIN_AXIS = 2  # noise estimation and the networks need an image, not a line or a
 def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: int | None = None, sigma: float | None = None,
                profile: str = "box") -> Measurement:
     """Build the measurement for image-domain inputs: a noisy image (denoise) or a thick-slice image (sr)."""
-    from medldm.physics.noise import RicianNoise, estimate_rician_sigma
+    from medldm.physics.noise import RicianNoise, rician_sigma_estimate
     from medldm.physics.resolution import ThickSlice, coarse_to_fine_affine
 
     if volume.spatial_dims != 3 or volume.array.shape[0] != 1:
@@ -57,8 +57,9 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
     modality = volume.modality or "MR"
     if task == "denoise":
         if modality == "MR":
-            est = sigma if sigma is not None else estimate_rician_sigma(y[0, 0].numpy())
-            op = RicianNoise(sigma=float(est))
+            est = {"sigma": sigma, "method": "given"} if sigma is not None else rician_sigma_estimate(y[0, 0].numpy())
+            op = RicianNoise(sigma=float(est["sigma"]))
+            return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": op.sigma, "noise_estimate": est})
         else:  # a CT image: the sinogram is gone, the noise lives in the reconstructed image
             from medldm.physics.noise import ReconstructedImageNoise
 

@@ -276,6 +276,7 @@ class Reconstructor:
                            "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
+            **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return ReconstructionResult(out_vol, unc, residual, timings, prov,

@@ -80,3 +80,16 @@ def test_the_card_gives_each_leg_its_loss():
     no_dc = {**mixed, "loss_after_dc": False, "continued": None}
     assert "initialised as the stage-2 refiner, loss L1 + 0.2 x (1 - SSIM); stage run on" in model_card(
         {**meta, "refiner_stage": no_dc}, [], "c", "m")
+
+
+def test_the_noise_section_shows_the_worst_error_per_input():
+    from medldm.models.card import noise_section
+
+    assert noise_section(None) == ""
+    rows = [{"volume": "a.nii.gz", "variant": "as is", "sigma_over_max": lv, "mean_ratio": 1.0, "worst_error": e}
+            for lv, e in ((0.01, 0.004), (0.15, 0.012))]
+    rows.append({"volume": "a.nii.gz", "variant": "air zeroed", "sigma_over_max": 0.01, "mean_ratio": 2.1,
+                 "worst_error": 1.1})
+    text = noise_section({"command": "python benchmarks/noise_estimate.py --json x", "seeds": 2, "rows": rows})
+    assert "| a.nii.gz | as is | 1.2% |" in text and "| a.nii.gz | air zeroed | 110.0% |" in text
+    assert "sigma = 1, 15% of the max and 2 seeds" in text and "--json x" in text

@@ -29,6 +29,10 @@ def test_denoise_keeps_geometry_odd_sizes(models):
     np.testing.assert_array_equal(res.volume.affine, vol.affine)
     assert res.provenance["input_sha256"] and res.provenance["task"] == "denoise"
     assert res.timings["total"] > 0
+    est = res.provenance["noise_estimate"]  # how sigma was found, for whoever reads the output later
+    assert est["method"] in ("air", "foreground", "background-only") and est["sigma"] == res.provenance["operator"]["sigma"]
+    given = models["denoise"](vol, steps=1, sigma=12.5).provenance
+    assert given["noise_estimate"] == {"sigma": 12.5, "method": "given"} and given["operator"]["sigma"] == 12.5
 
 
 def test_same_seed_same_output_and_batch_size_does_not_matter(models):
