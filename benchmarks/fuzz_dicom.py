@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import multiprocessing as mp
-import os
 import random
 import shutil
 import sys
 import tempfile
-import time
-import traceback
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +37,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzz_harness import report, run_fuzz, where  # noqa: E402
 _DEFAULT_MODES = (config.settings.reading_validation_mode, config.settings.writing_validation_mode)
 SHAPE = (24, 20, 4)  # (columns, rows, slices): above the 16 px the tiny model's refiner needs
 
@@ -292,14 +290,6 @@ def make_case(base: Path | None, folder: Path, rng: random.Random, mutate: bool 
 # ---------------------------------------------------------------------------------------------- checking
 
 
-def _where(exc: BaseException) -> str:
-    """The innermost medldm frame (else the innermost frame): the crash class."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "/medldm/" in f.filename.replace("\\", "/")]
-    f = (ours or frames)[-1] if frames else None
-    return f"{Path(f.filename).name}:{f.name}" if f else "?"
-
-
 def check_reader(folder: Path) -> tuple[str, str, str]:
     """(outcome, detail, crash class) of find_dicom_series + read_dicom_series on one case folder."""
     from medldm.errors import InputError
@@ -310,7 +300,7 @@ def check_reader(folder: Path) -> tuple[str, str, str]:
     except InputError as err:
         return "failed", str(err), ""
     except Exception as exc:  # noqa: BLE001 - what the fuzzer is looking for
-        return "crash", f"find_dicom_series: {type(exc).__name__}: {exc}", f"find {type(exc).__name__} {_where(exc)}"
+        return "crash", f"find_dicom_series: {type(exc).__name__}: {exc}", f"find {type(exc).__name__} {where(exc)}"
     if not found:
         return "failed", "no image series (" + "; ".join(sorted({r for _, r in found.skipped})) + ")", ""
     outcome, details = "ok", []
@@ -328,7 +318,7 @@ def check_reader(folder: Path) -> tuple[str, str, str]:
             details.append(str(err))
         except Exception as exc:  # noqa: BLE001
             name = type(exc).__name__
-            return "crash", f"read_dicom_series: {name}: {exc}", f"read {name} {_where(exc)}"
+            return "crash", f"read_dicom_series: {name}: {exc}", f"read {name} {where(exc)}"
     return outcome, "; ".join(details), ""
 
 
@@ -344,7 +334,7 @@ def check_batch(folder: Path, model: str) -> tuple[str, str, str] | None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             code = run_batch(folder, out, task="denoise", model=model, steps=1, device="cpu")
     except Exception as exc:  # noqa: BLE001
-        return "crash", f"run_batch: {type(exc).__name__}: {exc}", f"batch {type(exc).__name__} {_where(exc)}"
+        return "crash", f"run_batch: {type(exc).__name__}: {exc}", f"batch {type(exc).__name__} {where(exc)}"
     if code == 2:
         return None
     units = json.loads((out / "manifest.json").read_text())["units"]
@@ -358,107 +348,31 @@ def check_case(folder: Path, model: str | None = None) -> tuple[str, str, str]:
     return batch or reader
 
 
-def _worker(conn, model):
-    import resource
-
-    config.settings.reading_validation_mode, config.settings.writing_validation_mode = _DEFAULT_MODES
-    warnings.simplefilter("ignore")  # pydicom warns on every odd value; outcomes are what is counted
-    if model is None:  # a mutated Rows x Columns must fail, not take the machine down
-        try:  # relative to what the parent already maps: a forked pytest with CUDA torch maps tens of GB
-            mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), resource.RLIM_INFINITY))
-        except (OSError, ValueError):
-            pass
-    while True:
-        folder = conn.recv()
-        if folder is None:
-            return
-        try:
-            conn.send(check_case(Path(folder), model))
-        except BaseException as exc:  # noqa: BLE001 - MemoryError and the like: report, keep the worker
-            conn.send(("crash", f"{type(exc).__name__}: {exc}", f"worker {type(exc).__name__}"))
-
-
-class _Runner:
-    """One worker process, reused across cases and replaced when a case hangs."""
-
-    def __init__(self, model):
-        self.ctx, self.model, self.proc = mp.get_context("fork"), model, None
-
-    def _start(self):
-        self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.model), daemon=True)
-        self.proc.start()
-
-    def run(self, folder: Path, timeout: float):
-        if self.proc is None or not self.proc.is_alive():
-            self._start()
-        self.conn.send(str(folder))
-        if self.conn.poll(timeout):
-            try:
-                return self.conn.recv()
-            except EOFError:
-                pass
-            self.proc = None
-            return "crash", "worker died", "worker died"
-        self.proc.kill()
-        self.proc.join()
-        self.proc = None
-        return "hang", f"no answer within {timeout} s", ""
-
-    def close(self):
-        if self.proc is not None and self.proc.is_alive():
-            self.conn.send(None)
-            self.proc.join(5)
-
-
 def fuzz(cases: int = 100, seconds: float = 60.0, seed: int = 0, timeout: float = 10.0, reconstruct: bool = False,
          workdir: Path | None = None) -> dict:
-    rng = random.Random(seed)
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz_dicom_", dir=workdir))
-    model = None
-    if reconstruct:
-        sys.path.insert(0, str(ROOT))
-        from tests.helpers import make_tiny_bundle
-
-        model = str(make_tiny_bundle(tmp / "model", "denoise", "MR"))
-    base = tmp / "base"
-    write_base_series(base, seed)
-    runner, counts, reasons, crashes = _Runner(model), Counter(), Counter(), {}
-    t0 = time.time()
-    n = 0
+    base_dir = Path(tempfile.mkdtemp(prefix="fuzz_dicom_base_", dir=workdir))
     try:
-        while n < cases and time.time() - t0 < seconds:
-            folder = tmp / f"case{n:05d}"
-            mutations = make_case(base, folder, rng, mutate=n > 0)  # case 0 is the valid series itself
-            outcome, detail, where = runner.run(folder, timeout)
-            counts[outcome] += 1
-            if outcome == "failed":
-                reasons[_reason_class(detail)] += 1
-            if outcome in ("crash", "hang"):
-                crashes.setdefault(where or outcome, {"count": 0, "example": {"case": n, "mutations": mutations,
-                                                                           "detail": detail[:300]}})["count"] += 1
-            if n == 0 and outcome != "ok":
-                raise RuntimeError(f"the unmutated base series does not read: {detail}")
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(folder.parent / (folder.name + "_out"), ignore_errors=True)
-            n += 1
+        model = None
+        if reconstruct:
+            sys.path.insert(0, str(ROOT))
+            from tests.helpers import make_tiny_bundle
+
+            model = str(make_tiny_bundle(base_dir / "model", "denoise", "MR"))
+        base = base_dir / "base"
+        write_base_series(base, seed)
+
+        def make(folder: Path, rng, mutate: bool) -> list[str]:
+            folder.rmdir()  # make_case copies the base into a new folder
+            return make_case(base, folder, rng, mutate=mutate)
+
+        return run_fuzz(make, functools.partial(check_case, model=model), cases=cases, seconds=seconds, seed=seed,
+                        timeout=timeout, workdir=workdir, limit_memory=model is None, init=_default_modes)
     finally:
-        runner.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"cases": n, "seconds": round(time.time() - t0, 1), "seed": seed, "ok": counts["ok"],
-            "failed": counts["failed"], "crashes": counts["crash"], "hangs": counts["hang"],
-            "crash_classes": crashes, "failure_reasons": dict(reasons.most_common())}
+        shutil.rmtree(base_dir, ignore_errors=True)
 
 
-def _reason_class(detail: str) -> str:
-    """The reason without paths and numbers, so similar refusals count together."""
-    import re
-
-    text = detail.split("; ")[0]
-    text = re.sub(r"\S*/\S*|\S+\.dcm", "<path>", text)
-    text = re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", text)
-    return text[:90]
+def _default_modes() -> None:
+    config.settings.reading_validation_mode, config.settings.writing_validation_mode = _DEFAULT_MODES
 
 
 def main(argv=None) -> int:
@@ -472,16 +386,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reasons", action="store_true", help="print the failure reasons by frequency")
     args = ap.parse_args(argv)
     res = fuzz(args.cases, args.seconds, args.seed, args.timeout, args.reconstruct)
-    print(f"fuzz_dicom: {res['cases']} cases in {res['seconds']} s (seed {res['seed']})")
-    for key in ("ok", "failed", "crashes", "hangs"):
-        print(f"  {key:<8}{res[key]:>6}")
-    for where, info in sorted(res["crash_classes"].items(), key=lambda kv: -kv[1]["count"]):
-        ex = info["example"]
-        print(f"  crash class {where}: {info['count']} case(s); "
-              f"e.g. case {ex['case']} {ex['mutations']}: {ex['detail']}")
-    if args.reasons:
-        for reason, count in res["failure_reasons"].items():
-            print(f"  {count:>5}  {reason}")
+    report("fuzz_dicom", res, args.reasons)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 1 if res["crashes"] or res["hangs"] else 0

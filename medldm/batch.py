@@ -65,6 +65,7 @@ class _Context:
     views: int | None = None
     dose: float | None = None
     sigma: float | None = None
+    skip_bad_slices: bool = False
     deidentify: Any = None  # a medldm.io.deidentify.Deidentifier for the whole run, or None
     source: Path | None = None
     previous: dict = field(default_factory=dict)
@@ -118,7 +119,7 @@ def _stage(what: str):
 
 def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]:
     with _stage("reading the input"):
-        data, volume, modality = load_input(unit, ctx.views, ctx.dose, ctx.seed)
+        data, volume, modality = load_input(unit, ctx.views, ctx.dose, ctx.seed, ctx.skip_bad_slices)
     if volume is not None:
         check_geometry(volume)
         check_memory(int(np.prod(volume.spatial_shape)), ctx.samples, ctx.factor or 1)
@@ -155,6 +156,10 @@ def _entry(unit: Unit) -> dict:
     if unit.series_uid:
         entry["series_uid"] = unit.series_uid
     return entry
+
+
+# parameters added after manifests were first written: an older manifest without them used these values
+LATER_PARAMS = {"deidentify": False, "deid_dates": None, "skip_bad_slices": False}
 
 
 def _redacted(entry: dict, unit: Unit, ctx: _Context) -> dict:
@@ -260,13 +265,14 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
               dose: float | None = None, sigma: float | None = None, deidentify: bool = False,
-              deid_dates: str = "shift", deid_secret: str | None = None) -> int:
+              deid_dates: str = "shift", deid_secret: str | None = None, skip_bad_slices: bool = False) -> int:
     """Reconstruct every unit under ``input`` into ``output``. Returns the exit code: 0 all units ok or
     skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written).
 
     ``deidentify``: derived DICOM follows the PS3.15 Basic Profile (``medldm.io.deidentify``; ``deid_dates``
     "shift" or "remove"), and the manifest and provenance name inputs by keyed digests (``deid_secret``, or a
-    random key for this run)."""
+    random key for this run). ``skip_bad_slices``: a DICOM series with unreadable slices is reconstructed from
+    the others when no gap results (the slices left out are listed in the manifest and provenance)."""
     source, out = Path(input), Path(output)
     try:
         meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
@@ -277,11 +283,11 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
                 u.modality, u.modality_source = model_modality, "model"
         params = {"task": task, "model": model, "steps": steps, "samples": samples, "seed": seed, "factor": factor,
                   "modality": modality, "views": views, "dose": dose, "sigma": sigma, "deidentify": deidentify,
-                  "deid_dates": deid_dates if deidentify else None}
+                  "deid_dates": deid_dates if deidentify else None, "skip_bad_slices": skip_bad_slices}
         if deid_dates not in ("shift", "remove"):
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
         before = previous_parameters(out)
-        changed = sorted(k for k in params if before is not None and before.get(k) != params[k])
+        changed = sorted(k for k in params if before is not None and before.get(k, LATER_PARAMS.get(k)) != params[k])
         if changed and not overwrite and read_previous(out):
             # finished units would be reused as "already done" although made differently
             raise UsageError(f"{out} holds results made with other {', '.join(changed)} "
@@ -297,7 +303,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
     ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma,
-                   source=source)
+                   source=source, skip_bad_slices=skip_bad_slices)
     if deidentify:
         from medldm.io.deidentify import Deidentifier
 

@@ -15,7 +15,8 @@ from medldm.errors import InputError
 from medldm.io.volume import Volume
 
 
-def load_input(unit: Unit, views: int | None = None, dose: float | None = None, seed: int = 0):
+def load_input(unit: Unit, views: int | None = None, dose: float | None = None, seed: int = 0,
+               skip_bad_slices: bool = False):
     """(what the Reconstructor takes, the input volume when it is an image, modality).
 
     ``views``: a CT image unit becomes the research simulation of its sparse-view sinogram (``dose``
@@ -25,7 +26,7 @@ def load_input(unit: Unit, views: int | None = None, dose: float | None = None, 
     path = unit.inputs[0]
     if unit.kind in ("dicom", "nifti"):
         if unit.kind == "dicom":
-            volume = read_dicom_series(unit.series if unit.series is not None else path)
+            volume = read_dicom_series(unit.series if unit.series is not None else path, skip_bad_slices=skip_bad_slices)
             if volume.modality is None:
                 volume = Volume(volume.array, volume.affine, unit.modality, volume.meta)
         else:
@@ -98,5 +99,8 @@ def write_outputs(unit: Unit, ctx, tmp: Path, result, volume, modality, name, mo
                                                            ctx.deidentify.hash_text(str(p)) for p in unit.inputs],
                                                 "modality": modality, "modality_source": unit.modality_source},
                   "model_requested": name, "timings": result.timings, "residual": result.residual, "outputs": rel}
+    skipped = (volume.meta.get("skipped_slices") if volume is not None else None) or []
+    if skipped:  # --skip-bad-slices left these out: the result covers the rest of the series
+        provenance["skipped_slices"] = skipped
     write_json_atomic(outputs["provenance"], provenance)
-    return rel, {"model": name, "modality": modality}
+    return rel, {"model": name, "modality": modality, **({"skipped_slices": skipped} if skipped else {})}

@@ -160,6 +160,8 @@ def reconstruct(
     device: Optional[str] = _DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the units found and what would run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo units that already finished."),
+    skip_bad_slices: bool = typer.Option(False, "--skip-bad-slices", help="Leave out DICOM slices that cannot be read "
+                                         "(listed in the manifest) when the rest has no gap."),
     deidentify: bool = typer.Option(False, "--deidentify", help="Derived DICOM per DICOM PS3.15 Basic Profile (new "
                                     "UIDs/names/IDs, consistent within the run); inputs named by digests in "
                                     "manifest and provenance."),
@@ -174,7 +176,7 @@ def reconstruct(
 
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
                      factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose,
-                     sigma=sigma, deidentify=deidentify, deid_dates=deid_dates,
+                     sigma=sigma, deidentify=deidentify, deid_dates=deid_dates, skip_bad_slices=skip_bad_slices,
                      deid_secret=_read_secret(deid_secret_file, deidentify))
     raise typer.Exit(code)
 

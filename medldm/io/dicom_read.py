@@ -278,29 +278,58 @@ def _template(slices: list[tuple[Path, pydicom.Dataset]]) -> dict:
     return tpl
 
 
-def read_dicom_series(source: SeriesInfo | str | os.PathLike | Sequence[str | os.PathLike]) -> Volume:
+def read_dicom_series(source: SeriesInfo | str | os.PathLike | Sequence[str | os.PathLike], *,
+                      skip_bad_slices: bool = False) -> Volume:
     """Read one DICOM image series into a Volume with array ``(1, X, Y, Z)``.
 
     ``source`` is a SeriesInfo from find_dicom_series, a list of files, a single file (one slice) or a folder
     holding exactly one image series. X runs along ImageOrientationPatient's row direction (column index),
     Y down the rows, Z along the slice normal: ``array[0, i, j, k] == rescaled pixel_array_k[j, i]``.
+
+    ``skip_bad_slices``: leave out slices whose file or pixel data cannot be read (listed in
+    ``meta["skipped_slices"]`` with the reason) instead of refusing the series; the geometry checks then run
+    on the rest, so a left-out slice inside the stack is still refused as a gap.
     """
     files, label = _resolve(source)
     slices: list[tuple[Path, pydicom.Dataset]] = []
+    skipped: list[dict] | None = [] if skip_bad_slices else None
     for f in files:
         ds, reason = _try_read(f)
-        if ds is None:
-            raise InputError(f, reason)
-        if "PixelData" not in ds:
-            raise InputError(f, f"no pixel data ({_sop_class_name(ds)}): not an image")
+        if ds is None or "PixelData" not in ds:
+            reason = reason if ds is None else f"no pixel data ({_sop_class_name(ds)}): not an image"
+            if skipped is None:
+                raise InputError(f, reason)
+            skipped.append({"file": f.name, "reason": reason})
+            continue
         slices.append((f, ds))
+    if not slices:
+        raise InputError(label, f"no readable slice (all {len(files)} left out: {skipped[0]['reason']})")
     uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
     if len(uids) > 1:
         raise InputError(label, f"files belong to {len(uids)} different series ({sorted(uids)}); read one at a time")
-    return _assemble(slices, label)
+    return _assemble(slices, label, skipped)
 
 
-def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
+def _decodable(slices, skipped: list[dict]) -> tuple[list, dict]:
+    """The slices whose pixel data decode, with their pixels; the others go to ``skipped``."""
+    kept, pixels = [], {}
+    for path, ds in slices:
+        try:
+            pixels[path] = _pixels(ds, path)
+            kept.append((path, ds))
+        except InputError as err:
+            skipped.append({"file": path.name, "reason": str(err)})
+    return kept, pixels
+
+
+def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str, skipped: list[dict] | None = None) -> Volume:
+    pixels: dict = {}
+    if skipped is not None:
+        slices, pixels = _decodable(slices, skipped)
+        if not slices:
+            raise InputError(label, f"no slice with readable pixel data (first: {skipped[0]['reason']})")
+    left_out = f"; {len(skipped)} unreadable slice(s) were left out, which leaves this gap" if skipped else ""
+    # (the gap and spacing checks below name it: a left-out slice inside the stack is refused, not bridged)
     for path, ds in slices:
         if (as_int(ds, "NumberOfFrames", path) or 1) > 1:
             raise InputError(path, "multi-frame (enhanced) DICOM is not supported; convert to single-frame files")
@@ -350,17 +379,17 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
         if gaps.size:
             g = gaps[0]
             raise InputError(label, f"missing slice: gap of {steps[g]:.3f} mm between {slices[g][0].name} and "
-                                    f"{slices[g + 1][0].name} (median step {med:.3f} mm)")
+                                    f"{slices[g + 1][0].name} (median step {med:.3f} mm){left_out}")
         if np.max(np.abs(steps - med)) > _UNIFORM_TOL * med:
             raise InputError(label, f"non-uniform slice spacing: steps from {steps.min():.4f} to {steps.max():.4f} mm "
-                                    f"(median {med:.4f} mm, tolerance 1%)")
+                                    f"(median {med:.4f} mm, tolerance 1%){left_out}")
         # Mean step vector, not normal*step: keeps gantry-tilted (sheared) stacks in their true place.
         step_vec = (positions[-1] - positions[0]) / (n - 1)
     else:
         thick = as_float(first, "SpacingBetweenSlices", first_path) or as_float(first, "SliceThickness", first_path)
         step_vec = normal * (thick or 1.0)
 
-    stack = np.stack([_pixels(ds, p) for p, ds in slices])  # (Z, rows, cols)
+    stack = np.stack([pixels[p] if p in pixels else _pixels(ds, p) for p, ds in slices])  # (Z, rows, cols)
     array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0))[None])  # (1, X=cols, Y=rows, Z)
 
     lps = np.eye(4)
@@ -380,6 +409,7 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str) -> Volume:
         "format": "dicom",
         "files": [str(p) for p in ordered],
         "dicom": _template(slices),
+        **({"skipped_slices": skipped} if skipped else {}),
     }
     volume = Volume(array=array, affine=affine, modality=_modality(slices[0][1]), meta=meta)
     volume.check_finite()

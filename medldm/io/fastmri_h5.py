@@ -54,6 +54,8 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
             if ds.ndim != 3:
                 hint = " (multi-coil data are not supported)" if ds.ndim == 4 else ""
                 raise InputError(path, f"'kspace' must be 3D [slices, H, W], got shape {ds.shape}{hint}")
+            if min(ds.shape) < 1:  # an empty array would reach the FFT (MKL refuses it with a RuntimeError)
+                raise InputError(path, f"'kspace' is empty: shape {ds.shape}")
             kspace = np.asarray(ds[()], dtype=np.complex64)
             mask = None
             if "mask" in f:
@@ -65,7 +67,7 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
                 attrs["ismrmrd_header"] = python_value(f["ismrmrd_header"][()])
     except InputError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: corrupt HDF5 internals
         raise InputError(path, f"cannot read fastMRI HDF5 ({type(exc).__name__}: {exc})") from None
     return kspace, mask, attrs
 

@@ -29,12 +29,17 @@ from medldm.errors import InputError
 from medldm.io._hdf5 import checked_hdf5_path, python_value
 
 
+MAX_LINE_INTEGRAL = 1e3  # mu * path: 10 for 50 cm of water; a sinogram beyond this is not post-log data
+SPACING_MM = (1e-3, 1e3)  # plausible voxel sizes: a micron to a metre
+MAX_IMAGE_SIZE = 8192  # pixels per side: more than any CT grid, and a bound on what a file can make us allocate
+
+
 def is_sinogram_h5(path: str | os.PathLike) -> bool:
     """True when the file is HDF5 with a ``sinogram`` dataset (cheap: reads no data)."""
     try:
         with h5py.File(path, "r") as f:
             return "sinogram" in f
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # h5py raises RuntimeError on a corrupt file's internals
         return False
 
 
@@ -51,14 +56,19 @@ def read_sinogram_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, d
             attrs = {k: python_value(v) for k, v in f.attrs.items()}
     except InputError:
         raise
-    except (OSError, KeyError, TypeError, ValueError) as err:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise InputError(path, f"unreadable sinogram HDF5: {err}") from None
     if sino.ndim != 3 or not np.issubdtype(sino.dtype, np.number) or np.iscomplexobj(sino):
         raise InputError(path, f"'sinogram' must be a real [slices, views, detectors] array, got {sino.dtype} {sino.shape}")
     if angles.size != sino.shape[1]:
         raise InputError(path, f"'angles' has {angles.size} entries but the sinogram has {sino.shape[1]} views")
+    if min(sino.shape) < 1:  # an empty array would reach the FFT of the ramp filter
+        raise InputError(path, f"'sinogram' is empty: shape {sino.shape}")
     if not (np.all(np.isfinite(sino)) and np.all(np.isfinite(angles))):
         raise InputError(path, "sinogram or angles contain NaN/Inf values")
+    if np.abs(sino).max() > MAX_LINE_INTEGRAL:
+        raise InputError(path, f"'sinogram' holds {np.abs(sino).max():.3g}: post-log line integrals -log(I / I0) stay "
+                               f"within +-{MAX_LINE_INTEGRAL:g} (counts or raw intensities are not a sinogram)")
     return sino.astype(np.float32), angles, attrs
 
 
@@ -89,12 +99,16 @@ def sinogram_geometry(attrs: dict, path=None) -> dict[str, Any]:
         return arr
 
     dx, dy = number_list("pixel_spacing", 2, [1.0, 1.0])
+    (dz,) = number_list("slice_spacing", 1, 1.0)
+    if not all(SPACING_MM[0] <= v <= SPACING_MM[1] for v in (dx, dy, dz)):  # a denormal spacing overflows the FBP
+        raise InputError(path, f"spacing {dx:g}, {dy:g}, {dz:g} mm is outside {SPACING_MM[0]:g}-{SPACING_MM[1]:g} mm")
     if abs(dx - dy) > 1e-6 * max(dx, dy):
         raise InputError(path, f"pixel_spacing {dx}, {dy}: the projector needs square pixels")
-    (dz,) = number_list("slice_spacing", 1, 1.0)
     size = attrs.get("image_size")
     if size is not None:
         size = tuple(int(s) for s in number_list("image_size", 2, None))
+        if not all(2 <= s <= MAX_IMAGE_SIZE for s in size):
+            raise InputError(path, f"attribute 'image_size' {list(size)}: each side must be 2-{MAX_IMAGE_SIZE} pixels")
     i0 = attrs.get("I0")
     if i0 is not None:
         (i0,) = number_list("I0", 1, None)

@@ -5,7 +5,8 @@ object without ``inputs`` with MLflow's internal wording. The guard sits in fron
 same answers otherwise) and, before the body is read:
 - refuses a declared ``Content-Length`` over the limit (HTTP 413) without reading a byte of it;
 - stops reading a streamed body once it passes the limit (413);
-- answers a JSON body without an ``inputs`` key with a 400 that shows what a valid request looks like.
+- answers a JSON body without an ``inputs`` key with a 400 that shows what a valid request looks like;
+- answers a body with ``params`` (which MLflow would drop with a log line) with a 400 saying where they go.
 
 The body limit is ``MEDLDM_MAX_BODY_MB``, by default what a ``nifti_b64`` request of ``MEDLDM_MAX_PAYLOAD_MB``
 takes (base64 is 4/3 of the bytes) plus 1 MiB for the JSON around it. uvicorn imports ``app`` from here with
@@ -60,8 +61,12 @@ class RequestGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if scope.get("path", "").rstrip("/") == "/invocations" and b'"inputs"' not in body:
-            return await _refuse(send, 400, "INVALID_PARAMETER_VALUE", _missing_inputs(body))
+        if scope.get("path", "").rstrip("/") == "/invocations":
+            if b'"inputs"' not in body:
+                return await _refuse(send, 400, "INVALID_PARAMETER_VALUE", _missing_inputs(body))
+            if b'"params"' in body and _has_params(body):  # MLflow would ignore them with a log line only
+                return await _refuse(send, 400, "INVALID_PARAMETER_VALUE", "'params' are not read by this model: "
+                                     f"put steps, samples, seed, factor and sigma in each record; {VALID_REQUEST}")
         replayed = False
 
         async def replay():
@@ -78,6 +83,14 @@ def _too_large(size: int, limit: int, streamed: bool = False) -> str:
     got = f"more than {limit / 2**20:.3g} MB arrived" if streamed else f"the request declares {size / 2**20:.3g} MB"
     return (f"request body too large: {got}, the limit is {limit / 2**20:.3g} MB (MEDLDM_MAX_BODY_MB, or "
             "MEDLDM_MAX_PAYLOAD_MB on the server); send large volumes as gzipped NIfTI in nifti_b64")
+
+
+def _has_params(body: bytes) -> bool:
+    try:
+        request = json.loads(body)
+    except (ValueError, TypeError):
+        return False
+    return isinstance(request, dict) and request.get("params") not in (None, {})
 
 
 def _missing_inputs(body: bytes) -> str:

@@ -16,7 +16,7 @@ import pytest
 import medldm
 from medldm.io import fastmri_h5_to_volume, read_dicom_series
 from medldm.physics.resolution import coarse_to_fine_affine
-from tests.batch.conftest import PATIENT, copy_output, hidden_entries, noisy_mr, run, tree_digest
+from tests.batch.conftest import PATIENT, copy_output, hidden_entries, noisy_mr, run, tree_digest, write_mr_series
 from tests.helpers import make_tiny_bundle
 
 
@@ -253,6 +253,20 @@ def test_deidentified_run_holds_no_identifier_in_any_output_byte(batch_input, bu
     # a rerun without --deidentify must not reuse the de-identified results silently
     code, _ = run(root, out, task="denoise", model=str(bundles["denoise"]), samples=1)
     assert code == 2
+
+
+def test_skip_bad_slices_reconstructs_the_rest_and_says_so(bundles, tmp_path):
+    files = write_mr_series(tmp_path / "in" / "series")
+    files[-1].write_bytes(files[-1].read_bytes()[:-64])  # the last slice truncated in transfer
+    code, _ = run(tmp_path / "in", tmp_path / "strict", task="denoise", model=str(bundles["denoise"]), samples=1)
+    assert code == 1
+    code, _ = run(tmp_path / "in", tmp_path / "out", task="denoise", model=str(bundles["denoise"]), samples=1,
+                  skip_bad_slices=True)
+    (unit,) = _manifest(tmp_path / "out")["units"]
+    assert code == 0 and unit["status"] == "ok" and [s["file"] for s in unit["skipped_slices"]] == [files[-1].name]
+    provenance = json.loads((tmp_path / "out" / unit["outputs"]["provenance"]).read_text())
+    assert provenance["skipped_slices"] == unit["skipped_slices"]
+    assert nib.load(tmp_path / "out" / unit["outputs"]["reconstruction"]).shape[-1] == len(files) - 1
 
 
 def test_dry_run_writes_nothing(batch_input, bundles, tmp_path):

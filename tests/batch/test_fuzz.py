@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import random
@@ -11,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_dicom", ROOT / "benchmarks" / "fuzz_dicom.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz_dicom = _load_fuzz()
+fuzz_dicom = load_benchmark("fuzz_dicom")
 
 
 @pytest.fixture(scope="module")

@@ -467,3 +467,18 @@ def test_left_handed_volume_comes_back_world_equivalent(tmp_path):
     back = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(back.array[0], data[:, :, ::-1])
     np.testing.assert_allclose(back.affine @ [0, 0, 3, 1], affine @ [0, 0, 0, 1], atol=1e-4)
+
+
+def test_skip_bad_slices_leaves_out_an_unreadable_end_slice_but_not_a_gap(tmp_path):
+    paths = write_series(tmp_path / "s", synthetic_data(shape=(8, 6, 5)))
+    last, middle = paths[-1], paths[2]
+    last.write_bytes(last.read_bytes()[:-40])  # a truncated copy: its pixel data are short
+    with pytest.raises(InputError):
+        read_dicom_series(tmp_path / "s")
+    vol = read_dicom_series(tmp_path / "s", skip_bad_slices=True)
+    assert vol.array.shape == (1, 8, 6, 4)
+    assert [s["file"] for s in vol.meta["skipped_slices"]] == [last.name] and vol.meta["skipped_slices"][0]["reason"]
+    np.testing.assert_array_equal(vol.array, read_dicom_series(paths[:-1]).array)
+    middle.write_bytes(middle.read_bytes()[:-40])
+    with pytest.raises(InputError, match=r"2 unreadable slice\(s\) were left out, which leaves this gap"):
+        read_dicom_series(tmp_path / "s", skip_bad_slices=True)

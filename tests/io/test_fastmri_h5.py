@@ -74,6 +74,7 @@ def test_file_without_mask_or_header(tmp_path):
         (np.zeros((3, 16, 12), np.float32), None, "must be complex"),
         (np.zeros((2, 3, 16, 12), np.complex64), None, "multi-coil"),
         (np.zeros((3, 16, 12), np.complex64), np.ones(10, bool), "mask length 10 does not match"),
+        (np.zeros((0, 16, 12), np.complex64), None, "is empty"),  # reached MKL's FFT (found by fuzz_formats.py)
     ],
 )
 def test_bad_files(tmp_path, kspace, mask, message):

@@ -44,6 +44,8 @@ def _write(path, **datasets):
     ({"sinogram": np.zeros((1, 4, 6)), "angles": np.arange(5.0)}, "5 entries but the sinogram has 4 views"),
     ({"sinogram": np.full((1, 4, 6), np.nan), "angles": np.arange(4.0)}, "NaN/Inf"),
     ({"sinogram": np.zeros((1, 4, 6), np.complex64), "angles": np.arange(4.0)}, "real"),
+    ({"sinogram": np.zeros((0, 4, 6)), "angles": np.arange(4.0)}, "is empty"),  # found by fuzz_formats.py
+    ({"sinogram": np.full((1, 4, 6), 1e38), "angles": np.arange(4.0)}, "post-log line integrals"),
 ])
 def test_bad_files_raise_input_errors(tmp_path, datasets, message):
     with pytest.raises(InputError, match=message):
@@ -56,6 +58,10 @@ def test_non_square_pixels_and_bad_spacing_are_refused(tmp_path):
         sinogram_geometry({"pixel_spacing": [1.0, 2.0]})
     with pytest.raises(InputError, match="slice_spacing"):
         sinogram_geometry({"slice_spacing": -1.0})
+    with pytest.raises(InputError, match="outside 0.001-1000 mm"):  # a denormal spacing overflowed the FBP
+        sinogram_geometry({"pixel_spacing": [3e-319, 3e-319]})
+    with pytest.raises(InputError, match="each side must be 2-8192"):  # would allocate terabytes
+        sinogram_geometry({"image_size": [10**6, 10**6]})
 
 
 def test_other_files_are_not_sinograms(tmp_path):

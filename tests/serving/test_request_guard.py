@@ -69,3 +69,12 @@ def test_a_valid_request_reaches_the_app_unchanged():
     assert status == 200 and body == b"ok" and app.body == payload
     status, _, _ = _run(RequestGuard(app, limit=10_000), [b"anything"], path="/other")  # only /invocations needs inputs
     assert status == 200
+
+
+def test_params_beside_inputs_are_refused_not_silently_dropped():
+    app = _App()
+    body = json.dumps({"inputs": [{"array": [[[1.0]]]}], "params": {"steps": 3}}).encode()
+    status, answer, _ = _run(RequestGuard(app, limit=10_000), [body])
+    assert status == 400 and app.body is None and "put steps" in json.loads(answer)["message"]
+    ok = json.dumps({"inputs": [{"array": [[[1.0]]], "steps": 3}], "params": {}}).encode()
+    assert _run(RequestGuard(app, limit=10_000), [ok])[0] == 200 and app.body == ok
