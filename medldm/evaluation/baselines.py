@@ -29,9 +29,11 @@ def naive(m: Measurement) -> np.ndarray:
 def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: float = classical.TV_WEIGHT) -> np.ndarray:
     """Compressed sensing by alternating 2D TV denoising of each slice (Chambolle, weight relative to the
     99.5th percentile) with the operator's hard data consistency: a k-space projection for MR (POCS),
-    a few 1/L gradient steps on ||A x - y||^2 in the sinogram domain for sparse-view CT."""
-    return _np(classical.tv_pocs(m.naive_inverse().float(), lambda x: m.operator.data_consistency(x, m.y),
-                                 image_axes=(2, 3), iterations=iterations, weight=weight))
+    a few 1/L gradient steps on ||A x - y||^2 in the sinogram domain for sparse-view CT. MR ends as medldm's
+    MR output does (``Operator.consistent_nonnegative``): equal data consistency, magnitudes >= 0."""
+    x = classical.tv_pocs(m.naive_inverse().float(), lambda x: m.operator.data_consistency(x, m.y),
+                          image_axes=(2, 3), iterations=iterations, weight=weight)
+    return _np(m.operator.consistent_nonnegative(x, m.y) if m.modality == "MR" else x)
 
 
 def nlm(m: Measurement) -> np.ndarray:

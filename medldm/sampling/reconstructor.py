@@ -20,6 +20,7 @@ from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.normalisation import Normalisation
+from medldm.physics.base import NONNEGATIVE_ROUNDS
 from medldm.physics.classical import guide_image, guide_refusal
 from medldm.physics.registry import DC_TASKS
 from medldm.sampling import measurement as meas
@@ -124,7 +125,7 @@ class Reconstructor:
                  sigma: float | None = None, views: int | None = None, dose: float | None = None, dc: bool = True, dc_weight: float | None = None, latent_dc_every: int = 0,
                  latent_opt_steps: int = 0, refine: bool = True,
                  use_diffusion: bool = True, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
-                 progress: bool = False) -> ReconstructionResult:
+                 progress: bool = False, nonnegative: bool | None = None) -> ReconstructionResult:
         """Reconstruct one volume.
 
         ``data``: a :class:`~medldm.io.volume.Volume`, a path (NIfTI, DICOM folder or file, fastMRI k-space .h5,
@@ -146,8 +147,10 @@ class Reconstructor:
 
         Data consistency: ``dc`` projects the output onto the measurement at the end (hard, or soft with
         ``dc_weight`` when y is noisy); ``latent_dc_every`` / ``latent_opt_steps`` also correct during sampling
-        (2D models). ``batch_size`` slices per network call; ``progress`` shows a bar; ``keep_samples`` returns
-        every sample.
+        (2D models). ``nonnegative`` (default: MR, whose images are magnitudes; CT keeps HU) alternates that
+        projection with x >= 0 and ends non-negative (``Operator.consistent_nonnegative``; the residual is then
+        ~1e-3 instead of 1e-7); False keeps the exact projection. ``batch_size`` slices per network call;
+        ``progress`` shows a bar; ``keep_samples`` returns every sample.
         """
         if samples < 1 or steps < 1:
             raise ValueError("samples and steps must be >= 1")
@@ -198,7 +201,9 @@ class Reconstructor:
             bar.close()
         t_sample = time.time()
         vols = norm.inverse(vols_n.float())  # (K, X, Y, Z) physical units
+        nonnegative = (m.modality == "MR") if nonnegative is None else bool(nonnegative)
         return self._finish(m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, steps=steps, seed=seed,
+                            nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
 
@@ -250,10 +255,14 @@ class Reconstructor:
         return vols_n
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
-                latent_opt_steps, refine, use_diffusion, eta, keep_samples) -> ReconstructionResult:
-        """Final data consistency, mean/std over samples, geometry and provenance."""
+                latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative) -> ReconstructionResult:
+        """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
-        if dc and m.task in DC_TASKS:
+        with_dc = dc and m.task in DC_TASKS
+        if nonnegative:  # DC and x >= 0 alternate, x >= 0 last (without DC: clipped once)
+            vols = torch.cat([op.consistent_nonnegative(v[None, None], y, weight=dc_weight,
+                                                        rounds=NONNEGATIVE_ROUNDS if with_dc else 0)[0] for v in vols])
+        elif with_dc:
             # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
             vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
         t_dc = time.time()
@@ -272,6 +281,7 @@ class Reconstructor:
                                                       "mlflow_run_id": self.meta.get("training", {}).get("mlflow_run_id")},
             "task": m.task, "modality": modality,
             "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
+                           "nonnegative_rounds": (NONNEGATIVE_ROUNDS if with_dc else 0) if nonnegative else None,
                            "latent_dc_every": latent_dc_every, "latent_opt_steps": latent_opt_steps,
                            "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
                            "refiner_guide": self.bundle.refiner_guide if refine else None},

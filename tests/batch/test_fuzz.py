@@ -12,7 +12,6 @@ import pytest
 
 from tests.helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 fuzz_dicom = load_benchmark("fuzz_dicom")
