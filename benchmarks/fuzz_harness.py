@@ -66,10 +66,12 @@ def _worker(conn, check: Check, limit_memory: bool, init: Callable[[], None] | N
 
 
 class Runner:
-    """One worker process, reused across cases and replaced when a case hangs."""
+    """One worker process, reused across cases and replaced when a case hangs. Spawned, not forked: a child
+    forked from a process whose OpenMP/MKL threads already ran (pytest, after torch tests) can deadlock in its
+    first FFT; ``check`` and ``init`` must therefore be importable module-level functions (or partials)."""
 
     def __init__(self, check: Check, limit_memory: bool = True, init: Callable[[], None] | None = None):
-        self.ctx, self.proc = mp.get_context("fork"), None
+        self.ctx, self.proc = mp.get_context("spawn"), None
         self.args = (check, limit_memory, init)
 
     def _start(self):

@@ -23,11 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
-from medldm.models.card import ROWS_FILE, model_card, results_table  # noqa: E402
+from medldm.models.card import ROWS_FILE, model_card, results_table, stored_noise  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
 TABLE_START = "\n| model |"
-NOISE_FILE = "noise_estimate.json"  # benchmarks/noise_estimate.py --json: the card's noise-level section
 
 
 def stored_rows(name: str) -> list[dict] | None:
@@ -78,9 +77,8 @@ def main(argv=None):
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
         _warn_of_dropped_rows(name, stored[name], rows[name])
-        noise_file = SHIPPED_DIR / name / NOISE_FILE
-        noise = json.loads(noise_file.read_text()) if noise_file.is_file() else None
-        card = model_card(meta, rows[name], meta["card"]["command"], meta["card"]["machine"], noise)
+        card = model_card(meta, rows[name], meta["card"]["command"], meta["card"]["machine"],
+                          stored_noise(SHIPPED_DIR / name))
         (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")

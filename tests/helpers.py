@@ -56,7 +56,10 @@ def load_benchmark(name: str):
     """A script of benchmarks/ as a module (they are scripts, not a package)."""
     import importlib.util
 
+    import sys
+
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # importable by name: the fuzzers' spawned workers unpickle its functions
     spec.loader.exec_module(module)
     return module

@@ -39,11 +39,11 @@ def test_shipped_models_folder_is_consistent():
 @pytest.mark.parametrize("name", NAMES)
 def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
     """So that pipelines/write_model_cards.py rewrites every card on a fresh clone, FID rows and all."""
-    from medldm.models.card import ROWS_FILE, model_card
+    from medldm.models.card import ROWS_FILE, model_card, stored_noise
 
     meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
     rows = json.loads((SHIPPED_DIR / name / ROWS_FILE).read_text())
-    card = model_card(meta, rows, meta["card"]["command"], meta["card"]["machine"])
+    card = model_card(meta, rows, meta["card"]["command"], meta["card"]["machine"], stored_noise(SHIPPED_DIR / name))
     assert (SHIPPED_DIR / name / "README.md").read_text() == card
 
 

@@ -157,6 +157,18 @@ def _flow_words(meta: dict) -> tuple[str, str]:
     return what, line
 
 
+NOISE_FILE = "noise_estimate.json"  # benchmarks/noise_estimate.py --json: a card's noise-level section
+
+
+def stored_noise(folder) -> dict | None:
+    """The noise-estimate rows a shipped model folder keeps, if any."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / NOISE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def noise_section(noise: dict | None) -> str:
     """The measured accuracy of the noise-level estimate (``benchmarks/noise_estimate.py --json``), per volume
     and variant: the worst relative error over the levels and seeds."""
