@@ -77,7 +77,7 @@ class Deidentifier:
                                     "de-identifying the header cannot remove; leave it out of a --deidentify run")
 
     def __call__(self, ds: pydicom.Dataset) -> pydicom.Dataset:
-        self.check_source(ds.get("BurnedInAnnotation"), ds.get("SeriesDescription", "a dataset"))
+        self.check_source(ds.get("BurnedInAnnotation"), "the dataset to write")  # not its description: free text
         for keyword in REMOVE:
             if keyword in ds:
                 delattr(ds, keyword)
