@@ -19,6 +19,7 @@ def datalist(tmp_path_factory):
                         progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NAMES, reason="no shipped models installed")
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_model_reproduces_its_card(name, datalist):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 from tests.batch.conftest import noisy_mr, write_sr
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_one_manifest(bundles, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

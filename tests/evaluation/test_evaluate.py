@@ -1,6 +1,7 @@
 """evaluate_cases: every row a task needs (baselines, supervised U-Net, VAE ceiling, ablations, FID), tables written."""
 
 import numpy as np
+import pytest
 
 from medldm.evaluation.cases import make_cases
 from medldm.evaluation.evaluate import evaluate_cases
@@ -12,6 +13,7 @@ from tests.conftest import phantom
 from tests.helpers import make_tiny_bundle, make_tiny_feature_net
 
 
+@pytest.mark.slow
 def test_recon_rows_supervised_and_fid(tmp_path):
     rec = Reconstructor.load(make_tiny_bundle(tmp_path / "m", "recon", "MR"), device="cpu")
     vol = Volume((phantom((32, 32, 4)) * 100)[None].astype(np.float32), np.eye(4), "MR")

