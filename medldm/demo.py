@@ -107,7 +107,7 @@ def write_input(name: str, m: Measurement, folder: Path) -> None:
 
 def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2, models: list[str] | None = None) -> list[dict]:
     from medldm.batch import run_batch
-    from medldm.batch_units import previous_parameters
+    from medldm.batch import previous_parameters
     from medldm.sampling.reconstructor import shipped_models
     from medldm.serving import ensure_registered
 

@@ -133,7 +133,7 @@ def test_batch_never_raises_on_fuzzed_folders(tmp_path, shipped_dir):
 
 def test_per_file_scan_matches_find_dicom_series(batch_input):
     """The fallback scan the batch uses when find_dicom_series itself raises groups exactly like it."""
-    from medldm.batch_units import _find_series_per_file
+    from medldm.batch.units import _find_series_per_file
     from medldm.io import find_dicom_series
 
     root = batch_input[0]
@@ -144,7 +144,7 @@ def test_per_file_scan_matches_find_dicom_series(batch_input):
 
 
 def test_per_file_scan_isolates_a_corrupt_header(tmp_path):
-    from medldm.batch_units import discover
+    from medldm.batch.units import discover
 
     good = fuzz_dicom.write_base_series(tmp_path / "good")
     bad = fuzz_dicom.write_base_series(tmp_path / "bad", seed=1)

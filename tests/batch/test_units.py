@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medldm.batch import exit_code, format_table, merge_rank_manifests, read_previous
-from medldm.batch_units import discover, infer_nifti_modality
+from medldm.batch.units import discover, infer_nifti_modality
 
 
 def test_discovery_units_and_stable_ids(batch_input, tmp_path):
@@ -87,7 +87,7 @@ def test_summary_table():
 
 
 def test_volume_too_large_for_memory_gets_a_clear_reason(monkeypatch):
-    import medldm.batch_io as batch_io
+    import medldm.batch.outputs as batch_io
     from medldm.errors import InputError
 
     monkeypatch.setattr(batch_io, "available_memory_bytes", lambda: 2**30)

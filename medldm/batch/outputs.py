@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from medldm import __version__
-from medldm.batch_units import Unit, write_json_atomic
+from medldm.batch.manifest import write_json_atomic
+from medldm.batch.units import Unit
 from medldm.errors import InputError
 from medldm.io.volume import Volume
 

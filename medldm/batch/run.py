@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from medldm import __version__
-from medldm.batch_units import (MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover, exit_code,  # noqa: F401
-                                 format_plan, format_table, merge_rank_manifests, previous_parameters, read_previous,
-                                 summarise, utc_now, write_json_atomic)
-from medldm.batch_io import check_geometry, check_memory, load_input, write_outputs
+from medldm.batch.manifest import (exit_code, format_plan, format_table, merge_rank_manifests, previous_parameters,
+                                   read_previous, summarise, utc_now, write_json_atomic)
+from medldm.batch.outputs import check_geometry, check_memory, load_input, write_outputs
+from medldm.batch.units import MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
 
