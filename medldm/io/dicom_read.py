@@ -23,6 +23,7 @@ from pydicom.uid import UID
 from medldm.errors import InputError
 from medldm.io.dicom_values import (as_float, as_floats, as_int, decode_header, error_text, jsonable,
                                    parse_file, text_value)
+from medldm.io.dicom_stack import stack_slices
 from medldm.io.volume import MODALITIES, Volume
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,6 @@ log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _ORIENT_TOL = 1e-3  # direction-cosine difference (~0.06 deg): scanners round IOP to ~6 digits
-_DUP_TOL_MM = 1e-3
-_GAP_FACTOR = 1.5
-_UNIFORM_TOL = 0.01  # fraction of the median step
 _DICOMDIR_UID = "1.2.840.10008.1.3.10"
 
 # Header values the writer copies into a derived series; kept JSON-friendly so meta can be serialised.
@@ -360,34 +358,8 @@ def _assemble(slices: list[tuple[Path, pydicom.Dataset]], label: str, skipped: l
         raise InputError(first_path, f"degenerate ImageOrientationPatient {iop0.tolist()}")
     normal /= np.linalg.norm(normal)
 
-    positions = np.stack([as_floats(ds, "ImagePositionPatient", 3, p) for p, ds in slices])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    slices = [slices[i] for i in order]
-    positions, along = positions[order], along[order]
-
+    slices, positions, step_vec = stack_slices(slices, normal, label, left_out)
     n = len(slices)
-    if n > 1:
-        steps = np.diff(along)
-        dup = np.flatnonzero(steps < _DUP_TOL_MM)
-        if dup.size:
-            a, b = slices[dup[0]][0].name, slices[dup[0] + 1][0].name
-            raise InputError(label, f"duplicate slice position {along[dup[0]]:.3f} mm ({a} and {b}); multiple echoes, "
-                                    f"phases or time points in one series are not supported")
-        med = float(np.median(steps))
-        gaps = np.flatnonzero(steps > _GAP_FACTOR * med)
-        if gaps.size:
-            g = gaps[0]
-            raise InputError(label, f"missing slice: gap of {steps[g]:.3f} mm between {slices[g][0].name} and "
-                                    f"{slices[g + 1][0].name} (median step {med:.3f} mm){left_out}")
-        if np.max(np.abs(steps - med)) > _UNIFORM_TOL * med:
-            raise InputError(label, f"non-uniform slice spacing: steps from {steps.min():.4f} to {steps.max():.4f} mm "
-                                    f"(median {med:.4f} mm, tolerance 1%){left_out}")
-        # Mean step vector, not normal*step: keeps gantry-tilted (sheared) stacks in their true place.
-        step_vec = (positions[-1] - positions[0]) / (n - 1)
-    else:
-        thick = as_float(first, "SpacingBetweenSlices", first_path) or as_float(first, "SliceThickness", first_path)
-        step_vec = normal * (thick or 1.0)
 
     stack = np.stack([pixels[p] if p in pixels else _pixels(ds, p) for p, ds in slices])  # (Z, rows, cols)
     array = np.ascontiguousarray(np.transpose(stack, (2, 1, 0))[None])  # (1, X=cols, Y=rows, Z)
