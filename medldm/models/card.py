@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from medldm.evaluation.evaluate import markdown_table
 
 
@@ -162,9 +165,6 @@ NOISE_FILE = "noise_estimate.json"  # benchmarks/noise_estimate.py --json: a car
 
 def stored_noise(folder) -> dict | None:
     """The noise-estimate rows a shipped model folder keeps, if any."""
-    import json
-    from pathlib import Path
-
     path = Path(folder) / NOISE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -56,15 +56,15 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
     y = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
     modality = volume.modality or "MR"
     if task == "denoise":
+        meta = {}
         if modality == "MR":
             est = {"sigma": sigma, "method": "given"} if sigma is not None else rician_sigma_estimate(y[0, 0].numpy())
-            op = RicianNoise(sigma=float(est["sigma"]))
-            return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": op.sigma, "noise_estimate": est})
+            op, meta["noise_estimate"] = RicianNoise(sigma=float(est["sigma"])), est
         else:  # a CT image: the sinogram is gone, the noise lives in the reconstructed image
             from medldm.physics.noise import ReconstructedImageNoise
 
             op = ReconstructedImageNoise(sigma=float(sigma or 0.0))
-        return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": getattr(op, "sigma", None)})
+        return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": op.sigma, **meta})
     if task == "sr":
         axis = coarsest_axis(volume) if axis is None else axis
         if factor is None:  # thick slices: the factor that makes the slice axis as fine as the finest in-plane axis

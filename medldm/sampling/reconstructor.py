@@ -259,9 +259,10 @@ class Reconstructor:
         """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
         with_dc = dc and m.task in DC_TASKS
+        rounds = (NONNEGATIVE_ROUNDS if with_dc else 0) if nonnegative else None
         if nonnegative:  # DC and x >= 0 alternate, x >= 0 last (without DC: clipped once)
-            vols = torch.cat([op.consistent_nonnegative(v[None, None], y, weight=dc_weight,
-                                                        rounds=NONNEGATIVE_ROUNDS if with_dc else 0)[0] for v in vols])
+            vols = torch.cat([op.consistent_nonnegative(v[None, None], y, weight=dc_weight, rounds=rounds)[0]
+                              for v in vols])
         elif with_dc:
             # DC comes last, after the refiner, so nothing undoes it; soft (dc_weight) when y is noisy
             vols = torch.cat([op.data_consistency(v[None, None], y, weight=dc_weight)[0] for v in vols])
@@ -281,7 +282,7 @@ class Reconstructor:
                                                       "mlflow_run_id": self.meta.get("training", {}).get("mlflow_run_id")},
             "task": m.task, "modality": modality,
             "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
-                           "nonnegative_rounds": (NONNEGATIVE_ROUNDS if with_dc else 0) if nonnegative else None,
+                           "nonnegative_rounds": rounds,
                            "latent_dc_every": latent_dc_every, "latent_opt_steps": latent_opt_steps,
                            "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
