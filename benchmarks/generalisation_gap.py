@@ -44,13 +44,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rec = Reconstructor.load(args.model)
     crop = tuple(int(v) for v in args.crop.split(","))
-    modality = rec.meta["modality"]
+    modality = rec.config.modality
     items = load_datalist(args.datalist, "training", modality)
     picks = [items[i] for i in np.linspace(0, len(items) - 1, min(args.train_volumes, len(items))).astype(int)]
     splits = {"training": {Path(it["image"]).name.split(".")[0]: crop_centre(read_nifti(it["image"], modality=modality), crop)
                            for it in picks},
               "held-out": validation_volumes(args.datalist, modality, crop)}
-    sup = supervised_baseline(rec.meta.get("name"))
+    sup = supervised_baseline(rec.config.name)
     print(f"| split | case | naive dB | supervised U-Net (gain) | medldm default (gain) |\n|---|---|---|---|---|")
     gains = {}
     for split, vols in splits.items():

@@ -25,7 +25,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medldm.config import SchedulerConfig  # noqa: E402
 from medldm.evaluation import metrics as M  # noqa: E402
 from medldm.evaluation.cases import make_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
@@ -46,10 +45,10 @@ def audit_case(rec: Reconstructor, case, steps_list, samples: int, seed: int = 0
     """{row: (PSNR of the decoded latent, latent MSE against the truth's latent)} for one case."""
     b, m = rec.bundle, case.measurement
     codec = LatentCodec(b.vae, b.latent_scale)
-    sched_cfg = SchedulerConfig.model_validate(b.meta["scheduler"])
+    sched_cfg = b.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow", spatial_dims=2)
     cond_phys = m.naive_inverse().float()
-    norm = Normalisation.from_dict(rec.meta["normalisation"]).fit(cond_phys)
+    norm = Normalisation.from_dict(rec.config.normalisation.model_dump()).fit(cond_phys)
     cond, axis = norm.forward(cond_phys), rec.slice_axis
     _, start = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
     truth = case.truth.array[0].astype(np.float32)
@@ -81,7 +80,7 @@ def bank_rows(rec: Reconstructor, bank_dir: str, steps_list, samples: int) -> di
     from medldm.training.banks import LatentBank
 
     b = rec.bundle
-    sched_cfg = SchedulerConfig.model_validate(b.meta["scheduler"])
+    sched_cfg = b.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow", spatial_dims=2)
     truth, start = LatentBank(bank_dir).validation()
     g = torch.Generator().manual_seed(0)
@@ -109,8 +108,8 @@ def main(argv=None) -> int:
     if rec.bundle.flow_start == "noise":
         raise SystemExit(f"{args.model}: not a flow model (it samples from noise); nothing to audit here")
     steps_list = [int(s) for s in args.steps.split(",")]
-    vols = validation_volumes(args.datalist, rec.meta["modality"], tuple(int(v) for v in args.crop.split(",")))
-    for case in make_cases(rec.task, rec.meta["modality"], vols, seed=0):
+    vols = validation_volumes(args.datalist, rec.config.modality, tuple(int(v) for v in args.crop.split(",")))
+    for case in make_cases(rec.task, rec.config.modality, vols, seed=0):
         print(f"\n{case.name}: PSNR (dB) / latent MSE to the truth's latent")
         for name, (psnr, mse) in audit_case(rec, case, steps_list, args.samples).items():
             print(f"  {name:<34} {psnr:>6.2f}  {mse:>7.4f}")

@@ -122,8 +122,8 @@ def main():
     ddim = build_scheduler(cfg.scheduler, "ddim", spatial_dims=2)
 
     rec = Reconstructor.load(args.model, device="cpu")
-    vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], CROP)
-    case = make_cases(rec.task, rec.meta["modality"], vols)[0]
+    vols = validation_volumes(ROOT / "data" / "datalist.json", rec.config.modality, CROP)
+    case = make_cases(rec.task, rec.config.modality, vols)[0]
     truth = case.truth.array[0]
     naive = case.measurement.naive_inverse().float()[0, 0]
     rows = {"latent": [], "latent-only": [], "pixel": []}

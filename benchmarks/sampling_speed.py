@@ -33,7 +33,7 @@ def one_volume(model: str, shape: tuple[int, ...], steps: int, samples: int, dev
 
     rec = Reconstructor.load(model, device=device)
     rng = np.random.default_rng(0)
-    vol = Volume(rng.random((1, *shape), dtype=np.float32) * 100, np.eye(4), rec.meta["modality"])
+    vol = Volume(rng.random((1, *shape), dtype=np.float32) * 100, np.eye(4), rec.config.modality)
     if rec.task == "sr":
         vol = vol.with_array(vol.array[..., ::4].copy(), np.diag([1.0, 1.0, 4.0, 1.0]))
     t0 = time.time()
@@ -53,7 +53,6 @@ def monai_overhead(model: str, steps: int = 20, reps: int = 3, device: str = "cp
     import torch
     from monai.inferers import LatentDiffusionInferer
 
-    from medldm.config import SchedulerConfig
     from medldm.models.builders import build_scheduler
     from medldm.sampling.reconstructor import Reconstructor
     from medldm.sampling.samplers import sample
@@ -62,7 +61,7 @@ def monai_overhead(model: str, steps: int = 20, reps: int = 3, device: str = "cp
     rec = Reconstructor.load(model, device=device)
     b = rec.bundle
     lat = b.vae_config.latent_channels
-    sched = build_scheduler(SchedulerConfig.model_validate(b.meta["scheduler"]), "ddim")
+    sched = build_scheduler(b.config.scheduler, "ddim")
     z = torch.randn(8, lat, 48, 48, generator=torch.Generator().manual_seed(0)).to(device)
     cond = condition_input(torch.randn(8, lat, 48, 48), torch.zeros(8)).to(device)
     inferer = LatentDiffusionInferer(sched, scale_factor=b.latent_scale)

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from medldm.errors import ConfigError
 
 
+# what a refiner sees beside the decoded estimate: classical images joined by "+" (physics.classical.guide_parts)
+RefinerGuide = Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs", "tv-pocs+naive"]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -202,7 +206,7 @@ class RefinerStageConfig(Strict):
     # to the naive inverse), so the refiner can lean on TV where the naive inverse is poor (ct-recon at 60 views)
     # and on the naive inverse where TV over-smooths (90 views); with init: model the added channel starts unused
     # ("tv-pocs+naive" widens a TV-guided refiner the same way: the correction stays on TV-POCS)
-    guide: Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs", "tv-pocs+naive"] = "naive"
+    guide: RefinerGuide = "naive"
     # weight of an SSIM term (MONAI SSIMLoss, the evaluation's 7-pixel uniform window) beside the L1 loss: L1 alone
     # leaves faint texture on flat regions that costs SSIM more than PSNR (mr-recon MNI 4x: PSNR level with
     # TV-POCS, SSIM 0.007 under it)

@@ -24,12 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medldm.errors import ModelError  # noqa: E402
 from medldm.config import load_config  # noqa: E402
 from medldm.evaluation.cases import make_cases  # noqa: E402
 from medldm.evaluation.check import check_spec, run_check  # noqa: E402
 from medldm.evaluation.evaluate import evaluate_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
+from medldm.models.model_config import TrainingRecord, read_model_files, read_record, write_model_files  # noqa: E402
 from medldm.models.card import ROWS_FILE, model_card  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS as MODELS, SHIPPED_DIR, Reconstructor  # noqa: E402
 
@@ -59,12 +61,14 @@ def main(argv=None):
         if len(args.only) != 1:
             ap.error("--install-stage installs one model: name it with --only")
         name = args.only[0]
-        meta_file = args.install_stage / "model.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if not meta.get("refiner_stage") or meta.get("name") != name:
+        try:
+            config, record = read_model_files(args.install_stage)
+        except ModelError as err:
+            ap.error(str(err))
+        if not record.stage_legs("refiner") or config.name != name:
             ap.error(f"{args.install_stage} is not a refiner-stage folder of {name}")
         install(name, args.install_stage, ROOT / "configs" / f"ldm-{name}-cpu.yaml", args.steps,
-                command=stage_command(name, meta))
+                command=stage_command(name, record))
         return
     from medldm.training.ldm import train_ldm
     from medldm.training.vae import train_vae
@@ -104,8 +108,7 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     from medldm.training.refiner import train_refiner
 
     refined = run_dir / "refined" / "model"
-    made = (json.loads((refined / "model.json").read_text()).get("refiner_stage", {})
-            if (refined / "model.json").is_file() else None)
+    made = (read_record(refined).stage_legs("refiner") or [{}])[-1] if (refined / "model.json").is_file() else None
     same = (made is not None and _same_folder(made.get("source_model", str(model_dir)), model_dir)
             and _same_unet(made, model_dir)
             and _stage_settings(made, cfg.data.patch_size) == cfg.refiner_stage.model_dump())
@@ -116,18 +119,18 @@ def refiner_stage(cfg, model_dir: Path, run_dir: Path, retrain: bool) -> Path:
     return refined
 
 
-def stage_command(name: str, meta: dict) -> str:
-    """How to remake an installed stage folder (``meta``: its model.json): the model as the pipeline makes it, then
+def stage_command(name: str, record: TrainingRecord) -> str:
+    """How to remake an installed stage folder (``record``: its training.json): the model as the pipeline makes it, then
     the stage from the folder it started from (usually that installed model) with every setting it recorded (the
     device too: with more workers or a GPU a stage takes more steps in its minutes), then ``--install-stage``."""
-    stage = meta["refiner_stage"]
+    stage = record.stage_legs("refiner")[-1]
     if not stage.get("source_model"):
         raise SystemExit(f"{name}: the stage does not record the folder it started from; no command can remake it")
     source = Path(stage["source_model"])
     source = source.resolve().relative_to(ROOT) if source.is_absolute() and source.resolve().is_relative_to(ROOT) else source
     sets = " ".join(f"--set refiner_stage.{k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
                     for k, v in stage.get("settings", {}).items() if k != "enabled")
-    raw = " --unet-weights raw" if "raw" in str(meta.get("training", {}).get("unet_weights", "")) else ""
+    raw = " --unet-weights raw" if "raw" in str(record.training.get("unet_weights", "")) else ""
     device = " --device cuda" if "CPU" not in stage.get("device_name", "CPU") else ""
     return (f"python pipelines/train_default_models.py --only {name}{raw} && medldm train refiner "
             f"--config configs/ldm-{name}-cpu.yaml --model {source} --out OUT{device} {sets} && python "
@@ -145,7 +148,7 @@ def _same_unet(made: dict, model_dir: Path) -> bool:
     """Whether the stage's frozen U-Net is the one in ``model_dir`` now: the folder is rewritten in place when
     its LDM run trains on (a resumed run with more steps). Stages saved before the U-Net's steps were
     recorded were made from the U-Nets they ship with."""
-    steps = json.loads((model_dir / "model.json").read_text()).get("training", {}).get("steps")
+    steps = read_record(model_dir).training.get("steps")
     return made.get("source_unet_steps", steps) == steps
 
 
@@ -168,11 +171,11 @@ def raw_unet_folder(run_dir: Path) -> Path:
 
     bundle = load_bundle(run_dir / "model")
     ck = load_checkpoint(run_dir / "checkpoint.pt")
-    if ck["step"] != bundle.meta["training"]["steps"]:
-        raise SystemExit(f"{run_dir}: checkpoint step {ck['step']} != model step {bundle.meta['training']['steps']}")
+    if ck["step"] != bundle.record.training["steps"]:
+        raise SystemExit(f"{run_dir}: checkpoint step {ck['step']} != model step {bundle.record.training['steps']}")
     bundle.unet.load_state_dict(ck["unet"])
-    bundle.meta["training"]["unet_weights"] = ("raw weights at the last step (--unet-weights raw; the run's EMA "
-                                               "is in its model folder)")
+    bundle.record.training["unet_weights"] = ("raw weights at the last step (--unet-weights raw; the run's EMA "
+                                              "is in its model folder)")
     save_bundle(bundle, run_dir / "model-raw")
     return run_dir / "model-raw"
 
@@ -180,33 +183,32 @@ def raw_unet_folder(run_dir: Path) -> Path:
 def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags: str = "", command: str | None = None) -> Path:
     t0 = time.time()
     rec = Reconstructor.load(model_dir)
-    vols = validation_volumes(ROOT / "data" / "datalist.json", rec.meta["modality"], EVAL_CROP)
+    vols = validation_volumes(ROOT / "data" / "datalist.json", rec.config.modality, EVAL_CROP)
     out = ROOT / "outputs" / "shipped-eval"
     from medldm.evaluation.run import supervised_baseline
 
-    rows = evaluate_cases(rec, make_cases(rec.task, rec.meta["modality"], vols), out, steps=steps, samples=2,
+    rows = evaluate_cases(rec, make_cases(rec.task, rec.config.modality, vols), out, steps=steps, samples=2,
                           supervised=supervised_baseline(name))
     bundle = load_bundle(model_dir)
     default = [r for r in rows if r["method"] == "medldm (default)"]
-    bundle.meta["metrics"] = {**bundle.meta.get("metrics", {}),
-                              **{f"val_{r['case']}_{k}".replace("/", "_"): r[k] for r in default for k in ("psnr", "ssim")}}
+    bundle.record.metrics.update({f"val_{r['case']}_{k}".replace("/", "_"): r[k] for r in default for k in ("psnr", "ssim")})
     dest = SHIPPED_DIR / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     gpu = "-gpu" in cfg_path.name
     command = command or (f"python pipelines/train_default_models.py{' --profile gpu' if gpu else ''} --only {name}"
                           f"{extra_flags}   # configs: {cfg_path.relative_to(ROOT)}")
-    trained_on = bundle.meta.get("training", {}).get("device_name")
+    trained_on = bundle.record.training.get("device_name")
     machine = trained_on or f"{platform.machine()} CPU, 2 cores (torch CPU build)"
     save_bundle(bundle, tmp, half=True)
     # the small check the test suite re-runs on the float16 weights as committed
-    check = run_check(Reconstructor.load(tmp), ROOT / "data" / "datalist.json", check_spec(rec.meta["modality"], rec.task))
-    meta = json.loads((tmp / "model.json").read_text())
-    meta["validation_check"] = check
-    meta["card"] = {"command": command, "machine": machine}  # pipelines/write_model_cards.py rewrites cards from these
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    check = run_check(Reconstructor.load(tmp), ROOT / "data" / "datalist.json", check_spec(rec.config.modality, rec.task))
+    config, record = read_model_files(tmp)
+    record.validation_check = check
+    record.card = {"command": command, "machine": machine}  # pipelines/write_model_cards.py rewrites cards from these
+    write_model_files(tmp, config, record)
     (tmp / ROWS_FILE).write_text(json.dumps(rows, indent=1))
-    (tmp / "README.md").write_text(model_card(meta, rows, command, machine))
+    (tmp / "README.md").write_text(model_card(config, record, rows, command, machine))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     card_path = ROOT / "data_cards" / f"model-{name}.md"

@@ -1,4 +1,4 @@
-"""Rewrite the model card (README.md) of every shipped model from its model.json and its evaluation rows.
+"""Rewrite the model card (README.md) of every shipped model from its model.json, training.json and evaluation rows.
 
     python pipelines/write_model_cards.py                    # from the rows each model folder keeps
     python pipelines/write_model_cards.py --rows outputs/fid-mr-recon   # take a later evaluation's rows
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
 from medldm.models.card import ROWS_FILE, model_card, results_table, stored_noise  # noqa: E402
+from medldm.models.model_config import read_model_files  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
 TABLE_START = "\n| model |"
@@ -71,13 +72,13 @@ def main(argv=None):
         if rows[name] is None:
             print(f"{name}: no evaluation rows in {SHIPPED_DIR / name / ROWS_FILE} or --rows; card left as is")
             continue
-        meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
-        if "card" not in meta:
-            print(f"{name}: model.json has no card command/machine (installed before they were recorded); "
+        config, record = read_model_files(SHIPPED_DIR / name)
+        if record.card is None:
+            print(f"{name}: training.json has no card command/machine (installed before they were recorded); "
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
         _warn_of_dropped_rows(name, stored[name], rows[name])
-        card = model_card(meta, rows[name], meta["card"]["command"], meta["card"]["machine"],
+        card = model_card(config, record, rows[name], record.card["command"], record.card["machine"],
                           stored_noise(SHIPPED_DIR / name))
         (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)

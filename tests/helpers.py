@@ -13,6 +13,7 @@ import torch
 from medldm.config import RefinerConfig, SchedulerConfig, UNetConfig, VAEConfig
 from medldm.models.builders import build_refiner, build_unet, build_vae
 from medldm.models.bundle import ModelBundle, save_bundle
+from medldm.models.model_config import ModelConfig, ModelRefinerConfig
 from medldm.models.normalisation import Normalisation
 
 TINY_VAE = VAEConfig(channels=[8, 16], num_res_blocks=1, latent_channels=2, norm_num_groups=4)
@@ -30,17 +31,15 @@ def make_tiny_bundle(folder: str | Path, task: str = "denoise", modality: str = 
     unet = build_unet(TINY_UNET, spatial_dims, TINY_VAE.latent_channels)
     ref = build_refiner(TINY_REFINER, spatial_dims) if refiner else None
     kwargs = {"factors": [2]} if task == "sr" else {}
-    meta = {
-        "name": f"tiny-{modality.lower()}-{task}", "kind": "ldm", "task": task, "modality": modality,
-        "spatial_dims": spatial_dims, "slice_axis": (0 if task == "sr" else 2) if slice_axis is None else slice_axis,
-        "patch_size": list(patch or ([32, 32] if spatial_dims == 2 else [32, 32, 16])),
-        "vae": TINY_VAE.model_dump(), "latent_scale": 1.0,
-        "normalisation": Normalisation.for_modality(modality).to_dict(), "unet": TINY_UNET.model_dump(),
-        "scheduler": SchedulerConfig(kind="rflow" if flow_start != "noise" else scheduler, start=flow_start).model_dump(),
-        "refiner": TINY_REFINER.model_copy(update={"enabled": refiner}).model_dump(),
-        "degradation": {"task": task, "kwargs": kwargs}, "cond_noise_max": 0.1, "metrics": {}, "training": {},
-    }
-    return save_bundle(ModelBundle(meta=meta, vae=vae, unet=unet, refiner=ref), folder)
+    config = ModelConfig(
+        name=f"tiny-{modality.lower()}-{task}", kind="ldm", task=task, modality=modality,
+        spatial_dims=spatial_dims, slice_axis=(0 if task == "sr" else 2) if slice_axis is None else slice_axis,
+        patch_size=list(patch or ([32, 32] if spatial_dims == 2 else [32, 32, 16])),
+        vae=TINY_VAE, latent_scale=1.0, normalisation=Normalisation.for_modality(modality).to_dict(), unet=TINY_UNET,
+        scheduler=SchedulerConfig(kind="rflow" if flow_start != "noise" else scheduler, start=flow_start),
+        refiner=ModelRefinerConfig(**TINY_REFINER.model_dump()).model_copy(update={"enabled": refiner}),
+        degradation={"task": task, "kwargs": kwargs}, cond_noise_max=0.1)
+    return save_bundle(ModelBundle(config=config, vae=vae, unet=unet, refiner=ref), folder)
 
 
 

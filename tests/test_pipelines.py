@@ -1,11 +1,14 @@
 """The workflow scripts' own logic (their training runs are exercised through the library's tests)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
 from medldm.config import load_config
+from medldm.models.model_config import TrainingRecord
+from tests.helpers import make_tiny_bundle
 
 ROOT = Path(__file__).parents[1]
 
@@ -37,7 +40,7 @@ def test_a_finished_refiner_stage_is_reused_only_with_the_settings_asked_for(tra
 def test_a_refiner_stage_is_redone_when_its_u_net_trained_on(train_default_models, tmp_path):
     """model-raw is rewritten in place when its LDM run resumes with more steps: a stage made from the
     earlier U-Net must not be reused; stages saved before the U-Net's steps were recorded count as current."""
-    (tmp_path / "model.json").write_text('{"training": {"steps": 4000}}')
+    (tmp_path / "training.json").write_text('{"training": {"steps": 4000}}')
     assert train_default_models._same_unet({"source_unet_steps": 4000}, tmp_path)
     assert not train_default_models._same_unet({"source_unet_steps": 800}, tmp_path)
     assert train_default_models._same_unet({}, tmp_path)
@@ -54,15 +57,17 @@ def test_refiner_stage_redoes_a_stage_made_from_an_earlier_u_net(train_default_m
     model_dir, run_dir = tmp_path / "model-raw", tmp_path
     (run_dir / "refined" / "model").mkdir(parents=True)
     model_dir.mkdir()
-    (model_dir / "model.json").write_text(json.dumps({"training": {"steps": 800}}))
-    made = {"settings": cfg.refiner_stage.model_dump(), "source_model": str(model_dir), "source_unet_steps": 800}
-    (run_dir / "refined" / "model" / "model.json").write_text(json.dumps({"refiner_stage": made}))
+    (model_dir / "training.json").write_text(json.dumps({"training": {"steps": 800}}))
+    made = {"stage": "refiner", "settings": cfg.refiner_stage.model_dump(), "source_model": str(model_dir),
+            "source_unet_steps": 800}
+    (run_dir / "refined" / "model" / "model.json").write_text("{}")  # the record is what the pipeline reads
+    (run_dir / "refined" / "model" / "training.json").write_text(json.dumps({"legs": [made]}))
     calls = []
     monkeypatch.setattr(refiner_module, "train_refiner", lambda *a, **k: calls.append(a))
 
     train_default_models.refiner_stage(cfg, model_dir, run_dir, retrain=False)
     assert calls == [] and (run_dir / "refined" / "model").is_dir()
-    (model_dir / "model.json").write_text(json.dumps({"training": {"steps": 4000}}))
+    (model_dir / "training.json").write_text(json.dumps({"training": {"steps": 4000}}))
     train_default_models.refiner_stage(cfg, model_dir, run_dir, retrain=False)
     assert len(calls) == 1 and not (run_dir / "refined").exists()
 
@@ -82,7 +87,10 @@ def test_install_stage_takes_one_model_and_only_a_refiner_stage_of_it(train_defa
         train_default_models.main(["--only", "mr-denoise", "mr-recon", "--install-stage", str(tmp_path)])
     with pytest.raises(SystemExit):  # no model.json
         train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
-    (tmp_path / "model.json").write_text('{"name": "mr-recon", "refiner_stage": {"steps": 3, "source_model": "x"}}')
+    make_tiny_bundle(tmp_path, "recon", "MR")
+    config = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**config, "name": "mr-recon"}))
+    (tmp_path / "training.json").write_text(json.dumps({"legs": [{"stage": "refiner", "steps": 3, "source_model": "x"}]}))
     with pytest.raises(SystemExit):  # another model's stage
         train_default_models.main(["--only", "mr-denoise", "--install-stage", str(tmp_path)])
     assert installed == []
@@ -99,21 +107,22 @@ def test_the_stage_command_sets_every_recorded_setting(train_default_models):
 
     settings = {**RefinerStageConfig().model_dump(), "enabled": True, "guide": "nlm", "patch_size": [96, 48],
                 "max_minutes": 3.6, "lr": 1e-5, "num_workers": 14}
-    meta = {"training": {"unet_weights": "raw weights at the last step"},
-            "refiner_stage": {"settings": settings, "device_name": "NVIDIA H100",
-                              "source_model": str(train_default_models.ROOT / "medldm" / "shipped" / "mr-sr")}}
-    gpu = train_default_models.stage_command("mr-sr", meta)
+    leg = {"stage": "refiner", "settings": settings, "device_name": "NVIDIA H100",
+           "source_model": str(train_default_models.ROOT / "medldm" / "shipped" / "mr-sr")}
+    record = TrainingRecord(training={"unet_weights": "raw weights at the last step"}, legs=[leg])
+    gpu = train_default_models.stage_command("mr-sr", record)
     sets = re.findall(r"--set (refiner_stage\.\w+=\S+)", gpu)
     config = _load_run_config("ldm", train_default_models.ROOT / "configs" / "ldm-mr-sr-cpu.yaml", sets)
     assert config.refiner_stage.model_dump() == settings  # read back as the CLI reads --set
     assert "--device cuda" in gpu and "--model medldm/shipped/mr-sr " in gpu and "#" not in gpu
     assert gpu.startswith("python pipelines/train_default_models.py --only mr-sr --unet-weights raw && ")
-    meta["refiner_stage"]["device_name"], meta["training"] = "x86_64 CPU, 2 threads", {}
-    cpu = train_default_models.stage_command("mr-sr", meta)
+    leg = record.legs[-1]  # the record holds its own copy
+    leg["device_name"], record.training = "x86_64 CPU, 2 threads", {}
+    cpu = train_default_models.stage_command("mr-sr", record)
     assert "cuda" not in cpu and "--unet-weights" not in cpu
-    del meta["refiner_stage"]["source_model"]
+    del leg["source_model"]
     with pytest.raises(SystemExit, match="started from"):
-        train_default_models.stage_command("mr-sr", meta)
+        train_default_models.stage_command("mr-sr", record)
 
 
 def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsys):
@@ -133,7 +142,8 @@ def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsy
     prose = "# Evaluation\n\n| model | an earlier table |\n|---|---|\n\nHow the rows were made.\n"
     evaluation_md = tmp_path / "data_cards" / "evaluation.md"
     evaluation_md.write_text(prose + "\n| model |\n|---|\n| old |\n")
-    shutil.copy(ROOT / "medldm" / "shipped" / "ct-recon" / "model.json", shipped / "ct-recon")
+    for name in ("model.json", "training.json"):
+        shutil.copy(ROOT / "medldm" / "shipped" / "ct-recon" / name, shipped / "ct-recon")
     for module in (cards, reconstructor):
         monkeypatch.setattr(module, "SHIPPED_DIR", shipped)
     monkeypatch.setattr(cards, "ROOT", tmp_path)

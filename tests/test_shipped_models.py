@@ -1,4 +1,4 @@
-"""Each committed model reproduces the validation figure in its own model.json (and so in its card)."""
+"""Each committed model reproduces the validation figure in its own training.json (and so in its card)."""
 
 import json
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 from medldm.data.prepare import prepare_data
 from medldm.evaluation.check import run_check
+from medldm.models.model_config import read_model_files
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, Reconstructor, shipped_models
 
 NAMES = shipped_models()
@@ -14,7 +15,7 @@ NAMES = shipped_models()
 
 @pytest.fixture(scope="module")
 def datalist(tmp_path_factory):
-    needs_ct = any(json.loads((SHIPPED_DIR / n / "model.json").read_text())["modality"] == "CT" for n in NAMES)
+    needs_ct = any(read_model_files(SHIPPED_DIR / n)[0].modality == "CT" for n in NAMES)
     return prepare_data(tmp_path_factory.mktemp("data"), n_synthetic=0, include_ct=needs_ct, include_real_t1=False,
                         progress=False)
 
@@ -24,7 +25,7 @@ def datalist(tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_model_reproduces_its_card(name, datalist):
     rec = Reconstructor.load(name, device="cpu")
-    expected = rec.meta["validation_check"]
+    expected = rec.bundle.record.validation_check
     got = run_check(rec, datalist, {k: expected[k] for k in ("volume", "crop", "setting", "steps", "seed")})
     assert got["psnr"] == pytest.approx(expected["psnr"], abs=0.3)
     assert got["ssim"] == pytest.approx(expected["ssim"], abs=0.01)
@@ -32,9 +33,9 @@ def test_shipped_model_reproduces_its_card(name, datalist):
 
 def test_shipped_models_folder_is_consistent():
     for name in NAMES:
-        meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
-        assert meta["name"] == name and (SHIPPED_DIR / name / "README.md").is_file()
-        assert "validation_check" in meta
+        config, record = read_model_files(SHIPPED_DIR / name)
+        assert config.name == name and (SHIPPED_DIR / name / "README.md").is_file()
+        assert record.validation_check
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,9 +43,10 @@ def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
     """So that pipelines/write_model_cards.py rewrites every card on a fresh clone, FID rows and all."""
     from medldm.models.card import ROWS_FILE, model_card, stored_noise
 
-    meta = json.loads((SHIPPED_DIR / name / "model.json").read_text())
+    config, record = read_model_files(SHIPPED_DIR / name)
     rows = json.loads((SHIPPED_DIR / name / ROWS_FILE).read_text())
-    card = model_card(meta, rows, meta["card"]["command"], meta["card"]["machine"], stored_noise(SHIPPED_DIR / name))
+    card = model_card(config, record, rows, record.card["command"], record.card["machine"],
+                      stored_noise(SHIPPED_DIR / name))
     assert (SHIPPED_DIR / name / "README.md").read_text() == card
 
 

@@ -20,7 +20,6 @@ takes units i with i % world == r, keeps ``manifest.rank{r}.json``, and rank 0 m
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -39,6 +38,7 @@ from medldm.batch.outputs import check_geometry, check_memory, load_input, write
 from medldm.batch.units import MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
+from medldm.models.model_config import ModelConfig, read_model_files
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class _Context:
         rec = self._models[name]
         if isinstance(rec, Exception):
             raise rec
-        model_modality = str(rec.meta.get("modality") or "").upper()
+        model_modality = rec.config.modality
         if model_modality and model_modality != modality:
             raise ModelError(f"model {name!r} is for {model_modality} images, this unit is {modality}")
         return rec
@@ -131,7 +131,7 @@ def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
 
     with _stage("writing the outputs"):
-        return write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.meta.get("name") or name)
+        return write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.config.name or name)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -222,8 +222,8 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
 
 def _validate(source: Path, out: Path, task: str, steps: int, samples: int, modality: str | None,
               factor: int | None, model: str | None, views: int | None = None, dose: float | None = None,
-              sigma: float | None = None) -> dict:
-    """The model's model.json (empty without --model) once the options make sense, else UsageError."""
+              sigma: float | None = None) -> ModelConfig | None:
+    """The model's configuration (None without --model) once the options make sense, else UsageError."""
     if task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if steps < 1 or samples < 1:
@@ -252,13 +252,13 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
 
         try:
             folder, _ = resolve_model(model)
-            meta = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8"))
+            config, _ = read_model_files(folder)
         except (MedldmError, ImportError, OSError, ValueError) as err:
             raise UsageError(f"--model {model}: {err}") from None
-        if meta.get("task") != task:
-            raise UsageError(f"--model {model} does {meta.get('task')!r}, not --task {task}")
-        return meta
-    return {}
+        if config.task != task:
+            raise UsageError(f"--model {model} does {config.task!r}, not --task {task}")
+        return config
+    return None
 
 
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
@@ -275,9 +275,9 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     the others when no gap results (the slices left out are listed in the manifest and provenance)."""
     source, out = Path(input), Path(output)
     try:
-        meta = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
+        config = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
         units, ignored = discover(source, task, modality, simulate_views=views is not None)
-        model_modality = str(meta.get("modality") or "").upper()
+        model_modality = config.modality if config else ""
         for u in units:  # a NIfTI that does not say its modality is taken to be what the chosen model is for
             if u.kind == "nifti" and u.modality is None and model_modality in MODALITIES:
                 u.modality, u.modality_source = model_modality, "model"

@@ -1,4 +1,4 @@
-"""The small, fast validation figure each shipped model carries in model.json ("validation_check"),
+"""The small, fast validation figure each shipped model carries in training.json ("validation_check"),
 re-computed by the test suite to prove the committed weights still give what the card says."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def check_spec(modality: str, task: str) -> dict:
 
 
 def run_check(rec: Reconstructor, datalist: str | Path, spec: dict) -> dict:
-    modality, task = rec.meta["modality"], rec.task
+    modality, task = rec.config.modality, rec.task
     vols = validation_volumes(datalist, modality, tuple(spec["crop"]))
     vol = {spec["volume"]: vols[spec["volume"]]}
     case = next(c for c in make_cases(task, modality, vol, seed=spec["seed"]) if c.name.endswith("/" + spec["setting"]))

@@ -34,7 +34,7 @@ from medldm.training.supervised import apply_supervised
 def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:
     """Encode and decode the ground truth slice-wise: the best any latent-only output can be."""
     t = torch.as_tensor(truth, dtype=torch.float32)
-    norm = Normalisation.from_dict(rec.meta["normalisation"]).fit(t)
+    norm = Normalisation.from_dict(rec.config.normalisation.model_dump()).fit(t)
     axis = rec.slice_axis
     slices = norm.forward(t).movedim(axis, 0)[:, None]
     out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, batch_size=16, refine=False,
@@ -67,7 +67,7 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    fid_methods = [*baselines_for(rec.task, rec.meta["modality"]), *([SUPERVISED_ROW] if supervised else []), DEFAULT_ROW]
+    fid_methods = [*baselines_for(rec.task, rec.config.modality), *([SUPERVISED_ROW] if supervised else []), DEFAULT_ROW]
     kept: dict[str, list[np.ndarray]] = {m: [] for m in ["truth", *fid_methods]}  # FID is over all cases
     for case in cases:
         truth = case.truth.array[0].astype(np.float32)
@@ -76,7 +76,7 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
 
         def add(method: str, pred: np.ndarray, seconds: float, **extra):
             outputs[method] = pred
-            rows.append({"model": rec.meta.get("name"), "case": case.name, "method": method,
+            rows.append({"model": rec.config.name, "case": case.name, "method": method,
                          **{k: round(v, 4) for k, v in M.all_metrics(truth, pred, mask).items()},
                          "seconds": round(seconds, 2), **extra})
 
@@ -97,8 +97,8 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
         add(f"medldm mean of {samples}", mean, res.timings["total"],
             spearman_std_error=round(M.uncertainty_calibration(std, mean - truth, mask), 4))
         fig = case_figure(truth, res.extras["naive_inverse"][0], outputs, std,
-                          out_dir / "figures" / f"{rec.meta.get('name')}_{case.name.replace('/', '_')}.png",
-                          title=f"{rec.meta.get('name')} - {case.name}")
+                          out_dir / "figures" / f"{rec.config.name}_{case.name.replace('/', '_')}.png",
+                          title=f"{rec.config.name} - {case.name}")
         if tracker is not None:
             tracker.log_artifact(fig, "figures")
         if fid is not None:
@@ -107,14 +107,14 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
                 if m in outputs:
                     kept[m].append(outputs[m])
     if fid is not None and cases:
-        rows += fid_rows(rec.meta.get("name"), kept, fid)
-    write_tables(rows, out_dir, stem=str(rec.meta.get("name")))
+        rows += fid_rows(rec.config.name, kept, fid)
+    write_tables(rows, out_dir, stem=str(rec.config.name))
     if tracker is not None:
         for r in rows:
             key = f"{r['model']}/{r['case']}/{r['method']}".replace("+", "plus ")  # Tracker makes it a valid name
             tracker.log_metrics({f"{key}/{k}": r[k] for k in ("psnr", "ssim", "fid") if k in r})
-        tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.md", "tables")
-        tracker.log_artifact(out_dir / f"{rec.meta.get('name')}.csv", "tables")
+        tracker.log_artifact(out_dir / f"{rec.config.name}.md", "tables")
+        tracker.log_artifact(out_dir / f"{rec.config.name}.csv", "tables")
     return rows
 
 

@@ -49,9 +49,9 @@ def evaluate_models(models: list[str], datalist: str | Path, out_dir: str | Path
     try:
         for name in models:
             rec = Reconstructor.load(name, device=device)
-            vols = validation_volumes(datalist, rec.meta["modality"], crop, max_volumes)
-            cases = make_cases(rec.task, rec.meta["modality"], vols)
-            base = supervised_baseline(rec.meta.get("name"), device) if supervised else None
+            vols = validation_volumes(datalist, rec.config.modality, crop, max_volumes)
+            cases = make_cases(rec.task, rec.config.modality, vols)
+            base = supervised_baseline(rec.config.name, device) if supervised else None
             rows += evaluate_cases(rec, cases, out_dir, steps=steps, samples=samples, tracker=tracker,
                                    supervised=base, fid=features)
         write_tables(rows, out_dir, stem="evaluation")

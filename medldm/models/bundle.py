@@ -1,7 +1,8 @@
 """A saved medldm model: one folder, everything needed to rebuild it, no pickles.
 
-    model.json          format, medldm version, task, modality, configs, normalisation, latent scale,
-                        operator defaults, validation metrics, training record
+    model.json          ModelConfig: format, task, modality, network configs, normalisation, latent scale,
+                        refiner guide and cascades, degradation (medldm.models.model_config)
+    training.json       TrainingRecord: steps, seconds, stage legs, validation metrics, card command
     vae.safetensors     AutoencoderKL state_dict
     unet.safetensors    DiffusionModelUNet state_dict (EMA weights)      [LDM models]
     refiner.safetensors BasicUNet state_dict                             [when the refiner is enabled]
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,59 +19,59 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medldm import __version__
-from medldm.config import RefinerConfig, SchedulerConfig, UNetConfig, VAEConfig, parse_config
+from medldm.config import VAEConfig
 from medldm.errors import ModelError
 from medldm.models.builders import build_refiner, build_unet, build_vae
+from medldm.models.model_config import FORMAT, ModelConfig, TrainingRecord, read_model_files, write_model_files
 from medldm.physics.classical import guide_parts
 
-FORMAT = "medldm-model/1"
+__all__ = ["FORMAT", "ModelBundle", "load_bundle", "save_bundle"]
 
 
 @dataclass
 class ModelBundle:
-    """Networks plus the metadata that makes their outputs meaningful."""
+    """Networks plus the configuration that makes their outputs meaningful and the record of their training."""
 
-    meta: dict[str, Any]
+    config: ModelConfig
     vae: torch.nn.Module
     unet: torch.nn.Module | None = None
     refiner: torch.nn.Module | None = None
     path: Path | None = None
+    record: TrainingRecord = field(default_factory=TrainingRecord)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spatial_dims(self) -> int:
-        return int(self.meta["spatial_dims"])
+        return self.config.spatial_dims
 
     @property
     def latent_scale(self) -> float:
-        scale = self.meta.get("latent_scale")
-        if scale is None:
+        if self.config.latent_scale is None:
             raise ModelError(f"{self.path}: the VAE has no latent_scale; run its calibration step (medldm train vae does)")
-        return float(scale)
+        return self.config.latent_scale
 
     @property
     def refiner_residual_on(self) -> str:
-        # models saved before residual_on existed added the correction to the decoded estimate
-        return (self.meta.get("refiner") or {}).get("residual_on", "decoded")
+        return self.config.refiner.residual_on if self.config.refiner else "naive"
 
     @property
     def refiner_guide(self) -> str:
-        """What the refiner sees beside the decoded estimate (the refiner stage's ``guide``; naive before it)."""
-        return refiner_guide(self.meta)
+        """What the refiner sees beside the decoded estimate (its refiner stage's ``guide``)."""
+        return self.config.refiner.guide if self.config.refiner else "naive"
 
     @property
     def flow_start(self) -> str:
         """Where sampling starts: "noise", or the guide whose latent (plus noise) a flow model starts from."""
-        return str((self.meta.get("scheduler") or {}).get("start", "noise"))
+        return self.config.scheduler.start if self.config.scheduler else "noise"
 
     @property
     def refiner_cascades(self) -> int:
-        """Refiner passes, each followed by data consistency (the refiner stage's ``cascades``; 1 before it)."""
-        return int((self.meta.get("refiner_stage") or {}).get("cascades", 1))
+        """Refiner passes, each followed by data consistency (the refiner stage's ``cascades``)."""
+        return self.config.refiner.cascades if self.config.refiner else 1
 
     @property
     def vae_config(self) -> VAEConfig:
-        return parse_config(self.meta["vae"], VAEConfig, f"{self.path}/model.json:vae")
+        return self.config.vae
 
     def to(self, device) -> "ModelBundle":
         for net in (self.vae, self.unet, self.refiner):
@@ -100,60 +100,36 @@ def save_bundle(bundle: ModelBundle, folder: str | Path, card: str | None = None
     casts back to float32, which changes outputs by far less than the models' own error)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {**bundle.meta, "format": FORMAT, "medldm_version": __version__,
-            "weights_dtype": "float16" if half else "float32"}
+    config = bundle.config.model_copy(update={"format": FORMAT, "medldm_version": __version__,
+                                              "weights_dtype": "float16" if half else "float32"})
     save_file(_state(bundle.vae, half), str(folder / "vae.safetensors"))
     if bundle.unet is not None:
         save_file(_state(bundle.unet, half), str(folder / "unet.safetensors"))
     if bundle.refiner is not None:
         save_file(_state(bundle.refiner, half), str(folder / "refiner.safetensors"))
-    tmp = folder / "model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(folder / "model.json")
+    write_model_files(folder, config, bundle.record)
     if card is not None:
         (folder / "README.md").write_text(card)
     bundle.path = folder
-    bundle.meta = meta
+    bundle.config = config
     return folder
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    meta_path = folder / "model.json"
-    if not meta_path.is_file():
-        raise ModelError(f"{folder}: not a medldm model folder (no model.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"{meta_path}: unsupported model format {meta.get('format')!r} (expected {FORMAT})")
-    return meta
-
-
-def refiner_guide(meta: dict) -> str:
-    """The guide a saved model's refiner sees (its refiner stage's ``guide``; the naive inverse before it)."""
-    return str((meta.get("refiner_stage") or {}).get("guide", "naive"))
-
-
 def load_bundle(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelBundle:
+    """Read and validate model.json (and training.json) once, then build the networks and load their weights."""
     folder = Path(folder)
-    meta = read_meta(folder)
-    dims = int(meta["spatial_dims"])
-    vae_cfg = parse_config(meta["vae"], VAEConfig, f"{folder}/model.json:vae")
-    vae = build_vae(vae_cfg, dims)
+    config, record = read_model_files(folder)
+    dims = config.spatial_dims
+    vae = build_vae(config.vae, dims)
     _load_into(vae, folder / "vae.safetensors", map_location)
     unet = refiner = None
-    if meta.get("unet") is not None:
-        unet = build_unet(parse_config(meta["unet"], UNetConfig, f"{folder}/model.json:unet"), dims, vae_cfg.latent_channels)
+    if config.unet is not None:
+        unet = build_unet(config.unet, dims, config.vae.latent_channels)
         _load_into(unet, folder / "unet.safetensors", map_location)
-        parse_config(meta["scheduler"], SchedulerConfig, f"{folder}/model.json:scheduler")
-    if meta.get("refiner") is not None and meta["refiner"].get("enabled", False):
-        try:
-            guide_images = len(guide_parts(refiner_guide(meta)))  # one refiner input channel each
-        except ValueError as err:
-            raise ModelError(f"{folder}/model.json: refiner_stage.guide: {err}") from None
-        refiner = build_refiner(parse_config(meta["refiner"], RefinerConfig, f"{folder}/model.json:refiner"), dims,
-                                guide_images)
+    if config.refiner_enabled:
+        refiner = build_refiner(config.refiner, dims, len(guide_parts(config.refiner.guide)))  # a channel per image
         _load_into(refiner, folder / "refiner.safetensors", map_location)
-    return ModelBundle(meta=meta, vae=vae, unet=unet, refiner=refiner, path=folder).eval()
+    return ModelBundle(config=config, vae=vae, unet=unet, refiner=refiner, path=folder, record=record).eval()
 
 
 def _load_into(module: torch.nn.Module, path: Path, map_location) -> None:

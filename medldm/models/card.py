@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medldm.evaluation.evaluate import markdown_table
+from medldm.models.model_config import ModelConfig, TrainingRecord
 
 
 NOT_CLASSICAL = ("medldm", "VAE(truth)", "supervised")
@@ -90,16 +91,16 @@ def _guide_words(guide: str, residual_on_naive: bool) -> str:
     return f", guided by {' and by '.join(names)}, stacked as input channels{adds}"
 
 
-def _widening(st: dict) -> str:
+def _widening(legs: list[dict]) -> str:
     """Words for the leg of a warm-started stage whose guide added images to what the refiner it continued saw
-    (its input widened, ``widen_refiner_input``); a leg without a ``continued`` record continued stage 2 (naive)."""
-    leg = st
-    while leg and leg.get("init") == "model":
-        now = leg.get("guide", "naive").split("+")
-        seen = (leg.get("continued") or {}).get("guide", "naive").split("+")
+    (its input widened, ``widen_refiner_input``); the first leg continued stage 2 (naive). ``legs``: oldest first."""
+    for i in range(len(legs) - 1, -1, -1):
+        if legs[i].get("init") != "model":
+            break
+        now = legs[i].get("guide", "naive").split("+")
+        seen = (legs[i - 1].get("guide", "naive") if i else "naive").split("+")
         if len(now) > len(seen):
             return f", its input widened to take {' and '.join(now[len(seen):])} too (zero weights at first)"
-        leg = leg.get("continued")
     return ""
 
 
@@ -112,41 +113,39 @@ def _loss_words(leg: dict) -> str:
     return ", loss " + ", ".join(p for p in parts if p) if any(parts) else ""
 
 
-def _init_words(st: dict) -> str:
-    """Where a stage's refiner started; a warm start from an earlier stage 3 counts that stage's steps too."""
+def _init_words(legs: list[dict]) -> str:
+    """Where the last refiner leg started; a warm start from earlier stage-3 legs counts their steps too."""
+    st, earlier = legs[-1], legs[:-1]
     if st.get("init") == "identity":
         return "the identity (fresh)"
-    before = st.get("continued")
-    widened = _widening(st)
-    if not before:
+    widened = _widening(legs)
+    if not earlier:
         return f"the stage-2 refiner{widened}"
-    legs, total = [], st["steps"]
-    while before:  # a stage may itself have continued another
-        where = f" on {before['device_name']}" if before.get("device_name") else ""
-        loss = _loss_words({"settings": before.get("settings")})  # where earlier legs took it: not repeated
-        legs.append(f"{before['steps']} steps, {before['seconds']} s{where}{loss}")
-        total += before["steps"]
-        before = before.get("continued")
-    return f"the refiner of earlier stage-3 runs ({'; then '.join(reversed(legs))}; {total} steps in all){widened}"
+    words = []
+    for leg in earlier:
+        where = f" on {leg['device_name']}" if leg.get("device_name") else ""
+        loss = _loss_words({"settings": leg.get("settings")})  # where earlier legs took it: not repeated
+        words.append(f"{leg['steps']} steps, {leg['seconds']} s{where}{loss}")
+    total = sum(leg["steps"] for leg in legs)
+    return f"the refiner of earlier stage-3 runs ({'; then '.join(words)}; {total} steps in all){widened}"
 
 
-def _legs_note(meta: dict) -> str:
-    st = meta.get("refiner_stage") or {}
-    if not st.get("continued"):
+def _legs_note(legs: list[dict]) -> str:
+    if len(legs) < 2:
         return ""
     return (" (the refiner stage's last leg: `--model` names the folder the earlier legs, listed under Refiner, "
             "left; each leg is the same command with its own settings)")
 
 
-def _flow_words(meta: dict) -> tuple[str, str]:
+def _flow_words(config: ModelConfig, bridge_legs: list[dict]) -> tuple[str, str]:
     """What the latent U-Net is (for "What it is") and, for a flow, its bridge-stage training line."""
-    sched, bs = meta.get("scheduler") or {}, meta.get("bridge_stage")
-    if sched.get("start", "noise") == "noise" or not bs:
+    sched = config.scheduler
+    if sched is None or sched.start == "noise" or not bridge_legs:
         return ("a MONAI DiffusionModelUNet conditioned by concatenation on the encoded naive\ninverse (with noise "
                 "augmentation, level as an input channel), sampled with DDIM"), ""
-    guide = sched["start"]
+    guide, bs = sched.start, bridge_legs[-1]
     what = (f"a MONAI DiffusionModelUNet trained as a flow (MONAI RFlowScheduler, Euler steps)\nfrom the latent of the "
-            f"{guide} image plus {sched['start_noise']:g} x Gaussian noise to the truth's latent, conditioned on\nthat "
+            f"{guide} image plus {sched.start_noise:g} x Gaussian noise to the truth's latent, conditioned on\nthat "
             f"latent: different noise, different samples, which spread where the measurement leaves the answer open")
     bank = bs["bank"]
     line = (f"\n- Flow U-Net (`medldm train bank`, then `medldm train bridge`): {bs['steps']} steps, {bs['seconds']} s, batch "
@@ -193,36 +192,39 @@ Reproduce: `{noise['command']}`.
 """
 
 
-def model_card(meta: dict, rows: list[dict], command: str, machine: str, noise: dict | None = None) -> str:
-    t = meta.get("training", {})
-    flow_line = _flow_words(meta)[1]  # a flow U-Net replaces stage 2's weights (it started from them)
+def model_card(config: ModelConfig, record: TrainingRecord, rows: list[dict], command: str, machine: str,
+               noise: dict | None = None) -> str:
+    t = record.training
+    refiner_legs, bridge_legs = record.stage_legs("refiner"), record.stage_legs("bridge")
+    flow_what, flow_line = _flow_words(config, bridge_legs)  # a flow U-Net replaces stage 2's weights
     weights_line = flow_line or (f"\n- Diffusion U-Net weights: {t['unet_weights']}." if t.get("unet_weights") else "")
-    st = meta.get("refiner_stage")
-    if st:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
+    if refiner_legs:  # medldm.training.refiner: the shipped refiner comes from stage 3, not from stage 2
+        st = refiner_legs[-1]
         through_dc = _loss_words(st)
         passes = st.get("cascades", 1)
         cascade = f", {passes} passes with data consistency between them" if passes > 1 else ""
         if st.get("guide", "naive") != "naive":
-            cascade += _guide_words(st["guide"], meta.get("refiner", {}).get("residual_on") == "naive")
+            cascade += _guide_words(st["guide"], config.refiner is not None and config.refiner.residual_on == "naive")
         ran_on = f"; stage run on {st['device_name']}" if st.get("device_name") else ""
-        sampler = "flow" if (meta.get("scheduler") or {}).get("start", "noise") != "noise" else "DDIM"
+        sampler = "flow" if config.scheduler is not None and config.scheduler.start != "noise" else "DDIM"
         weights_line += (f"\n- Refiner: retrained in stage 3 (`medldm train refiner`) on {st['sample_steps']}-step {sampler} "
                          f"samples of the frozen U-Net, {st['steps']} steps, {st['seconds']} s, patches "
                          f"{st['patch_size']}, batch {st['batch_size']}, augmentation {'on' if st['augment'] else 'off'}, "
-                         f"initialised as {_init_words(st)}{through_dc}{cascade}{ran_on}.")
+                         f"initialised as {_init_words(refiner_legs)}{through_dc}{cascade}{ran_on}.")
     vae_t = t.get("vae_training") or {}
-    deg = meta.get("degradation", {})
-    return f"""# Model card: `{meta.get('name')}`
+    deg = config.degradation.model_dump() if config.degradation else {}
+    norm = config.normalisation.model_dump()
+    return f"""# Model card: `{config.name}`
 
-**Task:** {meta.get('task')} · **modality:** {meta.get('modality')} · **format:** {meta.get('format')} ·
-**medldm:** {meta.get('medldm_version')} · weights stored as {meta.get('weights_dtype', 'float32')} safetensors.
+**Task:** {config.task} · **modality:** {config.modality} · **format:** {config.format} ·
+**medldm:** {config.medldm_version} · weights stored as {config.weights_dtype} safetensors.
 
 ## What it is
-A 2D latent diffusion model applied slice-wise (slice axis {meta.get('slice_axis')}): a MONAI AutoencoderKL
-(channels {meta['vae']['channels']}, {meta['vae']['latent_channels']} latent channels, latent scale
-{meta.get('latent_scale'):.4g}), {_flow_words(meta)[0]}, then a pixel-space refiner
+A 2D latent diffusion model applied slice-wise (slice axis {config.slice_axis}): a MONAI AutoencoderKL
+(channels {config.vae.channels}, {config.vae.latent_channels} latent channels, latent scale
+{config.latent_scale:.4g}), {flow_what}, then a pixel-space refiner
 (MONAI BasicUNet) that sees the decoded estimate and the naive inverse (or the guide named below), then hard data consistency
-(recon, SR). Intensity normalisation: `{meta.get('normalisation')}`.
+(recon, SR). Intensity normalisation: `{norm}`.
 
 Trained degradation: `{deg}`.
 
@@ -232,7 +234,7 @@ Trained degradation: `{deg}`.
   see `data_cards/`.
 - VAE: {vae_t.get('steps')} steps, {vae_t.get('seconds')} s; diffusion U-Net + refiner: {t.get('steps')} steps,
   {t.get('seconds')} s, on {machine}.{weights_line}
-- Reproduce: `{command}`{_legs_note(meta)}
+- Reproduce: `{command}`{_legs_note(refiner_legs)}
 
 ## Verdict
 {verdict(rows)}

@@ -83,7 +83,7 @@ class Reconstructor:
             raise ModelError(f"{bundle.path}: a VAE-only model cannot reconstruct; train an LDM on it")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bundle = bundle.to(self.device).eval()
-        self.meta = bundle.meta
+        self.config = bundle.config  # the model.json, validated once when the folder was loaded
         self.origin = origin or {}
         self.amp = amp  # bfloat16 autocast for the networks on CUDA; CPU always runs float32
 
@@ -96,11 +96,11 @@ class Reconstructor:
 
     @property
     def task(self) -> str:
-        return self.meta["task"]
+        return self.config.task
 
     @property
     def slice_axis(self) -> int:
-        return int(self.meta.get("slice_axis", 2))
+        return self.config.slice_axis
 
     def measurement_for(self, data, factor: int | None = None, sigma: float | None = None,
                         views: int | None = None, dose: float | None = None) -> meas.Measurement:
@@ -114,7 +114,7 @@ class Reconstructor:
         if isinstance(data, (str, Path)):
             from medldm.io import read_volume
 
-            data = read_volume(data, modality=self.meta.get("modality"))
+            data = read_volume(data, modality=self.config.modality)
         if isinstance(data, Volume):
             if views is not None:
                 return meas.from_ct_volume(data, views, I0=dose)
@@ -157,10 +157,10 @@ class Reconstructor:
         t0 = time.time()
         m = self.measurement_for(data, factor=factor, sigma=sigma, views=views, dose=dose)
         if m.task != self.task:
-            raise ModelError(f"model {self.meta.get('name')} does {self.task}, the input is a {m.task} measurement")
+            raise ModelError(f"model {self.config.name} does {self.task}, the input is a {m.task} measurement")
         op, y = m.operator, m.y
         cond_phys = m.naive_inverse().float()  # (1, 1, X, Y, Z) on the output grid
-        norm = Normalisation.from_dict(self.meta["normalisation"]).fit(cond_phys)
+        norm = Normalisation.from_dict(self.config.normalisation.model_dump()).fit(cond_phys)
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
@@ -277,9 +277,9 @@ class Reconstructor:
         timings = {"prepare": t_prep - t0, "sample": t_sample - t_prep, "data_consistency": t_dc - t_sample,
                    "total": time.time() - t0}
         prov = {
-            "medldm_version": __version__, "model": {**self.origin, "name": self.meta.get("name"),
-                                                      "format": self.meta.get("format"),
-                                                      "mlflow_run_id": self.meta.get("training", {}).get("mlflow_run_id")},
+            "medldm_version": __version__, "model": {**self.origin, "name": self.config.name,
+                                                      "format": self.config.format,
+                                                      "mlflow_run_id": self.bundle.record.training.get("mlflow_run_id")},
             "task": m.task, "modality": modality,
             "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
                            "nonnegative_rounds": rounds,

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from medldm.models.bundle import ModelBundle
 from medldm.models.builders import apply_refiner, build_scheduler
-from medldm.config import SchedulerConfig
 from medldm.sampling.samplers import sample
 from medldm.models.latent import LatentCodec, condition_input
 
@@ -55,7 +54,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
     device = next(bundle.vae.parameters()).device
     codec = LatentCodec(bundle.vae, bundle.latent_scale)
-    sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
+    sched_cfg = bundle.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=2)
     padded, (h, w) = pad_to_multiple(cond)
     guide_padded = padded if guide is None else pad_to_multiple(guide)[0]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
-from medldm.config import SchedulerConfig
 from medldm.errors import ModelError
 from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.models.bundle import ModelBundle
@@ -54,7 +53,7 @@ def restore_volume(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
         raise ModelError("a cascaded refiner (data consistency between passes) is implemented for 2D models only")
     device = next(bundle.vae.parameters()).device
     down = bundle.vae_config.downsample
-    patch = [int(p) for p in bundle.meta.get("patch_size", [64, 64, 64])]
+    patch = list(bundle.config.patch_size)
     latent_roi = [p // down for p in patch]
     scale = bundle.latent_scale
     padded, size = pad_to(cond.to(device), 4 * down, patch)
@@ -64,7 +63,7 @@ def restore_volume(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
         cin = condition_input(c, torch.zeros(1, device=device))
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((samples, *c.shape[1:]), generator=gen).to(device)  # one global draw
-        sched_cfg = SchedulerConfig.model_validate(bundle.meta["scheduler"])
+        sched_cfg = bundle.config.scheduler
         scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=3)
         step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
         decode = _inferer(latent_roi, overlap)

@@ -58,7 +58,7 @@ class MedldmPyfunc(mlflow.pyfunc.PythonModel):
             raise bad_request(f"{where}: give exactly one of nifti_b64 (base64 .nii.gz) or array (nested X, Y, Z lists)")
         if "spacing" in rec and not has_array:
             raise bad_request(f"{where}: spacing goes with array; a NIfTI carries its own geometry")
-        modality = rec_model.meta.get("modality")
+        modality = rec_model.config.modality
         if has_nifti:
             vol = _decode_nifti(rec["nifti_b64"], where, limit)
             vol.modality = modality

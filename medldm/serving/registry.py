@@ -75,7 +75,7 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
     """
     from mlflow import MlflowClient
 
-    from medldm.models.bundle import read_meta
+    from medldm.models.model_config import read_model_files
     from medldm.sampling.reconstructor import resolve_model
 
     if not name or not str(name).strip():
@@ -83,7 +83,7 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
     t0 = time.time()
     folder, origin = resolve_model(model)
     folder = Path(folder).resolve()
-    meta = read_meta(folder)
+    config, record = read_model_files(folder)
     card_path = folder / "README.md"
     card = card_path.read_text(encoding="utf-8", errors="replace") if card_path.is_file() else None
     uri = _use_tracking_uri(tracking_uri)
@@ -91,11 +91,11 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
 
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    training = meta.get("training") or {}
+    training = record.training
     info_tags = {
-        "medldm.version": __version__, "medldm.format": str(meta.get("format")), "medldm.model": str(meta.get("name")),
-        "medldm.task": str(meta.get("task")), "medldm.modality": str(meta.get("modality")),
-        "medldm.kind": str(meta.get("kind")), "medldm.source": json.dumps(origin, default=str)[:5000],
+        "medldm.version": __version__, "medldm.format": config.format, "medldm.model": config.name,
+        "medldm.task": str(config.task), "medldm.modality": config.modality,
+        "medldm.kind": config.kind, "medldm.source": json.dumps(origin, default=str)[:5000],
     }
     if training.get("mlflow_run_id"):
         info_tags["medldm.training_run_id"] = str(training["mlflow_run_id"])
@@ -103,23 +103,22 @@ def register_model(model: str | os.PathLike, name: str, alias: str | None = "cha
         entry = Path(tmp) / "medldm_pyfunc.py"
         entry.write_text(_ENTRY_POINT)
         with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}", tags=info_tags) as run:
-            mlflow.log_params({"model": str(meta.get("name")), "task": meta.get("task"), "modality": meta.get("modality"),
+            mlflow.log_params({"model": config.name, "task": config.task, "modality": config.modality,
                                "registered_name": name})
-            if meta.get("metrics"):
-                numeric = {mlflow_name(k): float(v) for k, v in (meta["metrics"] or {}).items()
-                           if isinstance(v, (int, float)) and math.isfinite(float(v))}
+            if record.metrics:
+                numeric = {mlflow_name(k): v for k, v in record.metrics.items() if math.isfinite(v)}
                 if numeric:
                     mlflow.log_metrics(numeric)
             t_log = time.time()
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(entry), artifacts={"model": str(folder)},
                 pip_requirements=_pip_requirements(), input_example=[_example_record()] if input_example else None,
-                model_config={"registered_name": name, "run_id": run.info.run_id, "model_name": meta.get("name")},
-                metadata={"medldm": {"format": meta.get("format"), "task": meta.get("task"),
-                                     "modality": meta.get("modality"), "name": meta.get("name")}},
+                model_config={"registered_name": name, "run_id": run.info.run_id, "model_name": config.name},
+                metadata={"medldm": {"format": config.format, "task": config.task,
+                                     "modality": config.modality, "name": config.name}},
             )
             log_seconds = time.time() - t_log
-    tags = {**info_tags, **_metric_tags(meta.get("metrics") or {})}
+    tags = {**info_tags, **_metric_tags(record.metrics)}
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     if card:
         client.update_model_version(name, mv.version, description=card)

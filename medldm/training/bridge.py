@@ -142,16 +142,15 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
     val = latent_validation(ema.module.eval(), scheduler, val_truth, val_start, stage.start_noise)
     history.append({"step": step, **val})
     seconds = round(seconds_before + time.time() - t0, 1)
-    earlier = bundle.meta.get("bridge_stage") if stage.init == "model" else None
-    bundle.meta["scheduler"] = sched_cfg.model_dump()
-    if stage.init == "fresh":
-        bundle.meta["unet"] = cfg.unet.model_dump()
-    bundle.meta["bridge_stage"] = {
-        "steps": step, "seconds": seconds, "settings": stage.model_dump(), "bank": bank.recipe, "bank_pairs": len(bank),
+    if stage.init == "fresh":  # a new U-Net: the bridge legs of the one it replaces no longer describe it
+        bundle.record.legs = [leg for leg in bundle.record.legs if leg.get("stage") != "bridge"]
+    bundle.config = bundle.config.model_copy(
+        update={"scheduler": sched_cfg, **({"unet": cfg.unet} if stage.init == "fresh" else {})})
+    bundle.record.legs.append({
+        "stage": "bridge", "steps": step, "seconds": seconds, "settings": stage.model_dump(), "bank": bank.recipe, "bank_pairs": len(bank),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
         "unet_parameters": count_parameters(unet), "validation": history[-1],
-        "final_mse_mean_last_100": float(np.mean(losses[-100:])) if losses else None,
-        **({"continued": earlier} if earlier else {})}
+        "final_mse_mean_last_100": float(np.mean(losses[-100:])) if losses else None})
     bundle.unet = ema.module.eval()
     folder = save_bundle(bundle.eval(), out_dir / "model")
     (out_dir / "losses.json").write_text(json.dumps([round(v, 6) for v in losses]))

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medldm.config import LDMRunConfig
 from medldm.models.builders import apply_refiner, build_refiner, build_scheduler, build_unet, count_parameters
 from medldm.models.bundle import ModelBundle, load_bundle, save_bundle
+from medldm.models.model_config import ModelConfig, ModelRefinerConfig, TrainingRecord
 from medldm.models.latent import LatentCodec, condition_input
 from medldm.models.normalisation import Normalisation
 from medldm.physics.registry import build_random_operator
@@ -98,8 +99,9 @@ def _validate(cfg, vae_bundle, unet, refiner, pairs, out_dir: Path, step: int, t
     from medldm.sampling.slicewise import restore_slices
     from medldm.training.validate import reconstruction_metrics, save_slice_figure
 
-    meta = {**vae_bundle.meta, "scheduler": cfg.scheduler.model_dump(), "refiner": cfg.refiner.model_dump()}
-    bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=unet.eval(), refiner=refiner.eval() if refiner else None)
+    config = vae_bundle.config.model_copy(update={"scheduler": cfg.scheduler,
+                                                  "refiner": ModelRefinerConfig(**cfg.refiner.model_dump())})
+    bundle = ModelBundle(config=config, vae=vae_bundle.vae, unet=unet.eval(), refiner=refiner.eval() if refiner else None)
     preds, refs = [], []
     for truth, cond in pairs:
         out = restore_slices(bundle, cond.cpu(), samples=1, steps=10, seed=0, batch_size=8)
@@ -204,22 +206,23 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
 
     folder = out_dir / "model"
     if dist_info.is_main:
-        meta = {
-            **{k: v for k, v in vae_bundle.meta.items() if k in ("vae", "latent_scale", "normalisation", "patch_size")},
-            "name": cfg.name, "kind": "ldm", "task": cfg.degradation.task, "modality": cfg.data.modality,
-            "spatial_dims": dims, "slice_axis": cfg.data.slice_axis, "unet": cfg.unet.model_dump(),
-            "scheduler": cfg.scheduler.model_dump(),
-            "refiner": cfg.refiner.model_dump(), "degradation": cfg.degradation.model_dump(),
-            "cond_noise_max": cfg.train.cond_noise_max,
-            "metrics": {**vae_bundle.meta.get("metrics", {})},
-            "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
+        vae_config = vae_bundle.config
+        config = ModelConfig(
+            vae=vae_config.vae, latent_scale=vae_config.latent_scale, normalisation=vae_config.normalisation,
+            patch_size=vae_config.patch_size,
+            name=cfg.name, kind="ldm", task=cfg.degradation.task, modality=cfg.data.modality,
+            spatial_dims=dims, slice_axis=cfg.data.slice_axis, unet=cfg.unet, scheduler=cfg.scheduler,
+            refiner=ModelRefinerConfig(**cfg.refiner.model_dump()), degradation=cfg.degradation,
+            cond_noise_max=cfg.train.cond_noise_max)
+        record = TrainingRecord(
+            metrics=dict(vae_bundle.record.metrics),
+            training={"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
                          "device_name": common.device_name(dev),
                          "unet_parameters": count_parameters(unet),
                          "refiner_parameters": count_parameters(refiner) if refiner is not None else 0,
                          "world_size": dist_info.world_size, "mlflow_run_id": tracker.run_id,
-                         "ranks_identical": agree, "vae_training": vae_bundle.meta.get("training")},
-        }
-        bundle = ModelBundle(meta=meta, vae=vae_bundle.vae, unet=ema.module, refiner=refiner)
+                         "ranks_identical": agree, "vae_training": vae_bundle.record.training})
+        bundle = ModelBundle(config=config, record=record, vae=vae_bundle.vae, unet=ema.module, refiner=refiner)
         save_bundle(bundle, folder)
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
         tracker.log_artifact(folder, "model")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
 
-from medldm.config import DataConfig, LDMRunConfig, RefinerConfig, parse_config
+from medldm.config import DataConfig, LDMRunConfig
 from medldm.models.builders import apply_refiner, build_refiner, widen_refiner_input
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
@@ -135,7 +135,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     # a flow model starts from a guide's latent: the stage makes that image beside the refiner's (once)
     made = parts + [k for k in (bundle.flow_start,) if k not in ("noise", "naive", *parts)]
     if stage.init == "identity":
-        bundle.refiner = build_refiner(parse_config(bundle.meta["refiner"], RefinerConfig, "refiner"),
+        bundle.refiner = build_refiner(bundle.config.refiner,
                                        bundle.spatial_dims, len(parts)).to(dev)
     elif len(parts) != len(before):
         # a warm start given more guide images than it saw ignores the added ones until training weighs them in,
@@ -209,16 +209,18 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     seconds = round(seconds_before + time.time() - t0, 1)
     _checkpoint(ckpt_path, refiner, opt, step, seconds, tracker.run_id, losses, stage.model_dump())
     # a warm start keeps the record of the stage it continued (its steps count towards the refiner's training)
-    earlier = bundle.meta.get("refiner_stage") if stage.init == "model" else None
-    bundle.meta["refiner_stage"] = {
-        "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
+    if stage.init == "identity":  # a new refiner: the legs of the one it replaces no longer describe it
+        bundle.record.legs = [leg for leg in bundle.record.legs if leg.get("stage") != "refiner"]
+    bundle.config = bundle.config.model_copy(update={"refiner": bundle.config.refiner.model_copy(
+        update={"guide": stage.guide, "cascades": stage.cascades})})
+    bundle.record.legs.append({
+        "stage": "refiner", "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,
         "num_workers": data.num_workers,
         "loss_after_dc": through_dc, "cascades": stage.cascades, "guide": stage.guide, "settings": stage.model_dump(),
         "device_name": common.device_name(dev), "mlflow_run_id": tracker.run_id, "source_model": str(model_dir),
-        "source_unet_steps": bundle.meta.get("training", {}).get("steps"),
-        "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
-        **({"continued": earlier} if earlier else {})}
+        "source_unet_steps": bundle.record.training.get("steps"),
+        "final_l1_mean_last_50": float(np.mean(losses[-50:])) if losses else None})
     folder = out_dir / "model"
     save_bundle(bundle.eval(), folder)
     (out_dir / "losses.json").write_text(json.dumps([round(v, 6) for v in losses]))

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medldm.config import VAERunConfig
 from medldm.models.builders import build_vae, count_parameters
 from medldm.models.bundle import ModelBundle, save_bundle
+from medldm.models.model_config import ModelConfig, TrainingRecord
 from medldm.models.normalisation import Normalisation
 from medldm.tracking import Tracker
 from medldm.training import common
@@ -142,18 +143,18 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
         vae_net = common.unwrap(model).eval()
         scale = calibrate_latent_scale(vae_net, train_batches(cfg.data, seed=12345), cfg.calibration_batches, dev)
         final = history[-1] if history else _validate(vae_net, val, dev, out_dir, step, tracker)
-        meta = {
-            "name": cfg.name, "kind": "vae", "task": None, "modality": cfg.data.modality, "spatial_dims": dims,
-            "patch_size": cfg.data.patch_size, "vae": cfg.vae.model_dump(), "latent_scale": scale,
-            "normalisation": Normalisation.for_modality(cfg.data.modality).to_dict(),
-            "metrics": {f"vae_{k}": v for k, v in final.items() if k != "step"},
-            "training": {"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
+        config = ModelConfig(
+            name=cfg.name, kind="vae", modality=cfg.data.modality, spatial_dims=dims, patch_size=cfg.data.patch_size,
+            vae=cfg.vae, latent_scale=scale, normalisation=Normalisation.for_modality(cfg.data.modality).to_dict(),
+            slice_axis=cfg.data.slice_axis)
+        record = TrainingRecord(
+            metrics={f"vae_{k}": v for k, v in final.items() if k != "step"},
+            training={"steps": step, "seconds": round(seconds_before + time.time() - t_start, 1), "device": str(dev),
                          "device_name": common.device_name(dev),
                          "parameters": count_parameters(vae_net), "world_size": dist_info.world_size,
                          "ranks_identical": agree,
-                         "mlflow_run_id": tracker.run_id},
-        }
-        save_bundle(ModelBundle(meta=meta, vae=vae_net), folder)
+                         "mlflow_run_id": tracker.run_id})
+        save_bundle(ModelBundle(config=config, record=record, vae=vae_net), folder)
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
         tracker.log_metrics({"latent_scale": scale}, step)
         tracker.log_artifact(folder, "model")

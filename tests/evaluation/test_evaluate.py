@@ -19,7 +19,7 @@ def test_recon_rows_supervised_and_fid(tmp_path):
     vol = Volume((phantom((32, 32, 4)) * 100)[None].astype(np.float32), np.eye(4), "MR")
     cases = make_cases("recon", "MR", {"p": vol})
     sup = (build_supervised_unet((4, 4, 8, 8, 16, 4)).eval(),
-           {"normalisation": rec.meta["normalisation"], "slice_axis": 2})
+           {"normalisation": rec.config.normalisation.model_dump(), "slice_axis": 2})
     rows = evaluate_cases(rec, cases, tmp_path / "eval", steps=2, samples=2, supervised=sup,
                           fid=InceptionFeatures(make_tiny_feature_net(tmp_path / "f.pt")))
     per_case = {(r["case"], r["method"]) for r in rows}

@@ -7,14 +7,14 @@ from medldm.models.bundle import load_bundle
 from tests.helpers import make_tiny_bundle
 
 
-def test_a_saved_refiner_takes_as_many_guide_images_as_its_meta_names_or_the_load_says_why(tmp_path):
+def test_a_saved_refiner_takes_as_many_guide_images_as_its_config_names_or_the_load_says_why(tmp_path):
     folder = make_tiny_bundle(tmp_path / "m", "recon", "MR")
     assert load_bundle(folder).refiner.conv_0.conv_0.conv.in_channels == 2
-    meta_file = folder / "model.json"
-    meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "refiner_stage": {"guide": "naive+tv-pocs"}}))
+    config_file = folder / "model.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "refiner": {**config["refiner"], "guide": "naive+tv-pocs"}}))
     with pytest.raises(ModelError, match="refiner.safetensors: weights do not match the config"):
         load_bundle(folder)  # the weights were saved for one guide image
-    meta_file.write_text(json.dumps({**meta, "refiner_stage": {"guide": "naive+"}}))
-    with pytest.raises(ModelError, match="model.json: refiner_stage.guide: unknown refiner guide"):
+    config_file.write_text(json.dumps({**config, "refiner": {**config["refiner"], "guide": "naive+"}}))
+    with pytest.raises(ModelError, match="model.json: invalid model configuration.*refiner.guide"):
         load_bundle(folder)

@@ -26,7 +26,7 @@ class ZeroVelocity(torch.nn.Module):
 
 def test_a_flow_with_zero_velocity_stays_at_its_start(tmp_path):
     bundle = load_bundle(make_tiny_bundle(tmp_path / "m", "recon", "MR", flow_start="naive"))
-    bundle.meta["scheduler"]["start_noise"] = 1e-6
+    bundle.config.scheduler.start_noise = 1e-6
     bundle.unet = ZeroVelocity()
     cond = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     kw = dict(samples=1, steps=4, seed=0, batch_size=2, refine=False, start=cond)

@@ -132,13 +132,12 @@ def test_latent_optimisation_lowers_the_data_residual(models):
 
 
 def test_untrained_refiner_is_identity_on_the_naive_inverse(tmp_path):
-    from medldm.config import RefinerConfig
     from medldm.models.builders import build_refiner
     from medldm.models.bundle import load_bundle, save_bundle
 
     folder = make_tiny_bundle(tmp_path / "m", "denoise", "MR")
     bundle = load_bundle(folder)
-    bundle.refiner = build_refiner(RefinerConfig(**bundle.meta["refiner"]), 2)  # freshly initialised
+    bundle.refiner = build_refiner(bundle.config.refiner, 2)  # freshly initialised
     rec = Reconstructor(load_bundle(save_bundle(bundle, tmp_path / "m2")), device="cpu")
     vol = volume()
     out = rec(vol, steps=2, sigma=1.0).volume.array
@@ -171,7 +170,7 @@ def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, 
     one = Reconstructor(bundle, device="cpu")
     cascaded = load_bundle(make_tiny_bundle(tmp_path / "two", task, "MR"))
     cascaded.refiner.load_state_dict(bundle.refiner.state_dict())
-    cascaded.meta["refiner_stage"] = {"cascades": 2}
+    cascaded.config.refiner.cascades = 2
     assert cascaded.refiner_cascades == 2 and bundle.refiner_cascades == 1
     if task == "recon":
         m = simulate(volume((24, 20, 4)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
@@ -183,7 +182,7 @@ def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, 
     with pytest.raises(ModelError, match="measurement"):
         restore_slices(cascaded, torch.rand(2, 1, 32, 32), samples=1, steps=1, seed=0, batch_size=2)
     three_d = load_bundle(make_tiny_bundle(tmp_path / "3d", task, "MR", spatial_dims=3))
-    three_d.meta["refiner_stage"] = {"cascades": 2}
+    three_d.config.refiner.cascades = 2
     with pytest.raises(ModelError, match="2D models only"):
         restore_volume(three_d, torch.rand(1, 1, 32, 32, 16), samples=1, steps=1, seed=0)
 
@@ -199,7 +198,7 @@ def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
     bundle = load_bundle(make_tiny_bundle(tmp_path / "tv", "recon", "MR"))
     assert not bundle.refiner.final_conv.weight.any() and bundle.refiner_residual_on == "naive"
     plain = Reconstructor(bundle, device="cpu")(m, steps=1, nonnegative=False).volume.array[0]
-    bundle.meta["refiner_stage"] = {"guide": "tv-pocs"}
+    bundle.config.refiner.guide = "tv-pocs"
     guided = Reconstructor(bundle, device="cpu")(m, steps=1)  # DC and x >= 0 at the end, as the baseline
     scale = float(np.abs(plain).max())
     zero_filled_dc = m.operator.data_consistency(m.naive_inverse(), m.y)[0, 0].numpy()
@@ -208,11 +207,11 @@ def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
     assert guided.residual < 1e-2 and np.abs(guided.volume.array[0] - plain).max() > 1e-2 * scale
     assert guided.provenance["parameters"]["refiner_guide"] == "tv-pocs"
     denoiser = load_bundle(make_tiny_bundle(tmp_path / "dn", "denoise", "MR"))
-    denoiser.meta["refiner_stage"] = {"guide": "tv-pocs"}
+    denoiser.config.refiner.guide = "tv-pocs"
     with pytest.raises(ModelError, match="tv-pocs"):
         Reconstructor(denoiser, device="cpu")(volume(), steps=1)
     assert Reconstructor(denoiser, device="cpu")(volume(), steps=1, refine=False).volume.array.shape[1:] == (21, 18, 9)
-    bundle.meta["refiner_stage"] = {"guide": "nlm"}
+    bundle.config.refiner.guide = "nlm"
     with pytest.raises(ModelError, match="nlm"):
         Reconstructor(bundle, device="cpu")(m, steps=1)
 
@@ -227,7 +226,7 @@ def test_a_two_image_guide_reaches_the_refiner_as_channels_and_the_correction_go
 
     m = simulate(volume((24, 20, 16)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
     bundle = load_bundle(make_tiny_bundle(tmp_path / "both", "recon", "MR", slice_axis=axis))
-    bundle.meta["refiner_stage"] = {"guide": "naive+tv-pocs"}
+    bundle.config.refiner.guide = "naive+tv-pocs"
     seen = []
 
     class TVMinusNaive(torch.nn.Module):
@@ -249,7 +248,7 @@ def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp
     from medldm.physics.classical import nlm_slices
 
     bundle = load_bundle(make_tiny_bundle(tmp_path / "dn", "denoise", "MR"))
-    bundle.meta["refiner_stage"] = {"guide": "nlm"}
+    bundle.config.refiner.guide = "nlm"
     noisy = volume()
     rng = np.random.default_rng(0)
     noisy.array = noisy.array + rng.normal(0, 15, noisy.array.shape).astype(np.float32)
@@ -258,7 +257,7 @@ def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp
     np.testing.assert_allclose(out, expected, atol=1e-3 * float(np.abs(expected).max()))
     assert np.abs(out - noisy.array[0]).max() > 1.0
     ct = load_bundle(make_tiny_bundle(tmp_path / "ct", "denoise", "CT"))
-    ct.meta["refiner_stage"] = {"guide": "nlm"}  # trained NLM guides are MR-only: a CT image noise is not Rician
+    ct.config.refiner.guide = "nlm"  # trained NLM guides are MR-only: a CT image noise is not Rician
     ct_vol = Volume(noisy.array * 0 + 40.0, noisy.affine, "CT")
     with pytest.raises(ModelError, match="nlm"):
         Reconstructor(ct, device="cpu")(ct_vol, steps=1, sigma=10.0)

@@ -36,9 +36,9 @@ def tiny_model(tmp_path):
     from tests.helpers import make_tiny_bundle
 
     folder = make_tiny_bundle(tmp_path / "tiny-model", task="denoise", modality="MR")
-    meta = json.loads((folder / "model.json").read_text())
-    meta["metrics"] = METRICS
-    meta["training"] = {"mlflow_run_id": "abc123"}
-    (folder / "model.json").write_text(json.dumps(meta))
+    record = json.loads((folder / "training.json").read_text())
+    record["metrics"] = METRICS
+    record["training"] = {"mlflow_run_id": "abc123"}
+    (folder / "training.json").write_text(json.dumps(record))
     (folder / "README.md").write_text(CARD)
     return folder

@@ -213,9 +213,9 @@ def test_metric_names_outside_mlflow_charset_are_registered(store, tiny_model):
 
     from medldm.serving import ensure_registered
 
-    meta = json.loads((tiny_model / "model.json").read_text())
-    meta["metrics"] = {**meta.get("metrics", {}), "val_itk_sigma5%_psnr": 30.4}
-    (tiny_model / "model.json").write_text(json.dumps(meta))
+    record = json.loads((tiny_model / "training.json").read_text())
+    record["metrics"] = {**record["metrics"], "val_itk_sigma5%_psnr": 30.4}
+    (tiny_model / "training.json").write_text(json.dumps(record))
     first = ensure_registered(tiny_model, "tiny-pct")
     again = ensure_registered(tiny_model, "tiny-pct")  # same weights: reused, not registered twice
     assert first["registered"] and not again["registered"] and again["version"] == first["version"]

@@ -42,8 +42,8 @@ def test_bridge_trains_the_unet_alone_and_resumes_exactly(tiny_ldm, tmp_path):  
     build_bank(cfg, load_bundle(model), tmp_path / "bank", batches=2, progress=False)
     before = load_bundle(model)
     straight = load_bundle(train_bridge(_cfg(cfg, max_steps=3, val_every=2), model, tmp_path / "bank", tmp_path / "s"))
-    assert straight.meta["scheduler"]["kind"] == "rflow" and straight.flow_start == "naive"
-    assert straight.meta["bridge_stage"]["steps"] == 3 and straight.meta["bridge_stage"]["bank"]["guide"] == "naive"
+    assert straight.config.scheduler.kind == "rflow" and straight.flow_start == "naive"
+    assert straight.record.stage_legs("bridge")[-1]["steps"] == 3 and straight.record.stage_legs("bridge")[-1]["bank"]["guide"] == "naive"
     for name in ("vae", "refiner"):
         for k, v in getattr(before, name).state_dict().items():
             torch.testing.assert_close(getattr(straight, name).state_dict()[k], v, rtol=0, atol=0)

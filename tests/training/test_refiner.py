@@ -34,7 +34,7 @@ def test_only_the_refiner_changes_and_the_run_is_logged(tiny_ldm, mlflow_tmp, tm
     assert cfg.refiner_stage.init == "identity"
     untrained = load_bundle(train_refiner(cfg, model, tmp_path / "zero", max_steps=0)).refiner
     assert not untrained.final_conv.weight.any() and after.refiner.final_conv.weight.abs().sum() > 0
-    stage = after.meta["refiner_stage"]
+    stage = after.record.stage_legs("refiner")[-1]
     assert stage["steps"] == 3 and stage["sample_steps"] == cfg.refiner_stage.sample_steps
     run = mlflow.get_run(stage["mlflow_run_id"])
     assert "train/refiner_l1" in run.data.metrics and run.data.tags["medldm.stage"] == "refiner"
@@ -49,7 +49,7 @@ def test_resume_ends_where_one_run_ends(tiny_ldm, tmp_path):
     straight = load_bundle(train_refiner(cfg, model, tmp_path / "straight", max_steps=3)).refiner
     train_refiner(cfg, model, tmp_path / "legs", max_steps=2)
     resumed = load_bundle(train_refiner(cfg, model, tmp_path / "legs", max_steps=3, resume=True))
-    assert resumed.meta["refiner_stage"]["steps"] == 3
+    assert resumed.record.stage_legs("refiner")[-1]["steps"] == 3
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.refiner.state_dict()[k], v, rtol=0, atol=0)
 
@@ -61,7 +61,7 @@ def test_a_model_without_refiner_is_refused(tiny_ldm, tmp_path):
     cfg, model = tiny_ldm
     bare = load_bundle(model)
     bare.refiner = None
-    bare.meta["refiner"] = {**bare.meta["refiner"], "enabled": False}
+    bare.config.refiner.enabled = False
     save_bundle(bare, tmp_path / "bare")
     with pytest.raises(ModelError, match="refiner"):
         train_refiner(cfg, tmp_path / "bare", tmp_path / "out", max_steps=1)
@@ -135,12 +135,12 @@ def test_loss_after_dc_is_recorded_and_only_where_inference_ends_with_dc(tiny_ld
     stage = cfg.refiner_stage.model_copy(update={"loss_after_dc": True})
     denoise = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": stage}), model, tmp_path / "d",
                                         max_steps=1))
-    assert denoise.meta["refiner_stage"]["loss_after_dc"] is False  # denoising has no DC at inference
+    assert denoise.record.stage_legs("refiner")[-1]["loss_after_dc"] is False  # denoising has no DC at inference
     recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
         update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
     recon = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
-    assert recon.meta["refiner_stage"]["loss_after_dc"] is True
-    assert recon.meta["refiner_stage"]["settings"]["loss_after_dc"] is True
+    assert recon.record.stage_legs("refiner")[-1]["loss_after_dc"] is True
+    assert recon.record.stage_legs("refiner")[-1]["settings"]["loss_after_dc"] is True
     assert recon.refiner.final_conv.weight.abs().sum() > 0
 
 
@@ -154,7 +154,7 @@ def test_cascades_train_through_dc_and_are_refused_without_it(tiny_ldm, tmp_path
     recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
         update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
     out = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
-    assert out.refiner_cascades == 2 and out.meta["refiner_stage"]["cascades"] == 2
+    assert out.refiner_cascades == 2 and out.record.stage_legs("refiner")[-1]["cascades"] == 2
 
 
 def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_path):
@@ -167,7 +167,7 @@ def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_pat
     recon_cfg = cfg.model_copy(update={"refiner_stage": stage, "degradation": cfg.degradation.model_copy(
         update={"task": "recon", "kwargs": {"accelerations": [4], "center_fractions": [0.08]}})})
     out = load_bundle(train_refiner(recon_cfg, model, tmp_path / "r", max_steps=2))
-    assert out.refiner_guide == "tv-pocs" and out.meta["refiner_stage"]["settings"]["guide"] == "tv-pocs"
+    assert out.refiner_guide == "tv-pocs" and out.record.stage_legs("refiner")[-1]["settings"]["guide"] == "tv-pocs"
     assert out.refiner.final_conv.weight.abs().sum() > 0
     assert load_bundle(model).refiner_guide == "naive"
     nlm = cfg.refiner_stage.model_copy(update={"guide": "nlm"})
@@ -287,11 +287,11 @@ def test_a_warm_started_stage_continues_the_refiner_and_keeps_its_record(tiny_ld
     untouched = load_bundle(train_refiner(warm, first, tmp_path / "zero", max_steps=0))
     for k, v in load_bundle(first).refiner.state_dict().items():
         torch.testing.assert_close(untouched.refiner.state_dict()[k], v, rtol=0, atol=0)
-    stage = load_bundle(train_refiner(warm, first, tmp_path / "more", max_steps=1)).meta["refiner_stage"]
-    assert stage["steps"] == 1 and stage["continued"]["steps"] == 2 and stage["continued"]["init"] == "identity"
+    earlier, stage = load_bundle(train_refiner(warm, first, tmp_path / "more", max_steps=1)).record.stage_legs("refiner")
+    assert stage["steps"] == 1 and earlier["steps"] == 2 and earlier["init"] == "identity"
     assert stage["num_workers"] == cfg.data.num_workers
-    fresh = load_bundle(train_refiner(cfg, first, tmp_path / "fresh", max_steps=1)).meta["refiner_stage"]
-    assert "continued" not in fresh
+    fresh = load_bundle(train_refiner(cfg, first, tmp_path / "fresh", max_steps=1)).record.stage_legs("refiner")
+    assert len(fresh) == 1  # a new refiner: the legs of the one it replaced are not its history
 
 
 def test_the_stage_has_its_own_workers_or_the_runs(tiny_ldm):
@@ -336,7 +336,7 @@ def test_the_loss_is_l1_plus_the_weighted_ssim_term(tiny_ldm, tmp_path, monkeypa
     monkeypatch.setattr(refiner_module.common, "optimizer_step", spy_step)
     with_ssim = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"ssim_weight": 0.5})})
     out = load_bundle(train_refiner(with_ssim, model, tmp_path / "r", max_steps=2))
-    assert out.meta["refiner_stage"]["settings"]["ssim_weight"] == 0.5
+    assert out.record.stage_legs("refiner")[-1]["settings"]["ssim_weight"] == 0.5
     l1s = json.loads((tmp_path / "r" / "losses.json").read_text())  # L1 alone, to 6 decimals
     assert len(terms) == len(l1s) == len(totals) == 2 and all(0 < t < 1 for t in terms)
     for l1, term, total in zip(l1s, terms, totals):
@@ -355,7 +355,7 @@ def test_a_resume_under_other_loss_or_stream_settings_is_refused(tiny_ldm, tmp_p
     longer = cfg.model_copy(update={"refiner_stage": cfg.refiner_stage.model_copy(update={"max_minutes": 99.0,
                                                                                        "num_workers": 0})})
     assert load_bundle(train_refiner(longer, model, tmp_path / "r", max_steps=2, resume=True)
-                       ).meta["refiner_stage"]["steps"] == 2
+                       ).record.stage_legs("refiner")[-1]["steps"] == 2
 
 
 def test_a_stream_offset_starts_the_leg_where_an_earlier_one_stopped(tiny_ldm, tmp_path, monkeypatch):
@@ -377,4 +377,4 @@ def test_a_stream_offset_starts_the_leg_where_an_earlier_one_stopped(tiny_ldm, t
     (plain0, _), _, (plain2, seed2), (offset0, seed0) = seen
     torch.testing.assert_close(offset0, plain2, rtol=0, atol=0)
     assert seed0 == seed2 and not torch.equal(offset0, plain0)
-    assert out.meta["refiner_stage"]["settings"]["stream_offset"] == 2
+    assert out.record.stage_legs("refiner")[-1]["settings"]["stream_offset"] == 2

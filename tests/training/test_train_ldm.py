@@ -33,9 +33,9 @@ def test_tiny_ldm_trains_and_reconstructs(tiny_datalist, tiny_vae, mlflow_tmp, t
                       {"data.datalist": str(tiny_datalist), "vae_path": str(tiny_vae)})
     folder = train_ldm(cfg, tmp_path / "ldm")
     bundle = load_bundle(folder)
-    assert bundle.meta["task"] == "denoise" and bundle.unet is not None and bundle.refiner is not None
-    assert bundle.meta["latent_scale"] == load_bundle(tiny_vae).meta["latent_scale"]
-    run = mlflow.get_run(bundle.meta["training"]["mlflow_run_id"])
+    assert bundle.config.task == "denoise" and bundle.unet is not None and bundle.refiner is not None
+    assert bundle.config.latent_scale == load_bundle(tiny_vae).config.latent_scale
+    run = mlflow.get_run(bundle.record.training["mlflow_run_id"])
     assert "train/diff" in run.data.metrics and run.data.tags["medldm.task"] == "denoise"
     assert "val/psnr" in run.data.metrics and "val/naive_psnr" in run.data.metrics
     assert (tmp_path / "ldm" / "figures" / "ldm_step000004.png").is_file()
@@ -57,7 +57,7 @@ def test_torchrun_two_cpu_ranks_end_identical(tiny_datalist, tmp_path):
            "--set", f"data.datalist={tiny_datalist}", "--set", "tracking.enabled=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    meta = json.loads((tmp_path / "ddp" / "model" / "model.json").read_text())
+    meta = json.loads((tmp_path / "ddp" / "model" / "training.json").read_text())
     assert meta["training"]["world_size"] == 2
     assert meta["training"]["ranks_identical"] is True
 

@@ -21,7 +21,7 @@ def test_tiny_vae_trains_logs_and_loads(tiny_datalist, mlflow_tmp, tmp_path):
     folder = train_vae(tiny_cfg(tiny_datalist), tmp_path / "run")
     bundle = load_bundle(folder)
     assert bundle.latent_scale > 0
-    assert bundle.meta["normalisation"]["kind"] == "percentile"
+    assert bundle.config.normalisation.kind == "percentile"
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         mu, _ = bundle.vae.encode(x)
@@ -43,7 +43,7 @@ def test_resume_continues_the_same_curve(tiny_datalist, tmp_path):
     # the first leg's training seconds as checkpointed (its model's figure also holds calibration time)
     first_seconds = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["seconds"]
     resumed = train_vae(tiny_cfg(tiny_datalist, **off), tmp_path / "part", resume=True)
-    assert load_bundle(resumed).meta["training"]["seconds"] > first_seconds  # both legs counted
+    assert load_bundle(resumed).record.training["seconds"] > first_seconds  # both legs counted
     a, b = load_file(str(full / "vae.safetensors")), load_file(str(resumed / "vae.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
