@@ -128,7 +128,6 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     t_start = time.perf_counter()
     rec = prof.run("load", Reconstructor.load, model, device=device)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    # model.json as a typed config (medldm-model/2) or, before it, a dict
     modality = rec.config.modality
     t0 = time.perf_counter()  # setup, not a stage: the test input is made outside the total
     truth = test_volume(modality, shape)
@@ -146,8 +145,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     prof.patch(LatentCodec, "encode", "encode")
     prof.patch(LatentCodec, "decode", "decode")
     prof.patch(slicewise, "apply_refiner", "refiner")
-    if hasattr(volumetric, "apply_refiner"):
-        prof.patch(volumetric, "apply_refiner", "refiner")
+    prof.patch(volumetric, "apply_refiner", "refiner")
     prof.patch(rec.bundle.unet, "forward", "unet")  # nn.Module.__call__ finds the instance attribute
 
     with tempfile.TemporaryDirectory() as tmp:

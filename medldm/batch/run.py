@@ -131,7 +131,7 @@ def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
 
     with _stage("writing the outputs"):
-        return write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.config.name or name)
+        return write_outputs(unit, ctx, tmp, result, volume, modality, name, rec.config.name)
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -116,7 +116,8 @@ def convert_v1(meta: dict) -> tuple[dict, dict]:
     config = {k: v for k, v in meta.items() if k not in record_keys}
     stage = meta.get("refiner_stage") or {}
     if config.get("refiner") is not None:
-        config["refiner"] = {**config["refiner"], "guide": stage.get("guide", "naive"),
+        # format-1 refiners saved before residual_on existed added their correction to the decoded estimate
+        config["refiner"] = {"residual_on": "decoded", **config["refiner"], "guide": stage.get("guide", "naive"),
                              "cascades": stage.get("cascades", 1)}
     config["format"] = FORMAT
     record = {"format": RECORD_FORMAT, "training": meta.get("training") or {},
