@@ -17,13 +17,14 @@ from medldm.physics import classical
 from medldm.sampling.measurement import Measurement
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy()[0, 0]
+def _np(m: Measurement, t: torch.Tensor) -> np.ndarray:
+    """A (1, 1, X, Y, Z) result on the measurement's grid -> (X, Y, Z) in the input's orientation, as medldm's."""
+    return m.to_input_orientation(t.detach().cpu().float().numpy()[0, 0])[0]
 
 
 def naive(m: Measurement) -> np.ndarray:
     """Zero-filled (recon), cubic upsampling (SR), FBP (CT dose) or the noisy input (denoise)."""
-    return _np(m.naive_inverse())
+    return _np(m, m.naive_inverse())
 
 
 def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: float = classical.TV_WEIGHT) -> np.ndarray:
@@ -33,7 +34,7 @@ def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: f
     MR output does (``Operator.consistent_nonnegative``): equal data consistency, magnitudes >= 0."""
     x = classical.tv_pocs(m.naive_inverse().float(), lambda x: m.operator.data_consistency(x, m.y),
                           image_axes=(2, 3), iterations=iterations, weight=weight)
-    return _np(m.operator.consistent_nonnegative(x, m.y) if m.modality == "MR" else x)
+    return _np(m, m.operator.consistent_nonnegative(x, m.y) if m.modality == "MR" else x)
 
 
 def nlm(m: Measurement) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medldm.errors import InputError
-from medldm.io.volume import Volume
+from medldm.io.volume import Volume, reorient, to_ras
 from medldm.physics.base import Operator
 
 
@@ -21,10 +21,20 @@ class Measurement:
     affine: np.ndarray  # affine of the OUTPUT image grid (RAS+ mm)
     modality: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # the input image's orientation (nibabel) when it was reoriented to RAS+ for the model (io.volume's rule);
+    # None: the output grid is the input's own (RAS+ already, or a k-space / sinogram acquisition grid)
+    orientation: np.ndarray | None = None
 
     @property
     def task(self) -> str:
         return self.operator.task
+
+    def to_input_orientation(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An array (..., X, Y, Z) on the output grid (``affine``) -> the same in the input image's orientation,
+        with that grid's affine."""
+        if self.orientation is None:
+            return np.asarray(array), self.affine
+        return reorient(array, self.affine, self.orientation)
 
     def naive_inverse(self) -> torch.Tensor:
         # Measured k-space holds a complex image: its zero-filled magnitude is the naive inverse, not the
@@ -49,6 +59,7 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
 
     if volume.spatial_dims != 3 or volume.array.shape[0] != 1:
         raise InputError(volume.meta.get("source"), f"expected a single-channel 3D volume, got shape {volume.array.shape}")
+    volume, orientation = to_ras(volume)
     if sum(n >= MIN_AXIS for n in volume.spatial_shape) < 2:
         raise InputError(volume.meta.get("source"), f"a volume needs at least {MIN_AXIS} voxels along two of its "
                          f"axes (X, Y, Z), got shape {tuple(volume.spatial_shape)}")
@@ -64,7 +75,7 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
             from medldm.physics.noise import ReconstructedImageNoise
 
             op = ReconstructedImageNoise(sigma=float(sigma or 0.0))
-        return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": op.sigma, **meta})
+        return Measurement(y, op, volume.affine.copy(), modality, {"noise_sigma": op.sigma, **meta}, orientation)
     if task == "sr":
         axis = coarsest_axis(volume) if axis is None else axis
         if factor is None:  # thick slices: the factor that makes the slice axis as fine as the finest in-plane axis
@@ -72,10 +83,12 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
             factor = max(1, int(round(volume.spacing[axis] / min(others))))
         if factor < 1:
             raise InputError(volume.meta.get("source"), f"super-resolution factor must be an integer >= 1, got {factor}")
-        if axis != 2:
-            raise InputError(volume.meta.get("source"), f"the thick-slice axis must be the last index axis (Z); it is axis {axis}")
+        if axis != 2:  # the models learnt axial thick slices of RAS+ volumes
+            raise InputError(volume.meta.get("source"), "the thick slices must be axial (thickest along S once the "
+                             f"volume is reoriented to RAS+); this input is thickest along {'RAS'[axis]}")
         op = ThickSlice(factor=int(factor), axis=axis, profile=profile)
-        return Measurement(y, op, coarse_to_fine_affine(volume.affine, axis, int(factor)), modality, {"axis": axis})
+        return Measurement(y, op, coarse_to_fine_affine(volume.affine, axis, int(factor)), modality, {"axis": axis},
+                           orientation)
     raise InputError(volume.meta.get("source"), f"task {task!r} needs a k-space measurement, not an image (use a fastMRI .h5)")
 
 
@@ -96,11 +109,13 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
 
 
 def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measurement:
-    """Research helper: degrade a clean volume with a randomly drawn operator (recorded in meta)."""
+    """Research helper: degrade a clean volume with a randomly drawn operator (recorded in meta). Like every image
+    input, the volume is degraded on its RAS+ grid; results and ``to_input_orientation`` go back to its own."""
     from medldm.physics.registry import build_random_operator
     from medldm.physics.resolution import fine_to_coarse_affine
 
     modality = volume.modality or "MR"
+    volume, orientation = to_ras(volume)
     x = torch.as_tensor(np.ascontiguousarray(volume.array), dtype=torch.float32)[None]
     op = build_random_operator(task, modality, **random_kwargs).sample(seed, image=x)
     y = op.forward(x, generator=torch.Generator().manual_seed(seed))
@@ -108,7 +123,7 @@ def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measureme
     meta = {"simulated": op.params(), "seed": seed}
     if task == "sr":  # the thick-slice input lives on a coarse grid; the answer on the original fine grid
         meta["input_affine"] = fine_to_coarse_affine(affine, op.axis, op.factor)
-    return Measurement(y, op, affine, modality, meta)
+    return Measurement(y, op, affine, modality, meta, orientation)
 
 
 def from_sinogram(sinogram: np.ndarray, angles, *, pixel_mm: float = 1.0, slice_mm: float = 1.0,
@@ -193,6 +208,7 @@ def from_ct_volume(volume: Volume, views: int, I0: float | None = None, seed: in
     if int(views) < 1:
         raise InputError(volume.meta.get("source"), f"views must be >= 1, got {views}")
     volume.check_finite()
+    volume, orientation = to_ras(volume)
     dx, dy = volume.spacing[:2]
     if abs(dx - dy) > 1e-3 * max(dx, dy):
         raise InputError(volume.meta.get("source"), f"in-plane spacing {dx:.3f} x {dy:.3f} mm: the projector needs square pixels")
@@ -201,4 +217,4 @@ def from_ct_volume(volume: Volume, views: int, I0: float | None = None, seed: in
                       image_shape=volume.spatial_shape[:2], noise_seed=seed)
     y = op.forward(x, generator=torch.Generator().manual_seed(seed))
     return Measurement(y, op, volume.affine.copy(), "CT", {"source": volume.meta.get("source"), "simulated": op.params(),
-                                                          "seed": seed})
+                                                          "seed": seed}, orientation)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nibabel.orientations import ornt2axcodes
 
 from medldm import __version__
 from medldm.errors import InputError, ModelError
@@ -271,9 +272,11 @@ class Reconstructor:
         std = vols.std(0, unbiased=True) if samples > 1 else None
         residual = op.residual(mean[None, None], y) if m.task in DC_TASKS else None
         modality = m.modality
-        out_vol = Volume(mean[None].numpy().astype(np.float32), m.affine, modality,
-                         {"source": m.meta.get("source"), "task": m.task})
-        unc = Volume(std[None].numpy().astype(np.float32), m.affine, modality, {"kind": "std"}) if std is not None else None
+        # back to the input's orientation (io.volume's rule: the model ran on the RAS+ grid)
+        mean_np, affine = m.to_input_orientation(mean[None].numpy().astype(np.float32))
+        out_vol = Volume(mean_np, affine, modality, {"source": m.meta.get("source"), "task": m.task})
+        unc = (Volume(m.to_input_orientation(std[None].numpy().astype(np.float32))[0], affine, modality, {"kind": "std"})
+               if std is not None else None)
         timings = {"prepare": t_prep - t0, "sample": t_sample - t_prep, "data_consistency": t_dc - t_sample,
                    "total": time.time() - t0}
         prov = {
@@ -288,11 +291,12 @@ class Reconstructor:
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),
+            **({"reoriented_from": "".join(ornt2axcodes(m.orientation))} if m.orientation is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return ReconstructionResult(out_vol, unc, residual, timings, prov,
-                                    samples=vols.numpy() if keep_samples else None,
-                                    extras={"naive_inverse": cond_phys[0].numpy()})
+                                    samples=m.to_input_orientation(vols.numpy())[0] if keep_samples else None,
+                                    extras={"naive_inverse": m.to_input_orientation(cond_phys[0].numpy())[0]})
 
 
 def _hash_tensor(t: torch.Tensor) -> str:
