@@ -134,7 +134,7 @@ def fid_rows(model_name, kept: dict[str, list[np.ndarray]], features) -> list[di
     return rows
 
 
-COLUMNS = ["model", "case", "method", "psnr", "ssim", "nmse", "ssim3d", "psnr_fg", "fid", "seconds", "residual",
+COLUMNS = ["model", "case", "method", "psnr", "ssim", "nmse", "psnr_fg", "fid", "seconds", "residual",
            "spearman_std_error"]
 
 

@@ -8,18 +8,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
+
+from medldm.evaluation import metrics  # noqa: E402
 
 
 def reconstruction_metrics(preds: list[torch.Tensor], refs: list[torch.Tensor]) -> dict[str, float]:
-    """Mean PSNR/SSIM over images, each with data_range = max of its reference (fastMRI convention)."""
-    psnr, ssim = [], []
-    for p, r in zip(preds, refs):
-        rng = float(r.max()) or 1.0
-        psnr.append(float(peak_signal_noise_ratio(p, r, data_range=rng)))
-        ssim.append(float(structural_similarity_index_measure(p, r, data_range=rng)))
-    return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim)}
+    """Mean PSNR/SSIM over images (2D slices or volumes) with the evaluation's conventions (``evaluation.metrics``:
+    data_range = max of each reference, scikit-image SSIM per slice), so validation and the cards agree."""
+    pairs = [(p, r) for p, r in zip(preds, refs) if float(r.max()) > 0]  # an empty slice has no data_range
+    psnr = [metrics.psnr(r, p) for p, r in pairs]
+    ssim = [metrics.ssim(r, p) for p, r in pairs]
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
 
 
 def _middle_slice(t: torch.Tensor):

@@ -19,7 +19,10 @@ def test_fastmri_conventions():
     assert M.nmse(gt, pred) == pytest.approx(np.sum((gt - pred) ** 2) / np.sum(gt**2))
     per_slice = [structural_similarity(gt[..., z], pred[..., z], data_range=gt.max()) for z in range(5)]
     assert M.ssim(gt, pred) == pytest.approx(np.mean(per_slice))  # slice-wise along Z, averaged
-    assert np.isnan(M.ssim3d(gt, pred))  # 5 slices < the 11-voxel window: not reported rather than wrong
+    # a 2D image (with batch / channel dims, as training validates) is one slice, same convention
+    one = structural_similarity(gt[..., 2], pred[..., 2], data_range=gt[..., 2].max())
+    assert M.ssim(torch.as_tensor(gt[None, None, ..., 2]), pred[None, None, ..., 2]) == pytest.approx(one)
+    assert np.isnan(M.ssim(gt[:6], pred[:6]))  # 6 voxels < the 7-pixel window: not reported rather than wrong
     assert M.psnr(gt, gt + 1e-3) > M.psnr(gt, pred)
 
 
