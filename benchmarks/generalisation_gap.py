@@ -31,7 +31,7 @@ from medldm.evaluation.cases import crop_centre, make_cases  # noqa: E402
 from medldm.evaluation.run import supervised_baseline, validation_volumes  # noqa: E402
 from medldm.io.nifti import read_nifti  # noqa: E402
 from medldm.sampling.reconstructor import Reconstructor  # noqa: E402
-from medldm.training.supervised import apply_supervised  # noqa: E402
+from medldm.evaluation.supervised import apply_supervised  # noqa: E402
 
 
 def main(argv=None):

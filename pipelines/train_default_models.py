@@ -32,7 +32,7 @@ from medldm.evaluation.evaluate import evaluate_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
 from medldm.models.model_config import TrainingRecord, read_model_files, read_record, write_model_files  # noqa: E402
-from medldm.models.card import ROWS_FILE, model_card  # noqa: E402
+from medldm.evaluation.card import ROWS_FILE, model_card  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS as MODELS, SHIPPED_DIR, Reconstructor  # noqa: E402
 
 EVAL_CROP = (128, 128, 16)  # centre crops keep the evaluation of a model to a few minutes on 2 cores

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from medldm.config import load_config  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS  # noqa: E402
 from medldm.training.refiner import stage_data  # noqa: E402
-from medldm.training.supervised import SUPERVISED_DIR, train_supervised  # noqa: E402
+from medldm.evaluation.supervised import SUPERVISED_DIR  # noqa: E402
+from medldm.training.supervised import train_supervised  # noqa: E402
 
 NAMES = list(DEFAULT_MODELS)
 

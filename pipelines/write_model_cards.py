@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
-from medldm.models.card import ROWS_FILE, model_card, results_table, stored_noise  # noqa: E402
+from medldm.evaluation.card import ROWS_FILE, model_card, results_table, stored_noise  # noqa: E402
 from medldm.models.model_config import read_model_files  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 

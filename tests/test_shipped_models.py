@@ -41,7 +41,7 @@ def test_shipped_models_folder_is_consistent():
 @pytest.mark.parametrize("name", NAMES)
 def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
     """So that pipelines/write_model_cards.py rewrites every card on a fresh clone, FID rows and all."""
-    from medldm.models.card import ROWS_FILE, model_card, stored_noise
+    from medldm.evaluation.card import ROWS_FILE, model_card, stored_noise
 
     config, record = read_model_files(SHIPPED_DIR / name)
     rows = json.loads((SHIPPED_DIR / name / ROWS_FILE).read_text())
@@ -52,7 +52,7 @@ def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
 
 def test_data_cards_hold_the_shipped_cards_and_their_rows():
     from medldm.evaluation.evaluate import markdown_table
-    from medldm.models.card import ROWS_FILE
+    from medldm.evaluation.card import ROWS_FILE
 
     docs = Path(__file__).parents[1] / "data_cards"
     for name in NAMES:

@@ -28,7 +28,7 @@ from medldm.evaluation.figures import case_figure
 from medldm.models.normalisation import Normalisation
 from medldm.sampling.reconstructor import Reconstructor
 from medldm.sampling.slicewise import restore_slices
-from medldm.training.supervised import apply_supervised
+from medldm.evaluation.supervised import apply_supervised
 
 
 def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:

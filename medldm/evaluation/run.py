@@ -24,7 +24,7 @@ def validation_volumes(datalist: str | Path, modality: str, crop: tuple[int, int
 
 def supervised_baseline(model_name: str | None, device: str | None = None) -> tuple | None:
     """(net, meta) of the installed supervised U-Net for a model name, or None."""
-    from medldm.training.supervised import SUPERVISED_DIR, load_supervised
+    from medldm.evaluation.supervised import SUPERVISED_DIR, load_supervised
 
     folder = SUPERVISED_DIR / str(model_name)
     return load_supervised(folder, device) if (folder / "model.json").is_file() else None

@@ -20,6 +20,7 @@ from medldm import __version__
 from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
+from medldm.models.device import autocast
 from medldm.models.normalisation import Normalisation
 from medldm.physics.base import NONNEGATIVE_ROUNDS
 from medldm.physics.classical import guide_image, guide_refusal
@@ -61,7 +62,7 @@ def resolve_model(name_or_uri: str | Path) -> tuple[Path, dict]:
     """A shipped name, a local folder, or an MLflow URI (models:/..., runs:/...) -> local folder."""
     s = str(name_or_uri)
     if s.startswith(("models:/", "runs:/")):
-        from medldm.serving import download_model
+        from medldm.tracking.download import download_model  # imports mlflow: only for URIs
 
         return download_model(s)
     if "/" not in s and "\\" not in s and (SHIPPED_DIR / s / "model.json").is_file():
@@ -191,8 +192,6 @@ class Reconstructor:
 
             n_batches = -(-slices.shape[0] // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
-        from medldm.training.common import autocast
-
         with autocast(self.device, self.amp):
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,

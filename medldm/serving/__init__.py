@@ -1,4 +1,4 @@
-"""Every MLflow registry, pyfunc and serving call of medldm lives here (training tracking: medldm.tracking).
+"""Every MLflow registry, pyfunc and serving call of medldm lives here (the tracking store: medldm.tracking).
 
     register_model(model, name, alias="champion")   log a medldm model folder as an MLflow pyfunc model and
                                                     register a new version (card -> description, metrics -> tags)
@@ -31,11 +31,12 @@ them with a clear message. The price: type-hinted models only take ``{"inputs": 
 """
 
 from medldm.serving.pyfunc import MedldmPyfunc
-from medldm.serving.registry import download_model, ensure_registered, register_model
+from medldm.serving.registry import ensure_registered, register_model
 from medldm.serving.requests import (
     ReconstructionRequest, ReconstructionResponse, bad_request, max_payload_bytes, volume_to_nifti_b64,
 )
 from medldm.serving.server import serve, stop, wait_until_ready
+from medldm.tracking.download import download_model
 
 __all__ = ["MedldmPyfunc", "ReconstructionRequest", "ReconstructionResponse", "register_model", "download_model",
            "ensure_registered", "serve", "wait_until_ready", "stop", "volume_to_nifti_b64", "max_payload_bytes",

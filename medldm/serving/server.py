@@ -14,7 +14,8 @@ from pathlib import Path
 import mlflow
 
 from medldm.errors import ModelError
-from medldm.serving.registry import _download, _use_tracking_uri
+from medldm.serving.registry import _use_tracking_uri
+from medldm.tracking.download import _download
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, env_manager: str = "local", *,
           workers: int | None = None, timeout_s: int | None = None, env: dict[str, str] | None = None,

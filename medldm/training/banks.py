@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from medldm.config import LDMRunConfig
 from medldm.errors import ConfigError
 from medldm.models.bundle import ModelBundle
+from medldm.models.device import pick_device
 from medldm.models.latent import LatentCodec
 from medldm.models.normalisation import Normalisation
 from medldm.physics.classical import guide_refusal
@@ -98,7 +99,7 @@ def build_bank(cfg: LDMRunConfig, bundle: ModelBundle, out_dir: str | Path, *, b
             diff = sorted(k for k in recipe if old.get(k) != recipe[k])
             raise ConfigError(f"{out}: a bank of another recipe is there (differs in {', '.join(diff)}); use a new folder")
     done = _chunks(out)[-1][1] if _chunks(out) else 0
-    dev = common.pick_device(device)
+    dev = pick_device(device)
     vae = bundle.vae.to(dev).eval()
     codec = LatentCodec(vae, bundle.latent_scale)
     norm = Normalisation.for_modality(cfg.data.modality)

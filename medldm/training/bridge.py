@@ -25,6 +25,7 @@ from medldm.config import LDMRunConfig, SchedulerConfig
 from medldm.errors import ConfigError, ModelError
 from medldm.models.builders import build_scheduler, build_unet, count_parameters
 from medldm.models.bundle import load_bundle, save_bundle
+from medldm.models.device import autocast, pick_device
 from medldm.models.latent import condition_input
 from medldm.sampling.samplers import rflow_sample
 from medldm.tracking import Tracker
@@ -71,7 +72,7 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
     """Train the model's latent U-Net as a guide-to-truth flow on the bank; save the model (VAE and refiner as
     they were, the new U-Net, its scheduler) to ``out_dir``/model."""
     out_dir, stage = Path(out_dir), cfg.bridge_stage
-    dev = common.pick_device(device)
+    dev = pick_device(device)
     common.seed_everything(cfg.train.seed)
     bundle = load_bundle(model_dir).to(dev)
     if bundle.spatial_dims != 2:
@@ -122,7 +123,7 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
         truth, start = (t.to(dev) for t in bank.batch(step, stage.batch_size, cfg.train.seed))
         g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.train.seed, step, 1]).integers(2**31 - 1)))
         inp, t, target = flow_inputs(scheduler, truth, start, stage.start_noise, g)
-        with common.autocast(dev, cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             loss = F.mse_loss(unet(inp, t).float(), target)
         common.optimizer_step(opt, loss, unet.parameters(), cfg.train.grad_clip)
         ema.update_parameters(unet)

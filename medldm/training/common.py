@@ -6,7 +6,6 @@ import os
 import pickle
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,16 +71,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but CUDA is not available")
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def device_name(device: torch.device) -> str:
     """What trained a model, for its card: the GPU's name, or the CPU and its thread count."""
     if device.type == "cuda":
@@ -95,12 +84,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float) -> None:

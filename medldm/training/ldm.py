@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medldm.config import LDMRunConfig
 from medldm.models.builders import apply_refiner, build_refiner, build_scheduler, build_unet, count_parameters
 from medldm.models.bundle import ModelBundle, load_bundle, save_bundle
+from medldm.models.device import autocast, pick_device
 from medldm.models.model_config import ModelConfig, ModelRefinerConfig, TrainingRecord
 from medldm.models.latent import LatentCodec, condition_input
 from medldm.models.normalisation import Normalisation
@@ -121,7 +122,7 @@ def _validate(cfg, vae_bundle, unet, refiner, pairs, out_dir: Path, step: int, t
 
 def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, device: str | None = None) -> Path:
     out_dir = Path(out_dir)
-    dev = common.pick_device(device)
+    dev = pick_device(device)
     dist_info = common.init_distributed(dev)
     common.seed_everything(cfg.train.seed)
     vae_bundle = load_bundle(cfg.vae_path).to(dev)
@@ -169,7 +170,7 @@ def train_ldm(cfg: LDMRunConfig, out_dir: str | Path, resume: bool = False, devi
         z0 = codec.encode(x)
         inp, z_t, t, noise = noised_inputs(scheduler, z0, codec.encode(cond), rng, cfg.train.cond_noise_max)
         unet_t.train()
-        with common.autocast(dev, cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             out = unet_t(inp, t).float()
             loss_diff = F.mse_loss(out, training_target(scheduler, z0, noise, t))
             loss = loss_diff

@@ -31,6 +31,7 @@ from medldm.config import DataConfig, LDMRunConfig
 from medldm.models.builders import apply_refiner, build_refiner, widen_refiner_input
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
+from medldm.models.device import autocast, pick_device
 from medldm.models.normalisation import Normalisation
 from medldm.physics.classical import guide_image, guide_parts, guide_refusal
 from medldm.physics.registry import DC_TASKS, build_random_operator
@@ -110,7 +111,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     stage = cfg.refiner_stage
     minutes, sample_steps, lr = stage.max_minutes, stage.sample_steps, stage.lr
-    dev = common.pick_device(device)
+    dev = pick_device(device)
     common.seed_everything(cfg.train.seed)
     bundle = load_bundle(model_dir).to(dev)
     if bundle.refiner is None or bundle.unet is None:
@@ -184,7 +185,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
                                      seed=cfg.train.seed + stage.stream_offset + step, batch_size=cond.shape[0],
                                      refine=False, start=start)["decoded"][0].to(dev)
         project = projection(ops, ys, train_norm)
-        with common.autocast(dev, cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             refined = apply_refiner(lambda inp: refiner(inp).float(), bundle.refiner_residual_on, decoded, guide,
                                     stage.cascades, project)
         if through_dc:

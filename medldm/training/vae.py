@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medldm.config import VAERunConfig
 from medldm.models.builders import build_vae, count_parameters
 from medldm.models.bundle import ModelBundle, save_bundle
+from medldm.models.device import autocast, pick_device
 from medldm.models.model_config import ModelConfig, TrainingRecord
 from medldm.models.normalisation import Normalisation
 from medldm.tracking import Tracker
@@ -56,7 +57,7 @@ def calibrate_latent_scale(vae: torch.nn.Module, batches, n_batches: int, device
 
 def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, device: str | None = None) -> Path:
     out_dir = Path(out_dir)
-    dev = common.pick_device(device)
+    dev = pick_device(device)
     dist_info = common.init_distributed(dev)
     common.seed_everything(cfg.train.seed)
     dims = cfg.data.spatial_dims
@@ -95,7 +96,7 @@ def train_vae(cfg: VAERunConfig, out_dir: str | Path, resume: bool = False, devi
     while step < cfg.train.steps:
         x = next(batches).to(dev)
         model.train()
-        with common.autocast(dev, cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             recon, mu, sigma = model(x)
             l1 = F.l1_loss(recon.float(), x)
             loss = l1 + cfg.train.kl_weight * kl_loss(mu.float(), sigma.float())

@@ -8,7 +8,7 @@ from medldm.evaluation.evaluate import evaluate_cases
 from medldm.evaluation.fid import InceptionFeatures
 from medldm.io.volume import Volume
 from medldm.sampling.reconstructor import Reconstructor
-from medldm.training.supervised import build_supervised_unet
+from medldm.evaluation.supervised import build_supervised_unet
 from tests.conftest import phantom
 from tests.helpers import make_tiny_bundle, make_tiny_feature_net
 

@@ -7,7 +7,7 @@ from medldm.evaluation import metrics as M
 from medldm.evaluation.baselines import baselines_for, tv_pocs
 from medldm.evaluation.cases import make_cases
 from medldm.io.volume import Volume
-from medldm.models.card import verdict
+from medldm.evaluation.card import verdict
 from tests.conftest import phantom
 
 

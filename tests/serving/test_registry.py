@@ -261,7 +261,7 @@ def test_latest_version_lookup_quotes_the_name_and_cannot_be_injected(store):
     import mlflow
 
     from medldm.errors import ModelError
-    from medldm.serving.registry import _resolve_version
+    from medldm.tracking.download import _resolve_version
 
     client = mlflow.MlflowClient()
     for name in ("it's mine", "plain"):

@@ -7,7 +7,8 @@ from medldm.config import load_config
 from medldm.evaluation.cases import make_cases
 from medldm.io.volume import Volume
 from medldm.models.normalisation import Normalisation
-from medldm.training.supervised import apply_supervised, build_supervised_unet, load_supervised, train_supervised
+from medldm.evaluation.supervised import apply_supervised, build_supervised_unet, load_supervised
+from medldm.training.supervised import train_supervised
 from tests.conftest import phantom
 
 CONFIGS = Path(__file__).parents[2] / "configs"

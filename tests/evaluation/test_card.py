@@ -1,5 +1,5 @@
-from medldm.models import card as cards
-from medldm.models.card import results_table, verdict
+from medldm.evaluation import card as cards
+from medldm.evaluation.card import results_table, verdict
 from medldm.models.model_config import parse_model_files
 
 
@@ -88,7 +88,7 @@ def test_the_card_gives_each_leg_its_loss():
 
 
 def test_the_noise_section_shows_the_worst_error_per_input():
-    from medldm.models.card import noise_section
+    from medldm.evaluation.card import noise_section
 
     assert noise_section(None) == ""
     rows = [{"volume": "a.nii.gz", "variant": "as is", "sigma_over_max": lv, "mean_ratio": 1.0, "worst_error": e}

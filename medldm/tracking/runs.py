@@ -1,4 +1,4 @@
-"""Every MLflow tracking call of medldm lives here (serving and registry live in medldm.serving).
+"""Logging training and evaluation runs to MLflow (``Tracker``); the package docstring says what else lives here.
 
 ``Tracker`` is a small facade: training code calls ``log_metrics`` etc. without knowing whether
 tracking is on, which store is used, or which DDP rank it runs on (only rank 0 logs).
