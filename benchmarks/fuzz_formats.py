@@ -355,7 +355,8 @@ def serving_model(workdir: Path) -> Path:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ["MEDLDM_CACHE_DIR"] = str(workdir / "cache")
-    from medldm.serving.registry import _download, register_model
+    from medldm.serving.registry import register_model
+    from medldm.tracking.download import _download
 
     cwd = os.getcwd()
     os.chdir(workdir)  # MLflow puts the run's artifacts under ./mlruns

@@ -51,13 +51,13 @@ def make_tiny_feature_net(path: str | Path, features: int = 8) -> Path:
     return Path(path)
 
 
-def load_benchmark(name: str):
-    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+def load_script(folder: str, name: str):
+    """A script of ``benchmarks/`` or ``pipelines/`` as a module. They are scripts run by path (``python
+    benchmarks/fuzz_dicom.py``), not an installed package; their functions are tested here, from one place."""
     import importlib.util
-
     import sys
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # importable by name: the fuzzers' spawned workers unpickle its functions
     spec.loader.exec_module(module)

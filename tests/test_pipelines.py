@@ -1,6 +1,5 @@
 """The workflow scripts' own logic (their training runs are exercised through the library's tests)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,17 +7,14 @@ import pytest
 
 from medldm.config import load_config
 from medldm.models.model_config import TrainingRecord
-from tests.helpers import make_tiny_bundle
+from tests.helpers import load_script, make_tiny_bundle
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
 def train_default_models():
-    spec = importlib.util.spec_from_file_location("train_default_models", ROOT / "pipelines" / "train_default_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pipelines", "train_default_models")
 
 
 def test_a_finished_refiner_stage_is_reused_only_with_the_settings_asked_for(train_default_models):
@@ -133,9 +129,7 @@ def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsy
     import medldm.sampling.reconstructor as reconstructor
     from medldm.evaluation.evaluate import markdown_table
 
-    spec = importlib.util.spec_from_file_location("write_model_cards", ROOT / "pipelines" / "write_model_cards.py")
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
+    cards = load_script("pipelines", "write_model_cards")
     shipped = tmp_path / "shipped"
     (shipped / "ct-recon").mkdir(parents=True)
     (tmp_path / "data_cards").mkdir()

@@ -261,6 +261,23 @@ def _validate(source: Path, out: Path, task: str, steps: int, samples: int, moda
     return None
 
 
+def _check_runnable(out: Path, params: dict, overwrite: bool, units: list, ignored: list, source: Path) -> None:
+    """UsageError unless the run can start: earlier results made otherwise need --overwrite, and something must
+    be there to reconstruct."""
+    before = previous_parameters(out)
+    changed = sorted(k for k in params if before is not None and before.get(k, LATER_PARAMS.get(k)) != params[k])
+    if changed and not overwrite and read_previous(out):
+        # finished units would be reused as "already done" although made differently
+        raise UsageError(f"{out} holds results made with other {', '.join(changed)} "
+                         f"({', '.join(f'{k}={before.get(k)}' for k in changed)}): use --overwrite to redo them, "
+                         "or another output folder")
+    if not any(u.runnable or u.fail for u in units):
+        reasons = sorted({u.skip for u in units if u.skip})  # e.g. "add --views N" for CT images with recon
+        raise UsageError(f"nothing to reconstruct with --task {params['task']} under {source} ({len(units)} unit(s) "
+                         f"found, all not applicable; {len(ignored)} other file(s) ignored)"
+                         + "".join(f"\n  {r}" for r in reasons[:5]))
+
+
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
@@ -286,18 +303,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
                   "deid_dates": deid_dates if deidentify else None, "skip_bad_slices": skip_bad_slices}
         if deid_dates not in ("shift", "remove"):
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
-        before = previous_parameters(out)
-        changed = sorted(k for k in params if before is not None and before.get(k, LATER_PARAMS.get(k)) != params[k])
-        if changed and not overwrite and read_previous(out):
-            # finished units would be reused as "already done" although made differently
-            raise UsageError(f"{out} holds results made with other {', '.join(changed)} "
-                             f"({', '.join(f'{k}={before.get(k)}' for k in changed)}): use --overwrite to redo them, "
-                             "or another output folder")
-        if not any(u.runnable or u.fail for u in units):
-            reasons = sorted({u.skip for u in units if u.skip})  # e.g. "add --views N" for CT images with recon
-            raise UsageError(f"nothing to reconstruct with --task {task} under {source} ({len(units)} unit(s) "
-                             f"found, all not applicable; {len(ignored)} other file(s) ignored)"
-                             + "".join(f"\n  {r}" for r in reasons[:5]))
+        _check_runnable(out, params, overwrite, units, ignored, source)
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -181,6 +181,61 @@ def _job_ct(out: Path, expected: dict) -> dict:
     }
 
 
+def _run_jobs(jobs: list, out: Path, progress: bool) -> tuple[dict, int]:
+    """Run the jobs whose parameters or files changed since the manifest was written, keep the others, delete
+    the files of jobs that are gone; returns the manifest's jobs and how many ran."""
+    from tqdm.auto import tqdm
+
+    manifest_path = out / "manifest.json"
+    old = json.loads(manifest_path.read_text()).get("jobs", {}) if manifest_path.is_file() else {}
+    new: dict = {}
+    made = 0
+    for name, params, run in tqdm(jobs, desc="prepare_data", unit="job", disable=not progress):
+        key = _hash(params)
+        prev = old.get(name)
+        if prev and prev["hash"] == key and all((out / f).is_file() for f in prev["files"]):
+            new[name] = prev
+            continue
+        for f in (prev or {}).get("files", []):  # parts of a regenerated job may differ in number
+            (out / f).unlink(missing_ok=True)
+        entries = run()
+        files = [e["image"] for split in entries.values() for e in split]
+        new[name] = {"hash": key, "params": params, "files": files, "entries": entries}
+        made += 1
+        # Saved after every job so an interrupted run resumes where it stopped.
+        manifest_path.write_text(json.dumps({"version": PREPARE_VERSION, "jobs": {**old, **new}}, indent=1))
+    for name in set(old) - set(new):
+        for f in old[name]["files"]:
+            (out / f).unlink(missing_ok=True)
+    manifest_path.write_text(json.dumps({"version": PREPARE_VERSION, "jobs": new}, indent=1))
+    return new, made
+
+
+def _datalist(jobs: list, new: dict, mni_h: dict, ct_h: dict | None) -> dict:
+    """The MONAI datalist: every job's entries by split, with the hold-out rules and licences."""
+    datalist: dict = {
+        "name": "medldm offline training set",
+        "description": "MNI152 T1 + synthetic subjects from MNI152 tissue maps (MR), InVesalius head CT (CT); "
+        "validation is held out by the rules in 'holdout'. See data_cards/ in the medldm repository.",
+        "licence": {"mni152": "ICBM 2009a MNI152 (see nilearn / McConnell Brain Imaging Centre terms)",
+                    "synthetic": "derived from MNI152 tissue maps", "itk_t1": "ITK example data (Apache-2.0)",
+                    "invesalius_head_ct": "GPL-2 (Debian invesalius-examples); do not redistribute without it"},
+        "convention": "ranges are half-open [start, stop) except source_k, which is the inclusive [min, max] of "
+        "source slices an entry's voxels were computed from",
+        "holdout": {
+            "mni152": mni_h,
+            **({"invesalius_head_ct": ct_h} if ct_h else {}),
+            **({"itk_t1": {"rule": "a different real subject: validation (brain) and test_ood (head) only"}}
+               if "itk_t1" in new else {}),
+        },
+        "training": [], "validation": [], "test_ood": [],
+    }
+    for name, _, _ in jobs:
+        for split, items in new[name]["entries"].items():
+            datalist[split].extend(items)
+    return datalist
+
+
 def prepare_data(
     out_dir: str | Path,
     *,
@@ -199,8 +254,6 @@ def prepare_data(
     (InputError otherwise); the real ITK T1 is added when ``insighttoolkit5-examples`` is installed
     (a warning otherwise).
     """
-    from tqdm.auto import tqdm
-
     from medldm.data.sources import HEAD_CT_PATH, ITK_DATA_DIRS, ITK_T1_NAME, load_head_ct
     from medldm.data.synth import SYNTH_VERSION, SynthConfig, SyntheticSubjectGenerator
 
@@ -250,49 +303,8 @@ def prepare_data(
         params = {**base, "path": str(HEAD_CT_PATH), "size": HEAD_CT_PATH.stat().st_size, "holdout": ct_h}
         jobs.append(("head_ct", params, lambda: _job_ct(out, ct_h)))
 
-    manifest_path = out / "manifest.json"
-    old = json.loads(manifest_path.read_text()).get("jobs", {}) if manifest_path.is_file() else {}
-    new: dict = {}
-    made = 0
-    for name, params, run in tqdm(jobs, desc="prepare_data", unit="job", disable=not progress):
-        key = _hash(params)
-        prev = old.get(name)
-        if prev and prev["hash"] == key and all((out / f).is_file() for f in prev["files"]):
-            new[name] = prev
-            continue
-        for f in (prev or {}).get("files", []):  # parts of a regenerated job may differ in number
-            (out / f).unlink(missing_ok=True)
-        entries = run()
-        files = [e["image"] for split in entries.values() for e in split]
-        new[name] = {"hash": key, "params": params, "files": files, "entries": entries}
-        made += 1
-        # Saved after every job so an interrupted run resumes where it stopped.
-        manifest_path.write_text(json.dumps({"version": PREPARE_VERSION, "jobs": {**old, **new}}, indent=1))
-    for name in set(old) - set(new):
-        for f in old[name]["files"]:
-            (out / f).unlink(missing_ok=True)
-    manifest_path.write_text(json.dumps({"version": PREPARE_VERSION, "jobs": new}, indent=1))
-
-    datalist: dict = {
-        "name": "medldm offline training set",
-        "description": "MNI152 T1 + synthetic subjects from MNI152 tissue maps (MR), InVesalius head CT (CT); "
-        "validation is held out by the rules in 'holdout'. See data_cards/ in the medldm repository.",
-        "licence": {"mni152": "ICBM 2009a MNI152 (see nilearn / McConnell Brain Imaging Centre terms)",
-                    "synthetic": "derived from MNI152 tissue maps", "itk_t1": "ITK example data (Apache-2.0)",
-                    "invesalius_head_ct": "GPL-2 (Debian invesalius-examples); do not redistribute without it"},
-        "convention": "ranges are half-open [start, stop) except source_k, which is the inclusive [min, max] of "
-        "source slices an entry's voxels were computed from",
-        "holdout": {
-            "mni152": mni_h,
-            **({"invesalius_head_ct": ct_h} if ct_h else {}),
-            **({"itk_t1": {"rule": "a different real subject: validation (brain) and test_ood (head) only"}}
-               if "itk_t1" in new else {}),
-        },
-        "training": [], "validation": [], "test_ood": [],
-    }
-    for name, _, _ in jobs:
-        for split, items in new[name]["entries"].items():
-            datalist[split].extend(items)
+    new, made = _run_jobs(jobs, out, progress)
+    datalist = _datalist(jobs, new, mni_h, ct_h)
     path = out / "datalist.json"
     path.write_text(json.dumps(datalist, indent=1))
     if progress:

@@ -7,7 +7,7 @@ beside ``no diffusion`` (the default path decoding the encoded naive inverse, or
 latent sample) -> ``+latent DC`` (data consistency every few steps during sampling too). The default output is also
 run with K samples for the uncertainty map and its calibration (Spearman std vs |error|).
 
-``supervised``: the task's supervised U-Net baseline (``medldm.training.supervised``), a row per case.
+``supervised``: the task's supervised U-Net baseline (``medldm.evaluation.supervised``), a row per case.
 ``fid``: an Inception feature network; adds one FID row per method (baselines, supervised, medldm
 default) over all cases together, case "all cases" (FID needs many slices; see ``medldm.evaluation.fid``).
 """

@@ -159,8 +159,42 @@ def write_dicom_series(
     nx, ny, nz = data.shape
 
     now = _dt.datetime.now()
+    base = _series_header(src, modality, now, series_number=series_number, deidentified=deidentify is not None,
+                          description_suffix=series_description_suffix, derivation=derivation_description)
+    src_refs = _source_references(src, modality)
+    if src_refs and src.get("SeriesInstanceUID"):
+        ref_series = Dataset()
+        ref_series.SeriesInstanceUID = src["SeriesInstanceUID"]
+        ref_series.ReferencedInstanceSequence = DicomSequence([copy.deepcopy(r) for r in src_refs])
+        base.ReferencedSeriesSequence = DicomSequence([ref_series])
+    _image_plane_and_pixels(base, modality, data, stored, slope, intercept, row_dir, col_dir, dx, dy, spacing)
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = [out / f"IM{k + 1:05d}.dcm" for k in range(nz)]
+    clash = [p.name for p in names if p.exists()]
+    if clash:
+        raise InputError(out, f"already contains {clash[0]} (and {len(clash) - 1} more) from an earlier write; "
+                              f"use an empty folder")
+
+    per_slice_refs = len(src_refs) == nz
+    written = []
+    for k, path in enumerate(names):
+        ds = _slice_dataset(base, stored, k, lps[:3, 3] + k * lps[:3, 2], normal,
+                            [src_refs[k]] if per_slice_refs else src_refs)
+        if deidentify is not None:
+            deidentify(ds)
+        _atomic_save(ds, path)
+        written.append(path)
+    log.info("wrote a derived %s series: %d slices (%dx%d)", modality, nz, nx, ny)  # no UID or path at INFO
+    log.debug("derived series %s in %s", base.SeriesInstanceUID, out)
+    return written
+
+
+def _series_header(src: dict, modality: str, now: _dt.datetime, *, series_number: int | None, deidentified: bool,
+                   description_suffix: str, derivation: str) -> Dataset:
+    """Patient and study kept from the source (new anonymous ones without it), a new derived series, and the
+    contributing equipment: the attributes every slice of the series shares but geometry and pixels."""
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    series_uid = generate_uid()
     src_number = src.get("SeriesNumber")
     if series_number is None:
         series_number = (int(src_number) + 1000) if src_number not in (None, "") else 1000
@@ -188,16 +222,16 @@ def write_dicom_series(
 
     base.SOPClassUID = _SOP_CLASS[modality]
     base.Modality = modality
-    base.SeriesInstanceUID = series_uid
+    base.SeriesInstanceUID = generate_uid()
     base.SeriesNumber = int(series_number)
     base.SeriesDate, base.SeriesTime = date, time
-    kept = "" if deidentify is not None else str(src.get("SeriesDescription", "") or "")  # free text: may identify
-    base.SeriesDescription = (kept + series_description_suffix).strip()[:64] or "medldm"
+    kept = "" if deidentified else str(src.get("SeriesDescription", "") or "")  # free text: may identify
+    base.SeriesDescription = (kept + description_suffix).strip()[:64] or "medldm"
     base.ContentDate, base.ContentTime = date, time
     base.InstanceCreationDate, base.InstanceCreationTime = date, time
     # Value 3 is mandatory for both IODs: CT allows AXIAL/LOCALIZER, MR a defined term (OTHER fits all).
     base.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if modality == "CT" else "OTHER"]
-    base.DerivationDescription = (derivation_description or f"medldm {medldm.__version__}")[:1024]
+    base.DerivationDescription = (derivation or f"medldm {medldm.__version__}")[:1024]
     base.AcquisitionNumber = None
     base.PatientOrientation = None
     # a reconstruction shows what its source's pixels show, burned-in text included
@@ -211,20 +245,25 @@ def write_dicom_series(
     equipment.ContributionDescription = base.DerivationDescription[:64]
     equipment.PurposeOfReferenceCodeSequence = DicomSequence([_code("109102", "DCM", "Processing Equipment")])
     base.ContributingEquipmentSequence = DicomSequence([equipment])
+    return base
 
+
+def _source_references(src: dict, modality: str) -> list[Dataset]:
+    """One (class, instance) reference per source image, for the Source Image and Referenced Series sequences."""
     src_sops = list(src.get("SOPInstanceUIDs") or [])
     src_classes = list(src.get("SOPClassUIDs") or [src.get("SOPClassUID", _SOP_CLASS[modality])] * len(src_sops))
-    src_refs = []
+    refs = []
     for sop, cls in zip(src_sops, src_classes):
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, sop
-        src_refs.append(item)
-    if src_refs and src.get("SeriesInstanceUID"):
-        ref_series = Dataset()
-        ref_series.SeriesInstanceUID = src["SeriesInstanceUID"]
-        ref_series.ReferencedInstanceSequence = DicomSequence([copy.deepcopy(r) for r in src_refs])
-        base.ReferencedSeriesSequence = DicomSequence([ref_series])
+        refs.append(item)
+    return refs
 
+
+def _image_plane_and_pixels(base: Dataset, modality: str, data: np.ndarray, stored: np.ndarray, slope: float,
+                            intercept: float, row_dir, col_dir, dx: float, dy: float, spacing: float) -> None:
+    """The Image Plane and Image Pixel attributes every slice shares, the rescale and a display window."""
+    nx, ny = data.shape[:2]
     base.PixelSpacing = _fmt([dy, dx])  # (between rows, between columns)
     base.ImageOrientationPatient = _fmt(np.concatenate([row_dir, col_dir]))
     base.SliceThickness = _fmt([spacing])[0]
@@ -246,44 +285,30 @@ def write_dicom_series(
     base.WindowCenter = _fmt([(lo + hi) / 2])[0]
     base.WindowWidth = _fmt([max(hi - lo, 1.0)])[0]
 
-    out.mkdir(parents=True, exist_ok=True)
-    names = [out / f"IM{k + 1:05d}.dcm" for k in range(nz)]
-    clash = [p.name for p in names if p.exists()]
-    if clash:
-        raise InputError(out, f"already contains {clash[0]} (and {len(clash) - 1} more) from an earlier write; "
-                              f"use an empty folder")
 
-    per_slice_refs = len(src_refs) == nz
-    written = []
-    for k, path in enumerate(names):
-        ds = copy.deepcopy(base)
-        ds.SOPInstanceUID = generate_uid()
-        ds.InstanceNumber = k + 1
-        position = lps[:3, 3] + k * lps[:3, 2]
-        ds.ImagePositionPatient = _fmt(position)
-        ds.SliceLocation = _fmt([position @ normal])[0]
-        refs = [src_refs[k]] if per_slice_refs else src_refs
-        if refs:
-            items = []
-            for r in refs:
-                item = copy.deepcopy(r)
-                item.PurposeOfReferenceCodeSequence = DicomSequence(
-                    [_code("121322", "DCM", "Source image for image processing operation")])
-                items.append(item)
-            ds.SourceImageSequence = DicomSequence(items)
-        # Rows are Y and columns X: the transpose undoes the reader's array[0, i, j, k] = pixel_k[j, i].
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype(stored.dtype.newbyteorder("<")).tobytes()
-        ds["PixelData"].VR = "OW"
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationVersionName = f"MEDLDM_{medldm.__version__}"[:16]
-        if deidentify is not None:
-            deidentify(ds)
-        _atomic_save(ds, path)
-        written.append(path)
-    log.info("wrote a derived %s series: %d slices (%dx%d)", modality, nz, nx, ny)  # no UID or path at INFO
-    log.debug("derived series %s in %s", series_uid, out)
-    return written
+def _slice_dataset(base: Dataset, stored: np.ndarray, k: int, position: np.ndarray, normal: np.ndarray,
+                   refs: list[Dataset]) -> Dataset:
+    """Slice k of the series: the shared header, a new instance UID, its position, sources and pixels."""
+    ds = copy.deepcopy(base)
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = _fmt(position)
+    ds.SliceLocation = _fmt([position @ normal])[0]
+    if refs:
+        items = []
+        for r in refs:
+            item = copy.deepcopy(r)
+            item.PurposeOfReferenceCodeSequence = DicomSequence(
+                [_code("121322", "DCM", "Source image for image processing operation")])
+            items.append(item)
+        ds.SourceImageSequence = DicomSequence(items)
+    # Rows are Y and columns X: the transpose undoes the reader's array[0, i, j, k] = pixel_k[j, i].
+    ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype(stored.dtype.newbyteorder("<")).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationVersionName = f"MEDLDM_{medldm.__version__}"[:16]
+    return ds
 
 
 def _atomic_save(ds: Dataset, path: Path) -> None:

@@ -160,7 +160,6 @@ class Reconstructor:
         m = self.measurement_for(data, factor=factor, sigma=sigma, views=views, dose=dose)
         if m.task != self.task:
             raise ModelError(f"model {self.config.name} does {self.task}, the input is a {m.task} measurement")
-        op, y = m.operator, m.y
         cond_phys = m.naive_inverse().float()  # (1, 1, X, Y, Z) on the output grid
         norm = Normalisation.from_dict(self.config.normalisation.model_dump()).fit(cond_phys)
         cond = norm.forward(cond_phys)
@@ -168,24 +167,7 @@ class Reconstructor:
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
         guide, start = self._guides(m, cond, norm, axis, refine=refine)
         t_prep = time.time()
-
-        def latent_dc(x_slices, idx):
-            sub_y = y.index_select(2 + axis, idx.to(y.device)) if m.task != "sr" or axis != op.axis else None
-            x_vol = norm.inverse(x_slices.cpu()[:, 0].movedim(0, axis))[None, None]
-            if sub_y is None:
-                raise ModelError("latent DC along the degraded axis is not slice-separable")
-            x_vol = op.data_consistency(x_vol, sub_y)
-            return norm.forward(x_vol[0, 0].movedim(axis, 0)[:, None]).to(x_slices)
-
-        def data_loss(x_slices, idx):
-            """||A x - y||^2 / ||y||^2 on the slices idx (differentiable), in physical units."""
-            if m.task == "sr" and axis == op.axis:
-                raise ModelError("latent optimisation along the degraded axis is not slice-separable")
-            sub_y = y.index_select(2 + axis, idx.to(y.device))
-            x_vol = norm.inverse(x_slices[:, 0].movedim(0, axis))[None, None].cpu()
-            r = op.A(x_vol) - sub_y
-            return (r.abs() ** 2).sum() / (sub_y.abs() ** 2).sum().clamp_min(1e-12)
-
+        latent_dc, data_loss = self._slice_corrections(m, norm, axis)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -206,6 +188,31 @@ class Reconstructor:
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
+
+    @staticmethod
+    def _slice_corrections(m, norm, axis):
+        """Data consistency (``latent_dc``) and the data loss (``data_loss``) on a batch of normalised slices
+        ``idx`` along ``axis``: what latent DC, latent optimisation and the refiner's cascade apply mid-sampling."""
+        op, y = m.operator, m.y
+
+        def latent_dc(x_slices, idx):
+            sub_y = y.index_select(2 + axis, idx.to(y.device)) if m.task != "sr" or axis != op.axis else None
+            x_vol = norm.inverse(x_slices.cpu()[:, 0].movedim(0, axis))[None, None]
+            if sub_y is None:
+                raise ModelError("latent DC along the degraded axis is not slice-separable")
+            x_vol = op.data_consistency(x_vol, sub_y)
+            return norm.forward(x_vol[0, 0].movedim(axis, 0)[:, None]).to(x_slices)
+
+        def data_loss(x_slices, idx):
+            """||A x - y||^2 / ||y||^2 on the slices idx (differentiable), in physical units."""
+            if m.task == "sr" and axis == op.axis:
+                raise ModelError("latent optimisation along the degraded axis is not slice-separable")
+            sub_y = y.index_select(2 + axis, idx.to(y.device))
+            x_vol = norm.inverse(x_slices[:, 0].movedim(0, axis))[None, None].cpu()
+            r = op.A(x_vol) - sub_y
+            return (r.abs() ** 2).sum() / (sub_y.abs() ** 2).sum().clamp_min(1e-12)
+
+        return latent_dc, data_loss
 
     def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The refiner's guide slices (S, G, A, B) when it is not the naive inverse itself, and the slices

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_script
 
 
 
-fuzz_dicom = load_benchmark("fuzz_dicom")
+fuzz_dicom = load_script("benchmarks", "fuzz_dicom")
 
 
 @pytest.fixture(scope="module")

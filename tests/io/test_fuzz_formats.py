@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_script
 
-fuzz_formats = load_benchmark("fuzz_formats")
+fuzz_formats = load_script("benchmarks", "fuzz_formats")
 pytestmark = pytest.mark.slow  # ~10 s a kind on 2 busy cores: the full suite's, not the quick tier's
 
 
