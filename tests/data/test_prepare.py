@@ -86,6 +86,7 @@ def test_idempotent(prepared):
     assert all(len(j["hash"]) == 16 for j in manifest["jobs"].values())
 
 
+@pytest.mark.slow
 def test_fewer_subjects_removes_stale_files(tmp_path):
     prepare_data(tmp_path, n_synthetic=2, resolution=2, include_ct=False, include_real_t1=False, progress=False)
     assert list(tmp_path.glob("mr/synth_0001_*"))

@@ -37,6 +37,7 @@ def test_a_flow_with_zero_velocity_stays_at_its_start(tmp_path):
         restore_slices(bundle, cond, samples=1, steps=2, seed=0, batch_size=2)
 
 
+@pytest.mark.slow
 def test_seeds_give_different_samples_and_an_uncertainty_map(tmp_path):
     rec = Reconstructor.load(make_tiny_bundle(tmp_path / "m", "recon", "MR", flow_start="tv-pocs"), device="cpu")
     vol = Volume((phantom((32, 32, 3)) * 100)[None].astype(np.float32), np.eye(4), "MR")

@@ -187,6 +187,7 @@ def test_a_cascaded_refiner_projects_between_passes_and_ends_consistent(models, 
         restore_volume(three_d, torch.rand(1, 1, 32, 32, 16), samples=1, steps=1, seed=0)
 
 
+@pytest.mark.slow
 def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
     """An untrained refiner adds nothing to its guide: with ``guide: tv-pocs`` the default output is the
     evaluation's TV-POCS baseline, with the naive guide the zero-filled image made consistent; denoising has no
@@ -216,7 +217,7 @@ def test_a_tv_pocs_guided_refiner_starts_from_the_tv_pocs_baseline(tmp_path):
         Reconstructor(bundle, device="cpu")(m, steps=1)
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("axis", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), 2])
 def test_a_two_image_guide_reaches_the_refiner_as_channels_and_the_correction_goes_to_the_naive_inverse(tmp_path, axis):
     """``guide: naive+tv-pocs``: the refiner sees (decoded, naive, TV-POCS) slices along the model's axis; a
     refiner that returns TV-POCS minus its first guide image makes the output the TV-POCS of those slices, so

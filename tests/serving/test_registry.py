@@ -69,6 +69,7 @@ def test_register_version_alias_card_tags(store, tiny_model):
     assert str(client.get_model_version_by_alias("tiny-denoise", "champion").version) == "2"
 
 
+@pytest.mark.slow
 def test_registered_model_gives_identical_outputs(store, tiny_model, tmp_path):
     import mlflow
 
@@ -107,6 +108,7 @@ def test_registered_model_gives_identical_outputs(store, tiny_model, tmp_path):
     np.testing.assert_array_equal(_decode(out["uncertainty_b64"], tmp_path, "unc").array, k2.uncertainty.array)
 
 
+@pytest.mark.slow
 def test_shipped_name_and_runs_uri(store, tiny_model, tmp_path, monkeypatch):
     import mlflow
 
@@ -206,6 +208,7 @@ def test_small_volume_through_pyfunc(pyfunc):
     assert a["array"] == b["array"] == c["array"] and np.asarray(a["array"]).shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_metric_names_outside_mlflow_charset_are_registered(store, tiny_model):
     import json
 
@@ -257,6 +260,7 @@ def test_a_new_registry_behind_the_same_uri_is_not_served_from_the_cache(tmp_pat
     assert seen == ["models:/same-name/1 clone-0", "models:/same-name/1 clone-1"]
 
 
+@pytest.mark.slow
 def test_latest_version_lookup_quotes_the_name_and_cannot_be_injected(store):
     import mlflow
 

@@ -37,6 +37,7 @@ def test_bank_resumes_to_the_bank_one_build_makes(tiny_ldm, tmp_path):  # noqa: 
         build_bank(_cfg(cfg, guide="nlm"), bundle, tmp_path / "one", batches=4, progress=False)
 
 
+@pytest.mark.slow
 def test_bridge_trains_the_unet_alone_and_resumes_exactly(tiny_ldm, tmp_path):  # noqa: F811
     cfg, model = tiny_ldm
     build_bank(cfg, load_bundle(model), tmp_path / "bank", batches=2, progress=False)

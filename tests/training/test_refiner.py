@@ -44,6 +44,7 @@ def test_only_the_refiner_changes_and_the_run_is_logged(tiny_ldm, mlflow_tmp, tm
         "patch_size": str(cfg.refiner_stage.patch_size or cfg.data.patch_size)}
 
 
+@pytest.mark.slow
 def test_resume_ends_where_one_run_ends(tiny_ldm, tmp_path):
     cfg, model = tiny_ldm
     straight = load_bundle(train_refiner(cfg, model, tmp_path / "straight", max_steps=3)).refiner
@@ -157,6 +158,7 @@ def test_cascades_train_through_dc_and_are_refused_without_it(tiny_ldm, tmp_path
     assert out.refiner_cascades == 2 and out.record.stage_legs("refiner")[-1]["cascades"] == 2
 
 
+@pytest.mark.slow
 def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_path):
     from medldm.errors import ConfigError
 
@@ -178,6 +180,7 @@ def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_pat
     assert denoised.refiner_guide == "nlm" and denoised.refiner.final_conv.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_a_warm_start_given_a_second_guide_image_starts_as_the_model_it_continues(tiny_ldm, tmp_path):
     """init: model with guide naive+tv-pocs widens the refiner's input; the added channel starts unused, so
     the saved (reloadable) refiner computes what the model's did, whatever TV-POCS image it is given."""
@@ -212,6 +215,7 @@ def test_a_warm_start_given_a_second_guide_image_starts_as_the_model_it_continue
     torch.testing.assert_close(widened.refiner(torch.cat([x, tv], 1)), expected)
 
 
+@pytest.mark.slow
 def test_a_widened_stage_resumes_where_one_run_ends(tiny_ldm, tmp_path):
     cfg, model = tiny_ldm
     recon_cfg = cfg.model_copy(update={
@@ -280,6 +284,7 @@ def test_guides_made_in_worker_processes_are_the_ones_made_in_process(tiny_ldm):
         assert (guide - cond).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_warm_started_stage_continues_the_refiner_and_keeps_its_record(tiny_ldm, tmp_path):
     cfg, model = tiny_ldm
     first = train_refiner(cfg, model, tmp_path / "first", max_steps=2)
