@@ -7,7 +7,7 @@ cropped/padded to --size), degraded as `medldm demo` degrades it (medldm.demo.SE
 Rician sigma 5% of the 99.5th percentile, 4 mm thick slices along Z):
 
     python benchmarks/profile_inference.py [--models mr-recon mr-denoise mr-sr] [--size 181x217x181]
-        [--steps N (default: `medldm reconstruct`'s)] [--samples 1 4] [--device cpu|cuda] [--threads N] [--json OUT]
+        [--steps N (default: each model's)] [--samples 1 4] [--device cpu|cuda] [--threads N] [--json OUT]
 
 Stages, timed from outside the library by wrapping module attributes at run time (nothing in medldm changes):
 
@@ -164,7 +164,8 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
         if res.uncertainty is not None:
             prof.run("write", write_nifti, res.uncertainty, Path(tmp) / "uncertainty.nii.gz")
     total = time.perf_counter() - t_start
-    row = {"model": model, "shape": "x".join(map(str, shape)), "steps": steps, "samples": samples, "device": device,
+    row = {"model": model, "shape": "x".join(map(str, shape)), "steps": res.provenance["parameters"]["steps"],
+           "samples": samples, "device": device,
            "threads": torch.get_num_threads(), **{k: round(v, 3) for k, v in prof.seconds.items()}}
     row.update(other=round(total - sum(prof.seconds.values()), 3), total=round(total, 3),
                unet_calls=prof.calls["unet"], calls=prof.calls, nested={k: round(v, 3) for k, v in prof.nested.items()},
@@ -176,20 +177,12 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     return row
 
 
-def cli_default_steps() -> int:
-    """`medldm reconstruct --steps` default, read from the CLI itself so the two cannot drift."""
-    import inspect
-
-    from medldm.cli import reconstruct
-
-    return int(inspect.signature(reconstruct).parameters["steps"].default.default)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["mr-recon", "mr-denoise", "mr-sr"])
     ap.add_argument("--size", default="181x217x181", help="XxYxZ voxels at 1 mm (one number: a cube)")
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: medldm reconstruct's)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's default_steps, "
+                                                                "what medldm reconstruct runs)")
     ap.add_argument("--samples", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
@@ -205,17 +198,18 @@ def main():
         return
     import torch
 
-    steps = args.steps or cli_default_steps()
-    print(f"device: {args.device}; torch {torch.__version__}, "
-          f"{args.threads or torch.get_num_threads()} threads; volume {args.size} at 1 mm; {steps} steps", flush=True)
+    steps = args.steps
+    print(f"device: {args.device}; torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads; "
+          f"volume {args.size} at 1 mm; {steps or 'each model' + chr(39) + 's default'} steps", flush=True)
     cols = [*STAGES, "other", "total"]
     print("| model | samples | " + " | ".join(cols) + " | unet calls | peak RSS GiB |\n"
           + "|---" * (len(cols) + 4) + "|", flush=True)
     rows, notes = [], []
     for model in args.models:
         for k in args.samples:
-            cmd = [sys.executable, __file__, "--size", args.size, "--steps", str(steps), "--device", args.device,
-                   "--child", json.dumps([model, k])] + (["--threads", str(args.threads)] if args.threads else [])
+            cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device,
+                   "--child", json.dumps([model, k])] + (["--threads", str(args.threads)] if args.threads else []) + (
+                ["--steps", str(steps)] if steps else [])
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode:
                 why = (p.stderr.strip().splitlines() or ["no output"])[-1]

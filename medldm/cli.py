@@ -148,7 +148,7 @@ def reconstruct(
     output: Path = typer.Argument(..., help="Output folder (manifest.json + one folder per unit)."),
     task: str = typer.Option(..., help="denoise | recon | sr"),
     model: Optional[str] = typer.Option(None, help="Shipped model name, model folder or MLflow URI."),
-    steps: int = typer.Option(20, help="Sampling steps."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's, stated in its card)."),
     samples: int = typer.Option(1, help="Samples per volume (K > 1 gives an uncertainty map)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     modality: Optional[str] = typer.Option(None, help="mr | ct (needed for NIfTI when it cannot be inferred)."),
@@ -265,7 +265,7 @@ def serve(model_uri: str = typer.Argument(..., help="models:/NAME@alias or runs:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_output"), help="Where inputs, outputs, figures and the table go."),
-         steps: int = typer.Option(10, help="Sampling steps."),
+         steps: Optional[int] = typer.Option(None, help="Sampling steps (default: each model's)."),
          samples: int = typer.Option(2, help="Samples per volume (uncertainty map)."),
          model: list[str] = typer.Option([], help="Only these shipped models (default: all).")):
     """The main job on embedded defaults: degrade held-out real scans, write them as DICOM / k-space,

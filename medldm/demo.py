@@ -105,7 +105,7 @@ def write_input(name: str, m: Measurement, folder: Path) -> None:
     tmp.replace(folder)
 
 
-def run_demo(out: str | Path = "demo_output", steps: int = 10, samples: int = 2, models: list[str] | None = None) -> list[dict]:
+def run_demo(out: str | Path = "demo_output", steps: int | None = None, samples: int = 2, models: list[str] | None = None) -> list[dict]:
     from medldm.batch import run_batch
     from medldm.batch import previous_parameters
     from medldm.sampling.reconstructor import shipped_models

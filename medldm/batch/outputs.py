@@ -82,7 +82,7 @@ def write_outputs(unit: Unit, ctx, tmp: Path, result, volume, modality, name, mo
         outputs["uncertainty"] = write_nifti(result.uncertainty, tmp / "uncertainty.nii.gz")
     if unit.kind in ("dicom", "sinogram"):
         description = (f"medldm {__version__} {ctx.task} by model {model_name} ({name}); "
-                       f"{ctx.steps} steps, {ctx.samples} samples, seed {ctx.seed}")
+                       f"{result.provenance['parameters']['steps']} steps, {ctx.samples} samples, seed {ctx.seed}")
         # A corrupt source header can put numbers where UIDs belong; the writer would raise on them.
         source_meta = (volume.meta.get("dicom") or {}) if volume is not None else {}
         template = {k: v for k, v in source_meta.items() if not k.endswith("UID") or isinstance(v, str)}

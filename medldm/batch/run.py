@@ -56,7 +56,7 @@ class _Context:
     out: Path
     task: str
     model: str | None
-    steps: int
+    steps: int | None  # None: the model's default_steps
     samples: int
     seed: int
     factor: int | None
@@ -220,13 +220,13 @@ def process_unit(unit: Unit, ctx: _Context) -> dict:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def _validate(source: Path, out: Path, task: str, steps: int, samples: int, modality: str | None,
+def _validate(source: Path, out: Path, task: str, steps: int | None, samples: int, modality: str | None,
               factor: int | None, model: str | None, views: int | None = None, dose: float | None = None,
               sigma: float | None = None) -> ModelConfig | None:
     """The model's configuration (None without --model) once the options make sense, else UsageError."""
     if task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    if steps < 1 or samples < 1:
+    if (steps is not None and steps < 1) or samples < 1:
         raise UsageError("--steps and --samples must be >= 1")
     if modality is not None and modality.upper() not in MODALITIES:
         raise UsageError(f"--modality must be mr or ct, got {modality!r}")
@@ -278,7 +278,7 @@ def _check_runnable(out: Path, params: dict, overwrite: bool, units: list, ignor
                          + "".join(f"\n  {r}" for r in reasons[:5]))
 
 
-def run_batch(input, output, *, task: str, model: str | None = None, steps: int = 20, samples: int = 1,
+def run_batch(input, output, *, task: str, model: str | None = None, steps: int | None = None, samples: int = 1,
               seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
               dose: float | None = None, sigma: float | None = None, deidentify: bool = False,

@@ -228,6 +228,10 @@ A 2D latent diffusion model applied slice-wise (slice axis {config.slice_axis}):
 
 Trained degradation: `{deg}`.
 
+Default sampling: {config.default_steps} step(s) (`steps=None`), the fewest that measured as well as 10 or 20 on the
+held-out cases (`python benchmarks/steps_quality.py`); the validation table below was made with 10 steps and 2
+samples (`medldm evaluate --steps 10 --samples 2`). Seconds per whole volume: `benchmarks/README.md`.
+
 ## Training
 - Data: `medldm data prepare` (MNI152 2009a T1 outside the held-out slab, 20 synthetic subjects drawn from
   the MNI152 tissue maps with the same hold-out, and for CT the InVesalius head CT below its top 32 slices);

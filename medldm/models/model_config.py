@@ -60,6 +60,9 @@ class ModelConfig(Strict):
     refiner: ModelRefinerConfig | None = None
     degradation: DegradationConfig | None = None
     cond_noise_max: float | None = Field(None, ge=0)
+    # sampler steps when the caller gives none: the fewest that measure as well as more
+    # (benchmarks/steps_quality.py on the held-out cases; the card states the figures)
+    default_steps: int = Field(10, ge=1)
     weights_dtype: Literal["float16", "float32"] = "float32"
 
     @model_validator(mode="after")

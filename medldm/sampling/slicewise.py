@@ -71,10 +71,13 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
     decoded = torch.empty((samples, s, 1, h, w))
     output = torch.empty_like(decoded)
+    encoded: dict[int, torch.Tensor] = {}  # each batch's condition latent, encoded once for all samples
     for k in range(samples):
         for a in range(0, s, batch_size):
             b = min(s, a + batch_size)
-            c = codec.encode((start_padded if from_image else padded)[a:b].to(device))
+            if a not in encoded:
+                encoded[a] = codec.encode((start_padded if from_image else padded)[a:b].to(device))
+            c = encoded[a]
             cin = condition_input(c, torch.zeros(b - a, device=device))
             z_init = noise[k, a:b].to(device)
             if from_image:  # a bridge: from the start image's latent plus noise, not from noise alone
