@@ -38,9 +38,9 @@ With curl::
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,7 +63,8 @@ def _invocations_url(url: str) -> str:
 
 
 def _nifti_bytes(volume_or_path) -> tuple[bytes, str | None]:
-    from medldm.io import read_volume, write_nifti
+    from medldm.io import read_volume
+    from medldm.io.nifti import nifti_bytes
 
     if isinstance(volume_or_path, (str, os.PathLike)):
         path = Path(volume_or_path)
@@ -74,20 +75,14 @@ def _nifti_bytes(volume_or_path) -> tuple[bytes, str | None]:
         volume = volume_or_path
     else:
         raise TypeError(f"expected a Volume or a path, got {type(volume_or_path).__name__}")
-    with tempfile.TemporaryDirectory(prefix="medldm-client-") as tmp:
-        out = write_nifti(volume, Path(tmp) / "input.nii.gz")
-        return out.read_bytes(), volume.modality
+    return nifti_bytes(volume), volume.modality
 
 
 def _decode_volume(b64: str, modality: str | None, name: str) -> Volume:
-    from medldm.io import read_nifti
+    from medldm.io.nifti import nifti_from_bytes
 
-    with tempfile.TemporaryDirectory(prefix="medldm-client-") as tmp:
-        path = Path(tmp) / f"{name}.nii.gz"
-        path.write_bytes(base64.b64decode(b64))
-        vol = read_nifti(path, modality=modality)
-    vol.meta["source"] = f"remote:{name}"
-    return vol
+    data = base64.b64decode(b64)
+    return nifti_from_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data, f"remote:{name}", modality)
 
 
 def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:

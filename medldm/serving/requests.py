@@ -10,15 +10,14 @@ import base64
 import binascii
 import math
 import os
-import tempfile
 import zlib
-from pathlib import Path
 from typing import Annotated, Optional
 import numpy as np
 import pydantic
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from medldm.errors import MedldmError
+from medldm.io.nifti import nifti_bytes, nifti_from_bytes
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
 DECOMPRESSED_FACTOR = 4  # a gzip NIfTI may inflate to this many times the payload limit
@@ -170,8 +169,6 @@ def _check_params(rec: dict, where: str) -> dict:
 
 
 def _decode_nifti(b64: str, where: str, limit: int):
-    from medldm.io import read_nifti
-
     if not isinstance(b64, str):
         raise bad_request(f"{where}: nifti_b64 must be a base64 string")
     if len(b64) * 3 // 4 > limit:
@@ -196,15 +193,10 @@ def _decode_nifti(b64: str, where: str, limit: int):
         data = raw
     if not _looks_like_nifti(data):
         raise bad_request(f"{where}: nifti_b64 does not hold a NIfTI-1/NIfTI-2 image (.nii or .nii.gz bytes)")
-    with tempfile.TemporaryDirectory(prefix="medldm-req-") as tmp:
-        path = Path(tmp) / "input.nii"
-        path.write_bytes(data)
-        try:
-            vol = read_nifti(path)
-        except MedldmError as exc:
-            raise bad_request(f"{where}: {getattr(exc, 'problem', exc)}") from None
-    vol.meta["source"] = where
-    return vol
+    try:
+        return nifti_from_bytes(data, where)
+    except MedldmError as exc:
+        raise bad_request(f"{where}: {getattr(exc, 'problem', exc)}") from None
 
 
 def _looks_like_nifti(data: bytes) -> bool:
@@ -220,11 +212,7 @@ def _looks_like_nifti(data: bytes) -> bool:
 
 
 def volume_to_nifti_b64(volume) -> str:
-    from medldm.io import write_nifti
-
-    with tempfile.TemporaryDirectory(prefix="medldm-resp-") as tmp:
-        path = write_nifti(volume, Path(tmp) / "out.nii.gz")
-        return base64.b64encode(path.read_bytes()).decode("ascii")
+    return base64.b64encode(nifti_bytes(volume)).decode("ascii")
 
 
 def _array_volume(rec: dict, where: str, limit: int, modality: str | None):

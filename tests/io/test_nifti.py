@@ -86,3 +86,24 @@ def test_read_volume_dispatch(tmp_path):
         read_volume(tmp_path / "x.txt")
     with pytest.raises(InputError, match="does not exist"):
         read_volume(tmp_path / "nope.nii")
+
+
+def test_bytes_in_memory_match_the_files(tmp_path):
+    """Serving and the client convert NIfTI in memory: the same volume and geometry as writing and reading a file,
+    for NIfTI-1 and NIfTI-2 headers."""
+    import gzip
+
+    from medldm.io.nifti import nifti_bytes, nifti_from_bytes
+
+    affine = np.diag([0.9, 1.1, 2.5, 1.0])
+    affine[:3, 3] = [-30.0, 4.0, 12.5]
+    vol = Volume(np.random.default_rng(0).normal(size=(1, 6, 5, 4)).astype(np.float32), affine, "MR")
+    from_file = read_nifti(write_nifti(vol, tmp_path / "v.nii.gz"))
+    from_bytes = nifti_from_bytes(gzip.decompress(nifti_bytes(vol)), "request", modality="MR")
+    np.testing.assert_array_equal(from_bytes.array, from_file.array)
+    np.testing.assert_allclose(from_bytes.affine, from_file.affine)
+    assert from_bytes.meta["source"] == "request"
+    two = nib.Nifti2Image(vol.array[0], affine)
+    np.testing.assert_array_equal(nifti_from_bytes(two.to_bytes(), "v2").array, vol.array)
+    with pytest.raises(InputError):
+        nifti_from_bytes(b"\x5c\x01\x00\x00" + b"\x00" * 400, "broken")
