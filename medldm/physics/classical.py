@@ -7,10 +7,12 @@ blind spots on anatomy the training data lacks.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from medldm.physics.registry import DC_TASKS
@@ -36,10 +38,25 @@ def tv_pocs(x0: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], *
         a = x.movedim((first, second), (-2, -1))
         lead = a.shape[:-2]
         flat = a.reshape(-1, *a.shape[-2:]).numpy() / scale
-        tv = denoise_tv_chambolle(flat, weight=weight, channel_axis=0) * scale  # channel axis: one 2D TV per image
+        tv = tv_slices(flat, weight) * scale
         x = torch.as_tensor(tv, dtype=torch.float32).reshape(*lead, *a.shape[-2:]).movedim((-2, -1), (first, second))
         x = project(x).detach().float().cpu()
     return x
+
+
+PARALLEL_MIN_IMAGES = 32  # below this (training batches of patches), worker processes cost more than they save
+
+
+def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
+    """skimage's Chambolle TV of each 2D image of ``images`` (N, H, W), one after another in numpy. A whole
+    volume's slices are split over up to 8 of joblib's reusable worker processes (results identical): one
+    numpy process leaves the other cores idle, and this is most of a TV-POCS guide's time (benchmarks/README.md)."""
+    jobs = min(os.cpu_count() or 1, 8, images.shape[0] // (PARALLEL_MIN_IMAGES // 2))
+    if images.shape[0] < PARALLEL_MIN_IMAGES or jobs < 2:
+        return denoise_tv_chambolle(images, weight=weight, channel_axis=0)  # channel axis: one 2D TV per image
+    parts = Parallel(n_jobs=jobs)(delayed(denoise_tv_chambolle)(part, weight=weight, channel_axis=0)
+                                  for part in np.array_split(images, jobs))
+    return np.concatenate(parts)
 
 
 def nlm_settings(sigma: float) -> dict:

@@ -102,3 +102,14 @@ def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leav
     assert out[air].mean() < 0.3 * sigma
     assert abs(out[~air].mean() - 1.0) < 0.02  # the signal keeps its level
     assert rician_unbias(np.array([0.0, -3.0], np.float32), 0.5).tolist() == [0.0, 0.0]  # an undershoot is no signal
+
+
+@pytest.mark.slow
+def test_tv_of_a_volume_over_worker_processes_is_identical_to_one_process():
+    from skimage.restoration import denoise_tv_chambolle
+
+    from medldm.physics.classical import PARALLEL_MIN_IMAGES, tv_slices
+
+    images = np.random.default_rng(0).random((PARALLEL_MIN_IMAGES + 5, 24, 20)).astype(np.float32)
+    np.testing.assert_array_equal(tv_slices(images, 0.05), denoise_tv_chambolle(images, weight=0.05, channel_axis=0))
+    np.testing.assert_array_equal(tv_slices(images[:3], 0.05), denoise_tv_chambolle(images[:3], weight=0.05, channel_axis=0))
