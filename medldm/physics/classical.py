@@ -7,6 +7,7 @@ blind spots on anatomy the training data lacks.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -47,16 +48,19 @@ def tv_pocs(x0: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], *
 PARALLEL_MIN_IMAGES = 32  # below this (training batches of patches), worker processes cost more than they save
 
 
-def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
-    """skimage's Chambolle TV of each 2D image of ``images`` (N, H, W), one after another in numpy. A whole
-    volume's slices are split over up to 8 of joblib's reusable worker processes (results identical): one
-    numpy process leaves the other cores idle, and this is most of a TV-POCS guide's time (benchmarks/README.md)."""
+def map_images(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``fn`` of a stack of 2D images (N, H, W) -> (N, H, W), where ``fn`` treats each image on its own. A whole
+    volume's slices are split over up to 8 of joblib's reusable worker processes (results identical): skimage
+    runs one image after another in one numpy process and leaves the other cores idle (benchmarks/README.md)."""
     jobs = min(os.cpu_count() or 1, 8, images.shape[0] // (PARALLEL_MIN_IMAGES // 2))
     if images.shape[0] < PARALLEL_MIN_IMAGES or jobs < 2:
-        return denoise_tv_chambolle(images, weight=weight, channel_axis=0)  # channel axis: one 2D TV per image
-    parts = Parallel(n_jobs=jobs)(delayed(denoise_tv_chambolle)(part, weight=weight, channel_axis=0)
-                                  for part in np.array_split(images, jobs))
-    return np.concatenate(parts)
+        return fn(images)
+    return np.concatenate(Parallel(n_jobs=jobs)(delayed(fn)(part) for part in np.array_split(images, jobs)))
+
+
+def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
+    """skimage's Chambolle TV of each 2D image of ``images`` (N, H, W) (channel axis: one 2D TV per image)."""
+    return map_images(functools.partial(denoise_tv_chambolle, weight=weight, channel_axis=0), images)
 
 
 def nlm_settings(sigma: float) -> dict:
@@ -85,10 +89,12 @@ def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.
     out = np.empty(a.shape, dtype=np.float32)
     flat, flat_out = a.reshape(a.shape[0], -1, *a.shape[-2:]).numpy(), out.reshape(a.shape[0], -1, *a.shape[-2:])
     for b in range(flat.shape[0]):
-        s = float(sig[b]) or 1e-6
-        for k in range(flat.shape[1]):
-            flat_out[b, k] = rician_unbias(denoise_nl_means(flat[b, k], **nlm_settings(s)), s)
+        flat_out[b] = map_images(functools.partial(_nlm_images, sigma=float(sig[b]) or 1e-6), flat[b])
     return torch.from_numpy(out).movedim((-2, -1), (first, second))
+
+
+def _nlm_images(images: np.ndarray, sigma: float) -> np.ndarray:
+    return np.stack([rician_unbias(denoise_nl_means(im, **nlm_settings(sigma)), sigma) for im in images])
 
 
 def _axes(x: torch.Tensor, image_axes: tuple[int, int]) -> tuple[int, int]:

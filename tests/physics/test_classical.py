@@ -105,11 +105,15 @@ def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leav
 
 
 @pytest.mark.slow
-def test_tv_of_a_volume_over_worker_processes_is_identical_to_one_process():
-    from skimage.restoration import denoise_tv_chambolle
+def test_guides_of_a_volume_over_worker_processes_are_identical_to_one_process():
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
-    from medldm.physics.classical import PARALLEL_MIN_IMAGES, tv_slices
+    from medldm.physics.classical import PARALLEL_MIN_IMAGES, nlm_settings, tv_slices
 
     images = np.random.default_rng(0).random((PARALLEL_MIN_IMAGES + 5, 24, 20)).astype(np.float32)
     np.testing.assert_array_equal(tv_slices(images, 0.05), denoise_tv_chambolle(images, weight=0.05, channel_axis=0))
     np.testing.assert_array_equal(tv_slices(images[:3], 0.05), denoise_tv_chambolle(images[:3], weight=0.05, channel_axis=0))
+    # the NLM guide's slices likewise: the same images as one after another in this process
+    x = torch.from_numpy(images)[None, None]  # (1, 1, N, H, W): images along axes 3 and 4
+    one_by_one = np.stack([rician_unbias(denoise_nl_means(im, **nlm_settings(0.1)), 0.1) for im in images])
+    np.testing.assert_array_equal(nlm_slices(x, 0.1, image_axes=(3, 4))[0, 0].numpy(), one_by_one.astype(np.float32))
