@@ -20,7 +20,7 @@ from medldm import __version__
 from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
-from medldm.models.device import autocast
+from medldm.models.device import autocast, pick_device
 from medldm.models.normalisation import Normalisation
 from medldm.physics.base import NONNEGATIVE_ROUNDS
 from medldm.physics.classical import guide_image, guide_refusal
@@ -83,7 +83,7 @@ class Reconstructor:
                  amp: bool = True):
         if bundle.unet is None:
             raise ModelError(f"{bundle.path}: a VAE-only model cannot reconstruct; train an LDM on it")
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device(device)
         self.bundle = bundle.to(self.device).eval()
         if self.device.type == "cpu" and bundle.spatial_dims == 2:
             # channels_last: 1.04x (U-Net) to 1.43x (VAE encoder) per call on CPU, outputs within 1e-4

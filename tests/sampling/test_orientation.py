@@ -8,15 +8,7 @@ from nibabel.orientations import axcodes2ornt
 from medldm.errors import InputError
 from medldm.io.volume import RAS, Volume, reorient
 from medldm.sampling.measurement import simulate
-from medldm.sampling.reconstructor import Reconstructor
 from tests.conftest import phantom
-from tests.helpers import make_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {t: Reconstructor.load(make_tiny_bundle(root / t, t, "MR"), device="cpu") for t in ("denoise", "recon", "sr")}
 
 
 def ras_volume(spacing=(1.0, 1.0, 1.0), shape=(20, 18, 8)):

@@ -10,12 +10,6 @@ from tests.conftest import phantom
 from tests.helpers import make_tiny_bundle
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {t: Reconstructor.load(make_tiny_bundle(root / t, t, "MR"), device="cpu") for t in ("denoise", "recon", "sr")}
-
-
 def volume(shape=(21, 18, 9), spacing=(1.0, 1.0, 1.0)):
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-10, 4, 2.5]
