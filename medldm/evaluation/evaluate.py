@@ -80,7 +80,8 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
                          **{k: round(v, 4) for k, v in M.all_metrics(truth, pred, mask).items()},
                          "seconds": round(seconds, 2), **extra})
 
-        for name, fn in baselines_for(case.measurement.task, case.measurement.modality).items():
+        for name, fn in baselines_for(case.measurement.task, case.measurement.modality,
+                                      case.measurement.meta.get("coils", 1)).items():
             t0 = time.time()
             add(name, fn(case.measurement), time.time() - t0)
         if supervised is not None:

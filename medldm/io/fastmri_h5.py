@@ -1,6 +1,7 @@
-"""fastMRI single-coil HDF5 files: k-space in, reconstructions out.
+"""fastMRI HDF5 files, single- and multi-coil: k-space in, reconstructions out.
 
-Layout (fastMRI 2018 release): dataset ``kspace`` complex64 ``[slices, H, W]``, optional ``mask`` ``[W]``
+Layout (fastMRI 2018 release): dataset ``kspace`` complex64 ``[slices, H, W]`` (single-coil) or
+``[slices, coils, H, W]`` (multi-coil; H is the readout, W the phase encode), optional ``mask`` ``[W]``
 (test/challenge files), optional ``ismrmrd_header`` XML, and file attributes (``acquisition``, ``max``,
 ``norm``, ``patient_id``...). Images follow fastMRI's centred orthonormal 2D FFT over the last two axes
 (``medldm.physics.fft.ifft2c``).
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _zero_filled_magnitude(kspace: np.ndarray) -> np.ndarray:
-    """|ifft2c(kspace)| over the last two axes, using the project's one FFT convention."""
+    """|ifft2c(kspace)| over the last two axes, using the project's one FFT convention; multi-coil
+    [slices, coils, H, W]: the root sum of squares over the coils (fastMRI's ``reconstruction_rss``)."""
     # Imported here: torch costs ~1.5 s to import and plain k-space reading does not need it.
     import torch
 
@@ -33,11 +35,13 @@ def _zero_filled_magnitude(kspace: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         image = ifft2c(torch.from_numpy(np.ascontiguousarray(kspace, dtype=np.complex64)))
+    if image.ndim == 4:
+        return torch.sqrt((image.abs() ** 2).sum(1)).numpy().astype(np.float32)
     return image.abs().numpy().astype(np.float32)
 
 
 def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Return ``(kspace complex64 [slices, H, W], mask bool [W] or None, attrs)``.
+    """Return ``(kspace complex64 [slices, H, W] or [slices, coils, H, W], mask bool [W] or None, attrs)``.
 
     ``attrs`` holds the file attributes as plain Python values, plus ``ismrmrd_header`` (XML text) when the
     file has that dataset.
@@ -51,9 +55,9 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
             if not isinstance(ds, h5py.Dataset) or not np.issubdtype(ds.dtype, np.complexfloating):
                 dtype = getattr(ds, "dtype", "a group")
                 raise InputError(path, f"'kspace' must be complex, got {dtype}")
-            if ds.ndim != 3:
-                hint = " (multi-coil data are not supported)" if ds.ndim == 4 else ""
-                raise InputError(path, f"'kspace' must be 3D [slices, H, W], got shape {ds.shape}{hint}")
+            if ds.ndim not in (3, 4):
+                raise InputError(path, f"'kspace' must be [slices, H, W] (single-coil) or [slices, coils, H, W] "
+                                       f"(multi-coil), got shape {ds.shape}")
             if min(ds.shape) < 1:  # an empty array would reach the FFT (MKL refuses it with a RuntimeError)
                 raise InputError(path, f"'kspace' is empty: shape {ds.shape}")
             kspace = np.asarray(ds[()], dtype=np.complex64)
@@ -72,7 +76,15 @@ def read_fastmri_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
     return kspace, mask, attrs
 
 
-def _spacing_from_attrs(attrs: dict, where: str | None = None) -> tuple[float, float, float]:
+def read_kspace_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Either k-space file, told apart by its layout: ISMRMRD raw data (``medldm.io.ismrmrd_h5``) or fastMRI."""
+    from medldm.io.ismrmrd_h5 import is_ismrmrd_h5, read_ismrmrd_h5
+
+    path = checked_hdf5_path(path)
+    return read_ismrmrd_h5(path) if is_ismrmrd_h5(path) else read_fastmri_h5(path)
+
+
+def kspace_spacing(attrs: dict, where: str | None = None) -> tuple[float, float, float]:
     """(H, W, slice) spacing in mm: explicit attrs first, then the ISMRMRD encoded space, else 1 mm."""
     for key in ("spacing", "voxel_size", "pixel_spacing"):
         if key in attrs:
@@ -99,29 +111,44 @@ def _spacing_from_attrs(attrs: dict, where: str | None = None) -> tuple[float, f
 
 
 def fastmri_h5_to_volume(source: str | os.PathLike | np.ndarray, attrs: dict | None = None) -> Volume:
-    """Zero-filled magnitude image as a Volume ``(1, H, W, slices)``.
+    """Zero-filled magnitude image (multi-coil: root sum of squares) as a Volume ``(1, H, W, slices)``.
 
-    ``source`` is a fastMRI file or a k-space array ``[slices, H, W]`` (then ``attrs`` may give spacing).
+    ``source`` is a fastMRI file or a k-space array ``[slices, (coils,) H, W]`` (then ``attrs`` may give spacing).
     The affine is diagonal with 1 mm spacing unless the attributes or ISMRMRD header provide it.
     """
     meta = {"format": "fastmri_h5"}
     if isinstance(source, (str, os.PathLike)):
-        kspace, mask, file_attrs = read_fastmri_h5(source)
+        kspace, mask, file_attrs = read_kspace_h5(source)
         attrs = {**file_attrs, **(attrs or {})}
         meta["source"] = str(source)
         meta["mask"] = mask
     else:
         kspace = np.asarray(source)
         attrs = dict(attrs or {})
-        if kspace.ndim != 3 or not np.iscomplexobj(kspace):
-            raise InputError(None, f"k-space must be complex [slices, H, W], got {kspace.dtype} {kspace.shape}")
+        if kspace.ndim not in (3, 4) or not np.iscomplexobj(kspace):
+            raise InputError(None, f"k-space must be complex [slices, (coils,) H, W], got {kspace.dtype} {kspace.shape}")
     image = _zero_filled_magnitude(kspace)  # [slices, H, W]
     array = np.ascontiguousarray(np.transpose(image, (1, 2, 0))[None])  # (1, H, W, slices)
-    affine = np.diag([*_spacing_from_attrs(attrs, meta.get("source")), 1.0])
+    affine = np.diag([*kspace_spacing(attrs, meta.get("source")), 1.0])
     meta["fastmri_attrs"] = {k: v for k, v in attrs.items() if k != "ismrmrd_header"}
     volume = Volume(array=array, affine=affine, modality="MR", meta=meta)
     volume.check_finite()
     return volume
+
+
+def recon_matrix(attrs: dict) -> tuple[int, int] | None:
+    """(H, W) of the ISMRMRD header's reconstruction space (fastMRI brain: 320 x 320 from a 640 x 320 encoding,
+    the readout oversampled twice), or None when the header does not give one."""
+    xml = attrs.get("ismrmrd_header")
+    if not isinstance(xml, str) or not xml.strip():
+        return None
+    try:
+        root = ET.fromstring(xml)
+        rec = next(e for e in root.iter() if e.tag.endswith("reconSpace"))
+        size = {c.tag.split("}")[-1]: int(float(c.text)) for c in next(e for e in rec if e.tag.endswith("matrixSize"))}
+        return size["x"], size["y"]
+    except (ET.ParseError, DefusedXmlException, StopIteration, KeyError, ValueError, TypeError):
+        return None
 
 
 def write_fastmri_recon_h5(path: str | os.PathLike, recon: np.ndarray, attrs: dict | None = None) -> Path:

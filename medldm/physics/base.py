@@ -52,6 +52,12 @@ class Operator(ABC):
         batch's items may share one ``data_consistency`` call: the CT projector then runs once for the group."""
         return None
 
+    def select(self, axis: int, index: torch.Tensor) -> "Operator":
+        """The operator for the slices ``index`` along spatial ``axis`` of its image (what a batch of 2D slices
+        is projected with). Most operators do not depend on the slice; those that do (per-slice coil maps)
+        return the sub-operator."""
+        return self
+
     def consistent_nonnegative(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None,
                                rounds: int = NONNEGATIVE_ROUNDS) -> torch.Tensor:
         """Alternate data consistency and x >= 0 (POCS: both sets hold the true magnitude image), ending

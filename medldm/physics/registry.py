@@ -15,6 +15,7 @@ from medldm.physics.base import Operator, RandomOperator
 from medldm.physics.ct import LowDoseCT, RandomLowDoseCT, RandomSparseViewCT, SparseViewCT
 from medldm.physics.kspace import CartesianUndersampling, RandomCartesianUndersampling
 from medldm.physics.noise import RandomRicianNoise, RicianNoise
+from medldm.physics.sense import MultiCoilCartesian, RandomMultiCoilUndersampling
 from medldm.physics.resolution import InPlaneDownsample, RandomInPlaneDownsample, RandomThickSlice, ThickSlice
 
 TASKS = ("denoise", "recon", "sr")
@@ -22,9 +23,10 @@ DC_TASKS = ("recon", "sr")  # the tasks whose measurement is kept: data consiste
 MODALITIES = ("MR", "CT")
 
 OPERATORS: dict[str, type[Operator]] = {c.__name__: c for c in (
-    CartesianUndersampling, RicianNoise, LowDoseCT, SparseViewCT, ThickSlice, InPlaneDownsample)}
+    CartesianUndersampling, MultiCoilCartesian, RicianNoise, LowDoseCT, SparseViewCT, ThickSlice, InPlaneDownsample)}
 RANDOM_OPERATORS: dict[str, type[RandomOperator]] = {
-    "CartesianUndersampling": RandomCartesianUndersampling, "RicianNoise": RandomRicianNoise,
+    "CartesianUndersampling": RandomCartesianUndersampling, "MultiCoilCartesian": RandomMultiCoilUndersampling,
+    "RicianNoise": RandomRicianNoise,
     "LowDoseCT": RandomLowDoseCT, "SparseViewCT": RandomSparseViewCT, "ThickSlice": RandomThickSlice,
     "InPlaneDownsample": RandomInPlaneDownsample,
 }
@@ -32,7 +34,7 @@ DEFAULTS = {("recon", "MR"): "CartesianUndersampling", ("denoise", "MR"): "Ricia
             ("recon", "CT"): "SparseViewCT", ("denoise", "CT"): "LowDoseCT",
             ("sr", "MR"): "ThickSlice", ("sr", "CT"): "ThickSlice"}
 # Which modalities each physics model describes (k-space and Rician noise are MR-only; CT physics CT-only).
-ALLOWED_MODALITIES = {"CartesianUndersampling": ("MR",), "RicianNoise": ("MR",), "LowDoseCT": ("CT",),
+ALLOWED_MODALITIES = {"CartesianUndersampling": ("MR",), "MultiCoilCartesian": ("MR",), "RicianNoise": ("MR",), "LowDoseCT": ("CT",),
                       "SparseViewCT": ("CT",), "ThickSlice": MODALITIES, "InPlaneDownsample": MODALITIES}
 
 

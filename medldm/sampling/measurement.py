@@ -30,18 +30,28 @@ class Measurement:
         return self.operator.task
 
     def to_input_orientation(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """An array (..., X, Y, Z) on the output grid (``affine``) -> the same in the input image's orientation,
-        with that grid's affine."""
+        """An array (..., X, Y, Z) on the output grid (``affine``) -> what the user gets, with its affine: the
+        centre of ``meta["recon_matrix"]`` (k-space files whose header asks for one: fastMRI crops the
+        oversampled readout), in the input image's orientation."""
+        array, affine = np.asarray(array), self.affine
+        keep = self.meta.get("recon_matrix")
+        if keep is not None and any(c < n for c, n in zip(keep, array.shape[-3:-1])):
+            start = [max(0, (n - c) // 2) for c, n in zip(keep, array.shape[-3:-1])]
+            array = array[..., start[0]:start[0] + keep[0], start[1]:start[1] + keep[1], :]
+            affine = affine.copy()
+            affine[:3, 3] += affine[:3, :3] @ np.array([*start, 0.0])
         if self.orientation is None:
-            return np.asarray(array), self.affine
-        return reorient(array, self.affine, self.orientation)
+            return array, affine
+        return reorient(array, affine, self.orientation)
 
     def naive_inverse(self) -> torch.Tensor:
         # Measured k-space holds a complex image: its zero-filled magnitude is the naive inverse, not the
         # real part of the adjoint (which is right for the real images medldm simulates).
-        if self.meta.get("measured_kspace"):
+        from medldm.physics.sense import MultiCoilCartesian
+
+        if self.meta.get("measured_kspace") and not isinstance(self.operator, MultiCoilCartesian):
             return self.operator.zero_filled_magnitude(self.y)
-        return self.operator.naive_inverse(self.y)
+        return self.operator.naive_inverse(self.y)  # coils: |CG-SENSE|, whose maps carry the image phase
 
 
 def coarsest_axis(volume: Volume) -> int:
@@ -89,23 +99,61 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
         op = ThickSlice(factor=int(factor), axis=axis, profile=profile)
         return Measurement(y, op, coarse_to_fine_affine(volume.affine, axis, int(factor)), modality, {"axis": axis},
                            orientation)
-    raise InputError(volume.meta.get("source"), f"task {task!r} needs a k-space measurement, not an image (use a fastMRI .h5)")
+    raise InputError(volume.meta.get("source"), f"task {task!r} needs a k-space measurement, not an image: pass a k-space "
+                     ".h5 (fastMRI or ISMRMRD) to `medldm reconstruct` or the Python API (serving takes images only)")
 
 
-def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray | None = None, modality: str = "MR") -> Measurement:
-    """fastMRI single-coil k-space [slices, H, W] -> a measurement on the (H, W, slices) image grid."""
-    from medldm.physics.kspace import CartesianUndersampling
+def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray | None = None, modality: str = "MR",
+                source=None, progress=None) -> Measurement:
+    """Measured k-space, fastMRI layout: single-coil [slices, H, W] or multi-coil [slices, coils, H, W] (H the
+    readout, W the phase encode) -> a measurement on the (H, W, slices) image grid.
 
-    k = torch.as_tensor(np.asarray(kspace)).to(torch.complex64)
-    if k.ndim != 3:
-        raise InputError(None, f"k-space must be [slices, H, W], got shape {tuple(k.shape)}")
+    The image of measured k-space is complex. Its phase and (multi-coil) the coil sensitivities are estimated
+    slice by slice from the fully sampled centre lines (``medldm.physics.coils``) and folded into the
+    operator's maps, so the networks see the magnitude and data consistency stays exact among real images."""
+    from medldm.physics.coils import calibration_lines, estimate_volume_maps
+    from medldm.physics.sense import MultiCoilCartesian
+
+    k = np.asarray(kspace)
+    if k.ndim == 3:
+        k = k[:, None]
+    if k.ndim != 4 or not np.iscomplexobj(k):
+        raise InputError(source, f"k-space must be complex [slices, H, W] or [slices, coils, H, W], got {k.dtype} "
+                                 f"{tuple(np.shape(kspace))}")
+    if min(k.shape) < 1:
+        raise InputError(source, f"k-space is empty (a zero-length axis; coils >= 1 needed): shape {k.shape}")
+    if not (np.isfinite(k.real).all() and np.isfinite(k.imag).all()):
+        raise InputError(source, "k-space contains NaN/Inf values")
     if mask is None:  # sampled lines are the non-zero columns
-        mask = (k.abs().sum(dim=(0, 1)) > 0).numpy()
+        mask = np.abs(k).sum(axis=(0, 1, 2)) > 0
     mask = np.asarray(mask).astype(bool).reshape(-1)
-    y = k.permute(1, 2, 0)[None, None] * torch.as_tensor(mask, dtype=torch.float32)[:, None]
-    op = CartesianUndersampling(mask=mask, mode="2d")
-    return Measurement(y, op, np.eye(4) if affine is None else affine, modality,
-                       {"acceleration": float(mask.size / mask.sum()), "measured_kspace": True})
+    if mask.size != k.shape[-1] or not mask.any():
+        raise InputError(source, f"mask of {mask.size} lines ({int(mask.sum())} sampled) does not fit k-space "
+                                 f"width W={k.shape[-1]}")
+    y = torch.from_numpy(np.ascontiguousarray(k.transpose(1, 2, 3, 0))).to(torch.complex64)[None]
+    y = y * torch.as_tensor(mask, dtype=torch.float32)[:, None]  # (1, coils, H, W, slices)
+    maps = estimate_volume_maps(y[0].numpy(), mask, source, progress)
+    acs = calibration_lines(mask)
+    recipe = {"coil_maps": "direct calibration" if k.shape[1] > 1 else "none (one coil)",
+              "phase": "low-resolution image of the calibration lines", "calibration_lines": acs.stop - acs.start}
+    # estimated maps: soft steps instead of projections (MultiCoilCartesian has the figures); CG on the soft
+    # step's well-conditioned system (eigenvalues in [1, 2]) needs few iterations
+    op = MultiCoilCartesian(maps=torch.from_numpy(maps), mask=mask, maps_recipe=recipe, projection_weight=1.0,
+                            dc_iters=10)
+    meta = {"acceleration": float(mask.size / mask.sum()), "measured_kspace": True, "coils": int(k.shape[1]),
+            "source": None if source is None else str(source)}
+    return Measurement(y, op, np.eye(4) if affine is None else affine, modality, meta)
+
+
+def as_measured(m: Measurement) -> Measurement:
+    """A simulated k-space measurement as a file of it would come: the coil maps and image phase the simulation
+    knew are forgotten and estimated from the data (``from_kspace``); meta and orientation are kept."""
+    op = m.operator
+    y = m.y[0]  # (coils, H, W, slices)
+    out = from_kspace(y.permute(3, 0, 1, 2).numpy(), op.mask_for((y.shape[2],)), m.affine, m.modality)
+    out.meta = {**m.meta, **{k: v for k, v in out.meta.items() if k != "source"}}
+    out.orientation = m.orientation
+    return out
 
 
 def simulate(volume: Volume, task: str, seed: int, **random_kwargs) -> Measurement:
@@ -167,16 +215,15 @@ def from_sinogram_file(path) -> Measurement:
                          image_size=geo["image_size"], I0=geo["I0"], source=path)
 
 
-def from_kspace_file(path) -> Measurement:
-    """A fastMRI .h5 -> its k-space measurement on the (H, W, slices) grid and spacing the header gives."""
-    from medldm.io.fastmri_h5 import fastmri_h5_to_volume, read_fastmri_h5
+def from_kspace_file(path, progress=None) -> Measurement:
+    """A k-space .h5 (fastMRI single- or multi-coil, or ISMRMRD raw data) -> its measurement on the (H, W, slices)
+    grid and spacing the header gives; ``meta["recon_matrix"]``: the header's reconstruction size, if any."""
+    from medldm.io.fastmri_h5 import kspace_spacing, read_kspace_h5, recon_matrix
 
-    kspace, mask, attrs = read_fastmri_h5(path)
-    if not np.all(np.isfinite(kspace.view(np.float32))):
-        raise InputError(path, "k-space contains NaN/Inf values")
-    grid = fastmri_h5_to_volume(kspace, attrs)  # the zero-filled volume carries the grid
-    m = from_kspace(kspace, mask, grid.affine, "MR")
-    m.meta["source"] = str(path)
+    kspace, mask, attrs = read_kspace_h5(path)
+    affine = np.diag([*kspace_spacing(attrs, str(path)), 1.0])
+    m = from_kspace(kspace, mask, affine, "MR", source=path, progress=progress)
+    m.meta["recon_matrix"] = recon_matrix(attrs)
     return m
 
 

@@ -208,7 +208,7 @@ class Reconstructor:
             x_vol = norm.inverse(x_slices.cpu()[:, 0].movedim(0, axis))[None, None]
             if sub_y is None:
                 raise ModelError("latent DC along the degraded axis is not slice-separable")
-            x_vol = op.data_consistency(x_vol, sub_y)
+            x_vol = op.select(axis, idx).data_consistency(x_vol, sub_y)
             return norm.forward(x_vol[0, 0].movedim(axis, 0)[:, None]).to(x_slices)
 
         def data_loss(x_slices, idx):
@@ -217,7 +217,7 @@ class Reconstructor:
                 raise ModelError("latent optimisation along the degraded axis is not slice-separable")
             sub_y = y.index_select(2 + axis, idx.to(y.device))
             x_vol = norm.inverse(x_slices[:, 0].movedim(0, axis))[None, None].cpu()
-            r = op.A(x_vol) - sub_y
+            r = op.select(axis, idx).A(x_vol) - sub_y
             return (r.abs() ** 2).sum() / (sub_y.abs() ** 2).sum().clamp_min(1e-12)
 
         return latent_dc, data_loss

@@ -1,4 +1,4 @@
-"""fastMRI single-coil HDF5: k-space reading, zero-filled volume, reconstruction writing, bad files."""
+"""fastMRI HDF5 (single- and multi-coil): k-space reading, zero-filled volume, reconstruction writing, bad files."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def test_file_without_mask_or_header(tmp_path):
     [
         (None, None, "no 'kspace' dataset"),
         (np.zeros((3, 16, 12), np.float32), None, "must be complex"),
-        (np.zeros((2, 3, 16, 12), np.complex64), None, "multi-coil"),
+        (np.zeros((2, 2, 3, 16, 12), np.complex64), None, r"\[slices, coils, H, W\] \(multi-coil\)"),
+        (np.zeros((2, 0, 16, 12), np.complex64), None, "is empty"),  # no coils
         (np.zeros((3, 16, 12), np.complex64), np.ones(10, bool), "mask length 10 does not match"),
         (np.zeros((0, 16, 12), np.complex64), None, "is empty"),  # reached MKL's FFT (found by fuzz_formats.py)
     ],
@@ -105,3 +106,14 @@ def test_write_reconstruction(tmp_path):
         np.testing.assert_allclose(f["reconstruction"][()], recon, rtol=1e-6)
     with pytest.raises(InputError, match=r"\[slices, H, W\]"):
         write_fastmri_recon_h5(tmp_path / "bad.h5", recon[0])
+
+
+def test_multicoil_file_reads_and_its_volume_is_the_rss(tmp_path):
+    coils = np.random.default_rng(1).uniform(0.2, 1.0, size=(4, 1, 16, 12))
+    image = _image() * coils  # [coils, slices, H, W] -> the file's [slices, coils, H, W]
+    path = _write(tmp_path / "mc.h5", _fft2c(np.moveaxis(image, 0, 1)).astype(np.complex64))
+    k, mask, attrs = read_fastmri_h5(path)
+    assert k.shape == (3, 4, 16, 12) and mask is None
+    vol = fastmri_h5_to_volume(path)
+    rss = np.sqrt((image ** 2).sum(0))  # fastMRI's reconstruction_rss of fully sampled data
+    np.testing.assert_allclose(vol.array[0], np.transpose(rss, (1, 2, 0)), atol=1e-5)
