@@ -38,10 +38,10 @@ def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: f
 
 
 def _per_slice(m: Measurement, solve) -> np.ndarray:
-    """A sigpy solver over the slices of a multi-coil measurement -> the magnitude volume (1, 1, X, Y, Z)."""
+    """``solve(y, maps, z)`` (a sigpy app) of each slice z of a multi-coil measurement -> |volume| (1, 1, X, Y, Z)."""
     op, y = m.operator, m.y[0].numpy()
     maps = op.maps_for(m.y.shape[2:], m.y.dtype, "cpu")[0].numpy()  # (C, X, Y, Z or 1)
-    out = [np.abs(solve(y[..., z], maps[..., min(z, maps.shape[-1] - 1)])) for z in range(y.shape[-1])]
+    out = [np.abs(solve(y[..., z], maps[..., min(z, maps.shape[-1] - 1)], z)) for z in range(y.shape[-1])]
     return torch.from_numpy(np.stack(out, -1).astype(np.float32))[None, None]
 
 
@@ -64,7 +64,7 @@ def cg_sense(m: Measurement) -> np.ndarray:
     from sigpy.mri.app import SenseRecon
 
     iters = m.operator.SENSE_ITERATIONS
-    return _np(m, _per_slice(m, lambda y, s: SenseRecon(y, s, lamda=0.0, max_iter=iters, show_pbar=False).run()))
+    return _np(m, _per_slice(m, lambda y, s, z: SenseRecon(y, s, lamda=0.0, max_iter=iters, show_pbar=False).run()))
 
 
 def tv_sense(m: Measurement) -> np.ndarray:
@@ -77,9 +77,8 @@ def tv_sense(m: Measurement) -> np.ndarray:
     lam = TV_SENSE_WEIGHT_PER_ACCELERATION * float(op.measured_acceleration((y.shape[3],))) \
         * float(np.percentile(op.zero_filled_magnitude(y).numpy(), 99.5))
     start = op.sense(y)[0, 0].numpy()
-    slices = iter(range(y.shape[-1]))
-    return _np(m, _per_slice(m, lambda ys, s: TotalVariationRecon(ys, s, lam, max_iter=TV_SENSE_ITERATIONS, show_pbar=False,
-                                                                  x=start[..., next(slices)].copy()).run()))
+    return _np(m, _per_slice(m, lambda ys, s, z: TotalVariationRecon(ys, s, lam, max_iter=TV_SENSE_ITERATIONS,
+                                                                     show_pbar=False, x=start[..., z].copy()).run()))
 
 
 def nlm(m: Measurement) -> np.ndarray:

@@ -78,13 +78,11 @@ def estimate_maps(kspace: np.ndarray, mask: np.ndarray, source=None) -> np.ndarr
     return (low / np.maximum(norm, floor)[None]).astype(np.complex64)
 
 
-def estimate_volume_maps(kspace: np.ndarray, mask: np.ndarray, source=None, progress=None) -> np.ndarray:
+def estimate_volume_maps(kspace: np.ndarray, mask: np.ndarray, source=None) -> np.ndarray:
     """Maps (C, X, Y, Z) of multi-slice k-space (C, X, Y, Z), slice by slice (2D acquisitions)."""
     out = np.empty(kspace.shape, dtype=np.complex64)
     for z in range(kspace.shape[-1]):
         out[..., z] = estimate_maps(kspace[..., z], mask, source)
-        if progress is not None:
-            progress(1)
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 
 from medldm.errors import ConfigError, InputError
 from medldm.physics._common import cgls, check_image, noise_generator, randn
-from medldm.physics.coils import birdcage_maps, rss
+from medldm.physics.coils import birdcage_maps
 from medldm.physics.fft import fftnc, ifftnc
 from medldm.physics.kspace import CartesianUndersampling, RandomCartesianUndersampling, phase_map
 
@@ -141,7 +141,7 @@ class MultiCoilCartesian(CartesianUndersampling):
     def zero_filled_rss(self, y: torch.Tensor) -> torch.Tensor:
         """Root sum of squares of the zero-filled coil images (B, 1, ...): the usual multi-coil baseline."""
         dims, m, _ = self._geometry(y)
-        return torch.from_numpy(rss(ifftnc(y * m, dims).numpy(), axis=1))[:, None].to(y.real.dtype)
+        return ifftnc(y * m, dims).abs().pow(2).sum(1, keepdim=True).sqrt()
 
     def select(self, axis: int, index: torch.Tensor) -> "MultiCoilCartesian":
         if self._maps is None or self._maps.ndim == 3 or axis != 2:

@@ -47,11 +47,8 @@ class Measurement:
     def naive_inverse(self) -> torch.Tensor:
         # Measured k-space holds a complex image: its zero-filled magnitude is the naive inverse, not the
         # real part of the adjoint (which is right for the real images medldm simulates).
-        from medldm.physics.sense import MultiCoilCartesian
-
-        if self.meta.get("measured_kspace") and not isinstance(self.operator, MultiCoilCartesian):
-            return self.operator.zero_filled_magnitude(self.y)
-        return self.operator.naive_inverse(self.y)  # coils: |CG-SENSE|, whose maps carry the image phase
+        # measured k-space (from_kspace, any coil count) is a MultiCoilCartesian: |CG-SENSE|, maps carry the phase
+        return self.operator.naive_inverse(self.y)
 
 
 def coarsest_axis(volume: Volume) -> int:
@@ -104,7 +101,7 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
 
 
 def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray | None = None, modality: str = "MR",
-                source=None, progress=None) -> Measurement:
+                source=None) -> Measurement:
     """Measured k-space, fastMRI layout: single-coil [slices, H, W] or multi-coil [slices, coils, H, W] (H the
     readout, W the phase encode) -> a measurement on the (H, W, slices) image grid.
 
@@ -132,7 +129,7 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
                                  f"width W={k.shape[-1]}")
     y = torch.from_numpy(np.ascontiguousarray(k.transpose(1, 2, 3, 0))).to(torch.complex64)[None]
     y = y * torch.as_tensor(mask, dtype=torch.float32)[:, None]  # (1, coils, H, W, slices)
-    maps = estimate_volume_maps(y[0].numpy(), mask, source, progress)
+    maps = estimate_volume_maps(y[0].numpy(), mask, source)
     acs = calibration_lines(mask)
     recipe = {"coil_maps": "direct calibration" if k.shape[1] > 1 else "none (one coil)",
               "phase": "low-resolution image of the calibration lines", "calibration_lines": acs.stop - acs.start}
@@ -215,14 +212,14 @@ def from_sinogram_file(path) -> Measurement:
                          image_size=geo["image_size"], I0=geo["I0"], source=path)
 
 
-def from_kspace_file(path, progress=None) -> Measurement:
+def from_kspace_file(path) -> Measurement:
     """A k-space .h5 (fastMRI single- or multi-coil, or ISMRMRD raw data) -> its measurement on the (H, W, slices)
     grid and spacing the header gives; ``meta["recon_matrix"]``: the header's reconstruction size, if any."""
     from medldm.io.fastmri_h5 import kspace_spacing, read_kspace_h5, recon_matrix
 
     kspace, mask, attrs = read_kspace_h5(path)
     affine = np.diag([*kspace_spacing(attrs, str(path)), 1.0])
-    m = from_kspace(kspace, mask, affine, "MR", source=path, progress=progress)
+    m = from_kspace(kspace, mask, affine, "MR", source=path)
     m.meta["recon_matrix"] = recon_matrix(attrs)
     return m
 
