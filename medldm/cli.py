@@ -150,6 +150,9 @@ def reconstruct(
     model: Optional[str] = typer.Option(None, help="Shipped model name, model folder or MLflow URI."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's, stated in its card)."),
     samples: int = typer.Option(1, help="Samples per volume (K > 1 gives an uncertainty map)."),
+    diffusion: Optional[bool] = typer.Option(None, "--diffusion/--no-diffusion", help="Sample the latent diffusion "
+                                             "model, or decode the input's latent (default: sample when --samples > 1, "
+                                             "else the model's measured default, stated in its card)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     modality: Optional[str] = typer.Option(None, help="mr | ct (needed for NIfTI when it cannot be inferred)."),
     factor: Optional[int] = typer.Option(None, help="SR factor along the slice axis."),
@@ -174,7 +177,7 @@ def reconstruct(
     Exit codes: 0 all units ok or skipped, 1 any unit failed (see OUTPUT/manifest.json), 2 usage error."""
     from medldm.batch import run_batch
 
-    code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, seed=seed, modality=modality,
+    code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, diffusion=diffusion, seed=seed, modality=modality,
                      factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose,
                      sigma=sigma, deidentify=deidentify, deid_dates=deid_dates, skip_bad_slices=skip_bad_slices,
                      deid_secret=_read_secret(deid_secret_file, deidentify))

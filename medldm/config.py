@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medldm.errors import ConfigError
 
@@ -40,6 +40,20 @@ class DataConfig(Strict):
     # training volume is one anatomy (MNI152 and warps of it): without them the networks learn its
     # particular detail, which held-out anatomy does not share.
     augment: bool = False
+    # Relative draw weight of each volume of a source (datalist "source"; others weigh 1): 20 warps of one
+    # template outnumber the other real heads 40 files to 3, and weights decide how often each anatomy is seen.
+    source_weights: dict[str, float] = Field(default_factory=dict)
+    # Which datalist sources to train on (None: all). The configs of shipped models name theirs, so a datalist
+    # that gained sources later still reproduces their weights.
+    sources: list[str] | None = None
+
+    @field_validator("source_weights")
+    @classmethod
+    def _positive_weights(cls, v):
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"source weights must be > 0, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _patch_matches_dims(self):
@@ -228,6 +242,9 @@ class BridgeStageConfig(Strict):
     bank_batches: int = Field(400, ge=1)  # data batches (data.batch_size pairs each) encoded into the bank
     bank_workers: int = Field(0, ge=0)  # worker processes making the bank's guides
     init: Literal["model", "fresh"] = "model"  # start from the model's U-Net, or a new one of unet's config
+    # A VAE model folder (medldm train vae) that replaces the model's VAE for the bank and the flow (init: fresh);
+    # the saved model carries it, and the refiner stage then learns its decodes.
+    vae: str | None = None
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-4, gt=0)
     max_minutes: float = Field(20.0, gt=0)

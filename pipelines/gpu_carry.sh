@@ -5,11 +5,12 @@
 #
 #   bash pipelines/gpu_carry.sh [MAX_MB_OF_DATA]      then   run(carry=[".gpu_carry"], command=...)
 #
-# The subset is the MNI152 training parts plus as many synthetic subjects as fit MAX_MB_OF_DATA (default 7), in
-# data/datalist.json's order; validation entries are kept out (the bank and the stages read training only).
+# The subset is every real MR training volume (the MNI152 parts and the other real heads, ~7 MB) plus as many
+# synthetic subjects as fit MAX_MB_OF_DATA (default 9) in all, in data/datalist.json's order; validation entries
+# are kept out (the bank and the stages read training only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-max_mb=${1:-7}
+max_mb=${1:-9}
 py=.venv/bin/python
 [ -f data/datalist.json ] || { echo "run medldm data prepare first (data/datalist.json is missing)" >&2; exit 2; }
 rm -rf .gpu_carry && mkdir -p .gpu_carry/wheels .gpu_carry/data
@@ -26,7 +27,7 @@ for e in src["training"]:
     if e.get("modality") != "MR":
         continue
     size = Path("data", e["image"]).stat().st_size
-    if e["source"] != "mni152" and used + size > budget:
+    if e["source"] == "synthetic" and used + size > budget:
         continue
     Path(".gpu_carry/data", e["image"]).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path("data", e["image"]), Path(".gpu_carry/data", e["image"]))

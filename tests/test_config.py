@@ -40,6 +40,9 @@ def test_impossible_values_rejected(tmp_path):
     p = write(tmp_path, "kind: vae\nname: x\ndata: {spatial_dims: 3, patch_size: [32, 32]}\n")
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(p)
+    p = write(tmp_path, "kind: vae\nname: x\ndata: {source_weights: {mni152: 0}}\n")
+    with pytest.raises(ConfigError, match="source weights must be > 0"):
+        load_config(p)
 
 
 def test_kind_mismatch_and_missing_file(tmp_path):

@@ -66,6 +66,7 @@ class _Context:
     dose: float | None = None
     sigma: float | None = None
     skip_bad_slices: bool = False
+    diffusion: bool | None = None  # None: the Reconstructor's default
     deidentify: Any = None  # a medldm.io.deidentify.Deidentifier for the whole run, or None
     source: Path | None = None
     previous: dict = field(default_factory=dict)
@@ -126,7 +127,8 @@ def _reconstruct_into(unit: Unit, ctx: _Context, tmp: Path) -> tuple[dict, dict]
     name = ctx.model_name(modality)
     rec = ctx.reconstructor(name, modality)
     with _stage("reconstructing"):
-        result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor, sigma=ctx.sigma)
+        result = rec(data, steps=ctx.steps, samples=ctx.samples, seed=ctx.seed, factor=ctx.factor, sigma=ctx.sigma,
+                     use_diffusion=ctx.diffusion)
     if not np.all(np.isfinite(result.volume.array)):
         raise ModelError(f"model {name!r} produced NaN/Inf voxels")
 
@@ -279,7 +281,7 @@ def _check_runnable(out: Path, params: dict, overwrite: bool, units: list, ignor
 
 
 def run_batch(input, output, *, task: str, model: str | None = None, steps: int | None = None, samples: int = 1,
-              seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
+              diffusion: bool | None = None, seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
               dose: float | None = None, sigma: float | None = None, deidentify: bool = False,
               deid_dates: str = "shift", deid_secret: str | None = None, skip_bad_slices: bool = False) -> int:
@@ -301,6 +303,8 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         params = {"task": task, "model": model, "steps": steps, "samples": samples, "seed": seed, "factor": factor,
                   "modality": modality, "views": views, "dose": dose, "sigma": sigma, "deidentify": deidentify,
                   "deid_dates": deid_dates if deidentify else None, "skip_bad_slices": skip_bad_slices}
+        if diffusion is not None:  # only when chosen, so runs begun before the option existed still resume
+            params["diffusion"] = diffusion
         if deid_dates not in ("shift", "remove"):
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
         _check_runnable(out, params, overwrite, units, ignored, source)
@@ -309,7 +313,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
     ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma,
-                   source=source, skip_bad_slices=skip_bad_slices)
+                   source=source, skip_bad_slices=skip_bad_slices, diffusion=diffusion)
     if deidentify:
         from medldm.io.deidentify import Deidentifier
 

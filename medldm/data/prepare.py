@@ -7,6 +7,8 @@ Layout under ``out_dir``::
     mr/synth_NNNN_part{j}.nii.gz          synthetic subjects, minus every slice that drew on the slab
     mr/itk_t1_brain.nii.gz                real T1 subject, skull-stripped (validation)
     mr/itk_t1_head.nii.gz                 same subject with skull (``test_ood``: outside the training domain)
+    mr/pyradiomics_brain{1,2}.nii.gz      real contrast-enhanced T1 heads (training; 6.5 mm slices: axial planes only)
+    mr/volpack_brainsmall.nii.gz          real T1 head, ~2 mm (training)
     ct/head_ct_train.nii.gz, ct/head_ct_val_slab.nii.gz
     datalist.json, manifest.json
 
@@ -20,6 +22,9 @@ Hold-out rules (also written into ``datalist.json["holdout"]`` and data_cards/):
 * Head CT (one patient): validation = the top 24 of 108 slices (upper cranium), margin 8 slices (12 mm),
   training = the rest.
 * ITK T1: a different real person; validation only, never in training.
+* Extra real heads (pyradiomics brain1/brain2, VolPack brainsmall): other people than every validation subject,
+  training only, whole volumes. Entries with ``thick_axis`` are used only by 2D training on planes normal to
+  that axis (``medldm.data.transforms.load_datalist``).
 
 Idempotent: every output group (a "job") is keyed by a hash of its parameters in ``manifest.json``;
 a rerun skips jobs whose hash matches and whose files exist, regenerates changed ones and deletes files of
@@ -164,6 +169,17 @@ def _job_itk(out: Path) -> dict:
     return entries
 
 
+def _job_extra_mr(name: str, out: Path) -> dict:
+    from medldm.data.sources import load_brainsmall, load_pyradiomics_brain
+
+    vol = load_brainsmall() if name == "brainsmall" else load_pyradiomics_brain(name)
+    rel = f"mr/{'volpack' if name == 'brainsmall' else 'pyradiomics'}_{name}.nii.gz"
+    _write_nifti(vol, out / rel, np.int16)  # integer scanner values: int16 holds them exactly
+    extra = {"thick_axis": vol.meta["thick_axis"]} if "thick_axis" in vol.meta else {}
+    source = "volpack_brainsmall" if name == "brainsmall" else "pyradiomics_brain"
+    return {"training": [_entry(rel, "MR", source, subject=vol.meta["subject"], **extra)]}
+
+
 def _job_ct(out: Path, expected: dict) -> dict:
     from medldm.data.sources import load_head_ct
 
@@ -215,10 +231,13 @@ def _datalist(jobs: list, new: dict, mni_h: dict, ct_h: dict | None) -> dict:
     """The MONAI datalist: every job's entries by split, with the hold-out rules and licences."""
     datalist: dict = {
         "name": "medldm offline training set",
-        "description": "MNI152 T1 + synthetic subjects from MNI152 tissue maps (MR), InVesalius head CT (CT); "
+        "description": "MNI152 T1 + synthetic subjects from MNI152 tissue maps + three other real heads (MR), "
+        "InVesalius head CT (CT); "
         "validation is held out by the rules in 'holdout'. See data_cards/ in the medldm repository.",
         "licence": {"mni152": "ICBM 2009a MNI152 (see nilearn / McConnell Brain Imaging Centre terms)",
                     "synthetic": "derived from MNI152 tissue maps", "itk_t1": "ITK example data (Apache-2.0)",
+                    "pyradiomics_brain": "pyradiomics 3.0.1 test data (BSD-3 archive; the scans' origin is not stated)",
+                    "volpack_brainsmall": "VolPack example (from public-domain UNC SoftLab data; Debian libvolpack1-dev)",
                     "invesalius_head_ct": "GPL-2 (Debian invesalius-examples); do not redistribute without it"},
         "convention": "ranges are half-open [start, stop) except source_k, which is the inclusive [min, max] of "
         "source slices an entry's voxels were computed from",
@@ -243,6 +262,7 @@ def prepare_data(
     seed: int = 0,
     include_ct: bool = True,
     include_real_t1: bool = True,
+    include_extra_mr: bool = True,
     resolution: int = 1,
     synth_config=None,
     progress: bool = True,
@@ -251,10 +271,11 @@ def prepare_data(
 
     ``resolution`` (1 or 2 mm) selects the MNI152 grid for the template and the synthetic subjects; 2 is
     8x smaller and meant for tests. ``include_ct=True`` requires the Debian ``invesalius-examples`` package
-    (InputError otherwise); the real ITK T1 is added when ``insighttoolkit5-examples`` is installed
-    (a warning otherwise).
+    (InputError otherwise); the real ITK T1 is added when ``insighttoolkit5-examples`` is installed, and with
+    ``include_extra_mr`` the extra real training heads whose files are present (a warning for each missing one).
     """
-    from medldm.data.sources import HEAD_CT_PATH, ITK_DATA_DIRS, ITK_T1_NAME, load_head_ct
+    from medldm.data.sources import (BRAINSMALL_HINT, BRAINSMALL_PATH, HEAD_CT_PATH, ITK_DATA_DIRS, ITK_T1_NAME,
+                                     PYRADIOMICS_BRAINS, PYRADIOMICS_HINT, PYRADIOMICS_SDIST, load_head_ct)
     from medldm.data.synth import SYNTH_VERSION, SynthConfig, SyntheticSubjectGenerator
 
     if resolution not in (1, 2):
@@ -297,6 +318,14 @@ def prepare_data(
                           "MR validation is the MNI152 slab only", stacklevel=2)
         else:
             jobs.append(("itk_t1", {**base, "path": str(itk_path), "size": itk_path.stat().st_size}, lambda: _job_itk(out)))
+    if include_extra_mr:
+        extra = [(n, PYRADIOMICS_SDIST, PYRADIOMICS_HINT) for n in PYRADIOMICS_BRAINS]
+        for name, path, hint in extra + [("brainsmall", BRAINSMALL_PATH, BRAINSMALL_HINT)]:
+            if not path.is_file():
+                warnings.warn(f"extra real MR training head {name} not found at {path}: {hint}", stacklevel=2)
+                continue
+            params = {**base, "path": str(path), "size": path.stat().st_size, "name": name}
+            jobs.append((f"extra_mr_{name}", params, lambda name=name: _job_extra_mr(name, out)))
     ct_h = None
     if include_ct:
         ct_h = ct_holdout(CT_SLICES)

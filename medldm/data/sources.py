@@ -10,6 +10,7 @@ from Debian packages (GPL/Apache data that must be installed, not vendored into 
 
 from __future__ import annotations
 
+import os
 import plistlib
 import tarfile
 from pathlib import Path
@@ -32,6 +33,16 @@ ITK_T1_NAME = "KmeansTest_T1UCharRaw.nii.gz"
 # voxels are used as the brain mask so the validation subject matches the skull-stripped MNI training domain.
 ITK_T1_MASK_NAME = "KmeansTest_T1RawSkullStrip.nii.gz"
 ITK_INSTALL_HINT = "install it with `sudo apt-get install insighttoolkit5-examples`"
+
+# Real MR heads beyond the one template anatomy (training only; see data_cards/extra_real_mr.md). The pyradiomics
+# source archive comes from PyPI (`.ci/setup` fetches it); its wheel holds no data.
+PYRADIOMICS_SDIST = Path(os.environ.get("MEDLDM_PYRADIOMICS_SDIST", "~/.cache/medldm/pyradiomics-3.0.1.tar.gz")).expanduser()
+PYRADIOMICS_BRAINS = ("brain1", "brain2")
+PYRADIOMICS_HINT = ("fetch it with `pip download --no-deps --no-binary :all: --no-build-isolation pyradiomics==3.0.1 -d "
+                    "~/.cache/medldm` (needs versioneer and wheel installed; `.ci/setup` does it)")
+BRAINSMALL_PATH = Path("/usr/share/doc/libvolpack1-dev/examples/brainsmall.den")
+BRAINSMALL_HINT = "install it with `sudo apt-get install libvolpack1-dev`"
+BRAINSMALL_SPACING_MM = 2.0  # not stored in the file: ~2 mm makes its head 256 x 168 mm (AP x LR), a plausible size
 
 
 def _nilearn_datasets():
@@ -173,3 +184,67 @@ def find_real_t1_validation(*, brain_only: bool = True) -> Volume | None:
             raise InputError(mask_path, "brain mask grid differs from the T1 grid")
         vol = vol.with_array((vol.array * (mask.array > 0)).astype(np.float32), skull_stripped=True, mask=str(mask_path))
     return vol
+
+
+def load_pyradiomics_brain(name: str, archive: str | Path | None = None) -> Volume:
+    """A contrast-enhanced T1 head with a lesion from the pyradiomics 3.0.1 source archive (``brain1``: 256x256x25,
+    ``brain2``: 256x256x23 at 0.78 x 0.78 x 6.5 mm; skull kept). Thick axial slices: axial planes only.
+
+    NRRD is read with pynrrd from the archive member itself (nothing is unpacked); its LPS geometry is turned
+    into a RAS affine and the array reoriented like every other source.
+    """
+    import nibabel as nib
+    import nrrd
+
+    path = Path(archive) if archive is not None else PYRADIOMICS_SDIST
+    if name not in PYRADIOMICS_BRAINS:
+        raise InputError(path, f"unknown pyradiomics brain {name!r} (have {PYRADIOMICS_BRAINS})")
+    if not path.is_file():
+        raise InputError(path, f"pyradiomics source archive not found; {PYRADIOMICS_HINT}")
+    member = f"pyradiomics-3.0.1/data/{name}_image.nrrd"
+    try:
+        with tarfile.open(path, "r:gz") as tf:
+            fh = tf.extractfile(member)
+            if fh is None:
+                raise InputError(path, f"{member} is not a file in the archive")
+            header = nrrd.read_header(fh)
+            data = nrrd.read_data(header, fh, filename=member)
+    except KeyError as e:
+        raise InputError(path, f"{member} missing from the archive") from e
+    except (tarfile.TarError, OSError, EOFError, nrrd.NRRDError) as e:
+        raise InputError(path, f"cannot read {member}: {e}") from e
+    if header.get("space") != "left-posterior-superior" or data.ndim != 3:
+        raise InputError(path, f"{member}: expected a 3D LPS image, got space {header.get('space')!r}, shape {data.shape}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(header["space directions"], dtype=float).T  # column j: world step of index j
+    affine[:3, 3] = header["space origin"]
+    affine[:2] *= -1  # LPS -> RAS
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    return _from_nifti(img, "MR", source=f"{path.name}:{member}", subject=f"pyradiomics {name}", thick_axis=2)
+
+
+def load_brainsmall(path: str | Path | None = None) -> Volume:
+    """VolPack's example MR head (``brainsmall.den``, 128x128x84 uint8, Gaussian-downscaled from a UNC scan;
+    skull kept), at an assumed isotropic ``BRAINSMALL_SPACING_MM``.
+
+    A .den file is a 62-byte header (31 little-endian shorts; ``map_len`` at shorts 25-27) and x-fastest bytes. Read
+    anatomically (checked on rendered slices): the slowest file axis runs left-right (which way cannot be told
+    from a symmetric head), the middle one superior -> inferior, the fastest anterior -> posterior.
+    """
+    import nibabel as nib
+
+    path = Path(path) if path is not None else BRAINSMALL_PATH
+    if not path.is_file():
+        raise InputError(path, f"VolPack example head not found; {BRAINSMALL_HINT}")
+    raw = path.read_bytes()
+    if len(raw) < 62:
+        raise InputError(path, "shorter than a .den header")
+    lens = [int(v) for v in np.frombuffer(raw[50:56], dtype="<i2")]
+    if len(raw) - 62 != int(np.prod(lens)) or min(lens) <= 0:
+        raise InputError(path, f".den header says {lens} voxels but the file holds {len(raw) - 62} bytes")
+    file_order = np.frombuffer(raw[62:], dtype=np.uint8).reshape(lens[::-1]).astype(np.float32)  # (LR, SI, AP)
+    s = BRAINSMALL_SPACING_MM
+    affine = np.zeros((4, 4))
+    affine[0, 0], affine[2, 1], affine[1, 2], affine[3, 3] = s, -s, -s, 1.0  # LR -> +x, SI -> -z, AP -> -y
+    img = nib.Nifti1Image(file_order, affine)
+    return _from_nifti(img, "MR", source=str(path), subject="VolPack brainsmall", spacing_assumed_mm=s)

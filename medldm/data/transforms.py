@@ -60,11 +60,16 @@ def build_eval_transforms(modality: str, *, key: str = "image", target_spacing: 
 
 
 def load_datalist(datalist_path: str | Path, split: str, modality: str | None = None,
-                  max_items: int | None = None) -> list[dict]:
+                  max_items: int | None = None, plane_axis: int | None = None,
+                  sources: list[str] | None = None) -> list[dict]:
     """The first ``max_items`` entries of one split (of ``modality``, if given; entries that name no
     modality count as any), with image paths resolved against the datalist's folder. Only ``image``,
     ``modality`` and ``source`` are kept: extra bookkeeping keys differ between entries and would break
-    batch collation."""
+    batch collation.
+
+    An entry with ``thick_axis: a`` (thick slices along index axis a) is kept only when ``plane_axis == a``:
+    2D work on the planes normal to it; 3D work and other planes would see its blur as truth. ``sources``
+    (if given) keeps only entries whose ``source`` is listed."""
     path = Path(datalist_path)
     if not path.is_file():
         raise InputError(path, "datalist not found; create it with `medldm data prepare`")
@@ -80,6 +85,10 @@ def load_datalist(datalist_path: str | Path, split: str, modality: str | None = 
     out = []
     for it, entry in zip(items, raw[split]):
         entry = entry if isinstance(entry, dict) else {}  # a "test" split may list bare paths
+        if "thick_axis" in entry and entry["thick_axis"] != plane_axis:
+            continue
+        if sources is not None and entry.get("source") not in sources:
+            continue
         out.append({"image": it["image"], **{k: entry[k] for k in ("modality", "source") if k in entry}})
     if modality is not None:
         out = [it for it in out if it.get("modality", modality).upper() == modality.upper()]
@@ -98,6 +107,8 @@ def build_dataset(
     modality: str | None = None,
     max_items: int | None = None,
     num_workers: int = 1,
+    plane_axis: int | None = None,
+    sources: list[str] | None = None,
 ):
     """MONAI Dataset over one split (optionally one modality, the first ``max_items`` entries).
 
@@ -105,7 +116,7 @@ def build_dataset(
     output of the deterministic prefix of ``transforms`` (load ... normalise/crop), so each epoch only
     pays for the random slicing/cropping.
     """
-    data = load_datalist(datalist_path, split, modality, max_items)
+    data = load_datalist(datalist_path, split, modality, max_items, plane_axis, sources)
     if cache == "none":
         return Dataset(data, transform=transforms)
     if cache == "memory":

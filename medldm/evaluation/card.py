@@ -43,6 +43,18 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(lines) or "- no comparable rows"
 
 
+def _default_path(config) -> str:
+    """What one sample does by default, and why (the model's default_use_diffusion)."""
+    if config.default_use_diffusion:
+        return ("Default path: a diffusion sample, refined (the `medldm (default)` row equals `medldm diffusion`); "
+                "`use_diffusion=False` decodes the input's latent instead (`medldm no diffusion`).")
+    return ("**Default path: no diffusion.** On the held-out cases a diffusion sample measured no better than decoding "
+            "the input's latent (`medldm diffusion` against `medldm no diffusion` below; `benchmarks/steps_quality.py`), "
+            "so one sample skips the U-Net (`medldm (default)` equals `medldm no diffusion`; the U-Net was ~25% of a "
+            "volume's time on CPU). `use_diffusion=True`, `--diffusion`, or two or more samples sample the U-Net and "
+            "give the uncertainty map.")
+
+
 def _best_classical(rs: list[dict]) -> dict | None:
     base = [r for r in rs if not r["method"].startswith(NOT_CLASSICAL)]
     return max(base, key=lambda r: r["psnr"]) if base else None
@@ -231,6 +243,7 @@ Trained degradation: `{deg}`.
 Default sampling: {config.default_steps} step(s) (`steps=None`), the fewest that measured as well as 10 or 20 on the
 held-out cases (`python benchmarks/steps_quality.py`); the validation table below was made with 10 steps and 2
 samples (`medldm evaluate --steps 10 --samples 2`). Seconds per whole volume: `benchmarks/README.md`.
+{_default_path(config)}
 
 ## Training
 - Data: `medldm data prepare` (MNI152 2009a T1 outside the held-out slab, 20 synthetic subjects drawn from

@@ -25,7 +25,7 @@ from medldm.models.builders import build_refiner, build_unet, build_vae
 from medldm.models.model_config import FORMAT, ModelConfig, TrainingRecord, read_model_files, write_model_files
 from medldm.physics.classical import guide_parts
 
-__all__ = ["FORMAT", "ModelBundle", "load_bundle", "save_bundle"]
+__all__ = ["FORMAT", "ModelBundle", "load_bundle", "replace_vae", "save_bundle"]
 
 
 @dataclass
@@ -130,6 +130,22 @@ def load_bundle(folder: str | Path, map_location: str | torch.device = "cpu") ->
         refiner = build_refiner(config.refiner, dims, len(guide_parts(config.refiner.guide)))  # a channel per image
         _load_into(refiner, folder / "refiner.safetensors", map_location)
     return ModelBundle(config=config, vae=vae, unet=unet, refiner=refiner, path=folder, record=record).eval()
+
+
+def replace_vae(bundle: ModelBundle, vae_folder: str | Path) -> ModelBundle:
+    """``bundle`` with the VAE, latent scale and VAE training record of another model folder (a ``medldm train vae``
+    run's, say). The U-Net learnt the old VAE's latents, so only a stage that retrains it uses this
+    (``bridge_stage.vae``); the refiner is kept, to be retrained on the new decodes."""
+    other = load_bundle(vae_folder)
+    mine, theirs = bundle.config, other.config
+    if (theirs.spatial_dims, theirs.modality, theirs.normalisation) != (mine.spatial_dims, mine.modality, mine.normalisation):
+        raise ModelError(f"{vae_folder}: its VAE is for {theirs.spatial_dims}D {theirs.modality} with normalisation "
+                         f"{theirs.normalisation.model_dump()}, the model is {mine.spatial_dims}D {mine.modality} with "
+                         f"{mine.normalisation.model_dump()}")
+    bundle.vae = other.vae
+    bundle.config = mine.model_copy(update={"vae": theirs.vae, "latent_scale": other.latent_scale})
+    bundle.record.training = {**bundle.record.training, "vae_training": other.record.training, "vae_source": str(vae_folder)}
+    return bundle
 
 
 def _load_into(module: torch.nn.Module, path: Path, map_location) -> None:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from medldm.config import LDMRunConfig
 from medldm.errors import ConfigError
-from medldm.models.bundle import ModelBundle
+from medldm.models.bundle import ModelBundle, replace_vae
 from medldm.models.device import pick_device
 from medldm.models.latent import LatentCodec
 from medldm.models.normalisation import Normalisation
@@ -56,10 +56,15 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def vae_file(cfg: LDMRunConfig, model_dir: str | Path) -> Path:
+    """The weights of the VAE that encodes the bank: ``bridge_stage.vae``'s when set, else the model's own."""
+    return Path(cfg.bridge_stage.vae or model_dir) / "vae.safetensors"
+
+
 def bank_recipe(cfg: LDMRunConfig, bundle: ModelBundle) -> dict:
     """Everything that decides the bank's content, except how many batches it holds."""
     data = stage_data(cfg)
-    return {"format": BANK_FORMAT, "model": cfg.name, "vae_weights_sha256": weights_digest(Path(bundle.path) / "vae.safetensors"),
+    return {"format": BANK_FORMAT, "model": cfg.name, "vae_weights_sha256": weights_digest(vae_file(cfg, bundle.path)),
             "latent_scale": bundle.latent_scale, "degradation": cfg.degradation.model_dump(),
             "guide": cfg.bridge_stage.guide, "seed": cfg.train.seed + SEED_OFFSET,
             "data": {"datalist": data.datalist, "patch_size": list(data.patch_size), "batch_size": data.batch_size,
@@ -87,6 +92,8 @@ def build_bank(cfg: LDMRunConfig, bundle: ModelBundle, out_dir: str | Path, *, b
     workers = stage.bank_workers if workers is None else workers
     if bundle.spatial_dims != 2:
         raise ConfigError("latent banks hold 2D slices: a 2D model only")
+    if stage.vae:
+        bundle = replace_vae(bundle, stage.vae)
     why = guide_refusal(stage.guide, cfg.degradation.task, cfg.data.modality)
     if why:
         raise ConfigError(f"bridge_stage.guide of {cfg.name}: {why}")

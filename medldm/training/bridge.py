@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from medldm.config import LDMRunConfig, SchedulerConfig
 from medldm.errors import ConfigError, ModelError
 from medldm.models.builders import build_scheduler, build_unet, count_parameters
-from medldm.models.bundle import load_bundle, save_bundle
+from medldm.models.bundle import load_bundle, replace_vae, save_bundle
 from medldm.models.device import autocast, pick_device
 from medldm.models.latent import condition_input
 from medldm.sampling.samplers import rflow_sample
 from medldm.tracking import Tracker
 from medldm.training import common
-from medldm.training.banks import LatentBank, weights_digest
+from medldm.training.banks import LatentBank, vae_file, weights_digest
 
 # settings a resumed run may change: the budget; anything else would change its loss or its batches
 MAY_CHANGE_ON_RESUME = ("max_minutes", "max_steps", "bank_batches", "bank_workers", "ckpt_every", "val_every")
@@ -74,12 +74,16 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
     out_dir, stage = Path(out_dir), cfg.bridge_stage
     dev = pick_device(device)
     common.seed_everything(cfg.train.seed)
-    bundle = load_bundle(model_dir).to(dev)
+    bundle = load_bundle(model_dir)
     if bundle.spatial_dims != 2:
         raise ModelError("the bridge stage trains 2D models (its bank holds slices)")
+    if stage.vae:
+        if stage.init == "model":
+            raise ConfigError("bridge_stage.vae replaces the VAE the model's U-Net learnt: use init: fresh with it")
+        bundle = replace_vae(bundle, stage.vae)
+    bundle = bundle.to(dev)
     bank = LatentBank(bank_dir)
-    expect = {"guide": stage.guide, "vae_weights_sha256": weights_digest(Path(model_dir) / "vae.safetensors"),
-              "model": cfg.name}
+    expect = {"guide": stage.guide, "vae_weights_sha256": weights_digest(vae_file(cfg, model_dir)), "model": cfg.name}
     wrong = [f"{k} {bank.recipe.get(k)!r} (expected {v!r})" for k, v in expect.items() if bank.recipe.get(k) != v]
     if wrong:
         raise ConfigError(f"{bank_dir}: the bank does not fit this run: {'; '.join(wrong)}")

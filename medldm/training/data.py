@@ -30,7 +30,9 @@ def volume_dataset(cfg: DataConfig, split: str) -> Dataset:
     # The disk cache lives beside the data it was computed from, so it is shared by every run on that datalist.
     cache_dir = Path(cfg.datalist).parent / ".cache" / "persistent"
     return build_dataset(cfg.datalist, split, build_eval_transforms(cfg.modality), cache=cfg.cache, cache_dir=cache_dir,
-                         modality=cfg.modality, max_items=cfg.max_volumes, num_workers=0)
+                         modality=cfg.modality, max_items=cfg.max_volumes, num_workers=0,
+                         plane_axis=cfg.slice_axis if cfg.spatial_dims == 2 else None,
+                         sources=cfg.sources if split == "training" else None)
 
 
 def slices_first(volume: torch.Tensor, axis: int) -> torch.Tensor:
@@ -78,6 +80,13 @@ def flip_and_transpose(patch: torch.Tensor, rng: np.random.Generator) -> torch.T
     return patch.contiguous()
 
 
+def source_probabilities(entries: list[dict], weights: dict[str, float]) -> np.ndarray | None:
+    """Per-volume draw probabilities from per-source weights (unnamed sources weigh 1); ``None`` when all weigh
+    the same, so runs without weights keep drawing exactly the batches they always drew."""
+    w = np.array([float(weights.get(e.get("source", ""), 1.0)) for e in entries])
+    return None if np.all(w == w[0]) else w / w.sum()
+
+
 class PatchBatches:
     """The batch of training step ``s``, a pure function of (seed, s): (B, 1, *patch) normalised patches.
 
@@ -92,12 +101,13 @@ class PatchBatches:
                         if cfg.cache == "memory" else None)
         self.fgs = ([foreground_slices(v, cfg.slice_axis) for v in self.volumes]
                     if self.volumes is not None and cfg.spatial_dims == 2 else None)
+        self.p = source_probabilities(self.dataset.data, cfg.source_weights)
 
     def __call__(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, step])
         patches = []
         for _ in range(self.cfg.batch_size):
-            i = int(rng.integers(len(self.dataset)))
+            i = int(rng.integers(len(self.dataset)) if self.p is None else rng.choice(len(self.dataset), p=self.p))
             vol = self.volumes[i] if self.volumes is not None else torch.as_tensor(self.dataset[i]["image"])
             patch = _random_patch(vol, self.cfg.patch_size, rng, self.cfg.slice_axis, self.fgs[i] if self.fgs else None)
             patches.append(flip_and_transpose(patch, rng) if self.cfg.augment else patch)

@@ -374,3 +374,18 @@ def test_a_known_noise_level_replaces_the_estimate(batch_input, bundles, tmp_pat
     code, _ = run(src, tmp_path / "estimated", task="denoise", model=str(bundles["denoise"]), steps=1)
     unit = _manifest(tmp_path / "estimated")["units"][0]
     assert json.loads((tmp_path / "estimated" / unit["outputs"]["provenance"]).read_text())["operator"]["sigma"] != 7.5
+
+
+def test_diffusion_flag_reaches_the_reconstructor_and_the_manifest(batch_input, bundles, tmp_path):
+    from typer.testing import CliRunner
+
+    from medldm.cli import app
+
+    nifti = batch_input[0] / "nifti" / "sub-01_T1w.nii.gz"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["reconstruct", str(nifti), str(out), "--task", "denoise", "--model",
+                                      str(bundles["denoise"]), "--steps", "1", "--no-diffusion"])
+    assert result.exit_code == 0, result.output
+    unit = _manifest(out)["units"][0]
+    assert _manifest(out)["parameters"]["diffusion"] is False
+    assert json.loads((out / unit["id"] / "provenance.json").read_text())["parameters"]["use_diffusion"] is False

@@ -38,6 +38,11 @@ def test_files_and_splits(prepared):
     train = {e["image"] for e in dl["training"]}
     held = {e["image"] for e in dl["validation"] + dl["test_ood"]}
     assert not train & held
+    from medldm.data.sources import PYRADIOMICS_SDIST
+
+    if PYRADIOMICS_SDIST.is_file():  # the extra real heads: training only, thick ones marked
+        extra = [e for e in dl["training"] if e["source"] == "pyradiomics_brain"]
+        assert len(extra) == 2 and all(e["thick_axis"] == 2 for e in extra)
     sources = {e["source"] for e in dl["training"]}
     assert {"mni152", "synthetic"} <= sources and ("invesalius_head_ct" in sources) == HAS_CT
     assert sum(e["source"] == "synthetic" for e in dl["training"]) >= 2  # >= 1 part per subject
@@ -121,3 +126,41 @@ def test_real_t1():
     assert v.array.shape == (1, 128, 62, 128) and nib.aff2axcodes(v.affine) == ("R", "A", "S")
     head = find_real_t1_validation(brain_only=False)
     assert (v.array > 0).sum() < (head.array > 0).sum()
+
+
+def test_pyradiomics_brain_geometry():
+    from medldm.data.sources import PYRADIOMICS_SDIST, load_pyradiomics_brain
+
+    if not PYRADIOMICS_SDIST.is_file():
+        pytest.skip("pyradiomics source archive not fetched (.ci/setup does it)")
+    v = load_pyradiomics_brain("brain2")
+    assert v.array.shape == (1, 256, 256, 23) and nib.aff2axcodes(v.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(v.spacing, (0.78125, 0.78125, 6.5))
+    assert v.meta["thick_axis"] == 2 and v.array.max() > 1000  # raw scanner values, not rescaled
+
+
+def test_brainsmall_orientation():
+    from medldm.data.sources import BRAINSMALL_PATH, load_brainsmall
+
+    if not BRAINSMALL_PATH.is_file():
+        pytest.skip("libvolpack1-dev not installed")
+    v = load_brainsmall()
+    assert v.array.shape == (1, 84, 128, 128) and nib.aff2axcodes(v.affine) == ("R", "A", "S")
+    # Anatomy check: the head (bright voxels) fills more of the upper half of k (cranium) than the neck level.
+    head = (v.array[0] > 40).sum(axis=(0, 1))
+    assert head[80:100].sum() > head[10:30].sum()
+
+
+def test_extra_sources_missing_messages(tmp_path):
+    from medldm.data.sources import load_brainsmall, load_pyradiomics_brain
+
+    with pytest.raises(InputError, match="pip download"):
+        load_pyradiomics_brain("brain1", tmp_path / "none.tar.gz")
+    with pytest.raises(InputError, match="unknown pyradiomics brain"):
+        load_pyradiomics_brain("lung1", tmp_path / "none.tar.gz")
+    with pytest.raises(InputError, match="libvolpack1-dev"):
+        load_brainsmall(tmp_path / "none.den")
+    bad = tmp_path / "bad.den"
+    bad.write_bytes(b"\0" * 70)
+    with pytest.raises(InputError, match="header says"):
+        load_brainsmall(bad)

@@ -127,8 +127,33 @@ def test_load_datalist_filters_and_limits(tiny_datalist, tmp_path):
     assert [it.get("modality") for it in load_datalist(path, "training", "CT")] == [None, "CT"]
 
 
+def test_thick_entries_only_for_their_planes(tmp_path):
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({"training": [{"image": "thin.nii.gz"}, {"image": "thick.nii.gz", "thick_axis": 2}]}))
+    names = lambda axis: [Path(it["image"]).name for it in load_datalist(path, "training", plane_axis=axis)]  # noqa: E731
+    assert names(2) == ["thin.nii.gz", "thick.nii.gz"]  # axial planes: in-plane detail is real
+    assert names(0) == names(None) == ["thin.nii.gz"]  # planes through the thick axis, or 3D: left out
+
+
+def test_source_probabilities():
+    from medldm.training.data import source_probabilities
+
+    entries = [{"source": "a"}, {"source": "a"}, {"source": "b"}, {}]
+    assert source_probabilities(entries, {}) is None and source_probabilities(entries, {"c": 5.0}) is None
+    np.testing.assert_allclose(source_probabilities(entries, {"b": 2.0}), [0.2, 0.2, 0.4, 0.2])
+
+
 def test_disk_cache_is_keyed_by_pipeline(tiny_datalist, tmp_path):
     resampled = build_eval_transforms("MR", target_spacing=(2.0, 2.0, 2.0))  # another pipeline, other shapes
     build_dataset(tiny_datalist, "validation", resampled, cache="disk", cache_dir=tmp_path)[0]
     ev = build_dataset(tiny_datalist, "validation", build_eval_transforms("MR"), cache="disk", cache_dir=tmp_path)
     assert tuple(ev[0]["image"].shape) == (1, 40, 36, 20)
+
+
+def test_sources_filter(tmp_path):
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz", "source": "mni152"},
+                                             {"image": "b.nii.gz", "source": "pyradiomics_brain"}, {"image": "c.nii.gz"}]}))
+    kept = load_datalist(path, "training", sources=["mni152"])
+    assert [Path(it["image"]).name for it in kept] == ["a.nii.gz"]
+    assert len(load_datalist(path, "training")) == 3

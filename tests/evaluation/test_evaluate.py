@@ -25,11 +25,25 @@ def test_recon_rows_supervised_and_fid(tmp_path):
     per_case = {(r["case"], r["method"]) for r in rows}
     for case in ("p/4x", "p/8x"):
         for method in ("zero-filled", "TV-POCS", "supervised U-Net", "VAE(truth)", "medldm latent",
-                       "medldm no diffusion", "medldm (default)", "medldm +latent DC", "medldm mean of 2"):
+                       "medldm no diffusion", "medldm diffusion", "medldm (default)", "medldm +latent DC",
+                       "medldm mean of 2"):
             assert (case, method) in per_case, (case, method)
+        by = {r["method"]: r for r in rows if r["case"] == case}
+        assert by["medldm (default)"]["psnr"] == by["medldm diffusion"]["psnr"]  # the model's default path
     fid = {r["method"]: r["fid"] for r in rows if r["case"] == "all cases"}
     assert set(fid) == {"zero-filled", "TV-POCS", "supervised U-Net", "medldm (default)"}
     assert all(np.isfinite(v) for v in fid.values())
     header = (tmp_path / "eval" / "tiny-mr-recon.md").read_text().splitlines()[0]
     assert " fid " in header and " psnr " in header
     assert (tmp_path / "eval" / "tiny-mr-recon.csv").read_text().splitlines()[0].count("fid") == 1
+
+
+def test_variants_default_row_is_the_models_default_path():
+    from medldm.evaluation.evaluate import variants
+
+    assert variants("denoise", 1, True)["medldm (default)"] == {"same_as": "medldm diffusion"}
+    rows = variants("denoise", 1, False)
+    assert rows["medldm (default)"] == {"same_as": "medldm no diffusion"}
+    assert rows["medldm no diffusion"]["use_diffusion"] is False and rows["medldm diffusion"]["use_diffusion"] is True
+    # every other row states its path, so a model's default does not change what an ablation row means
+    assert all("use_diffusion" in kw for name, kw in rows.items() if name != "medldm (default)")

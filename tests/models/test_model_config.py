@@ -94,3 +94,14 @@ def test_convert_v1_flattens_both_stages_oldest_first():
     assert config["refiner"] == {"enabled": True, "residual_on": "decoded", "guide": "nlm", "cascades": 1}
     assert [(leg["stage"], leg["steps"]) for leg in record["legs"]] == [
         ("bridge", 1), ("bridge", 2), ("refiner", 3), ("refiner", 4)]
+
+
+def test_format_2_reads_as_diffusion_by_default_and_converts(tmp_path):
+    folder = make_tiny_bundle(tmp_path / "m", "denoise", "MR")
+    cfg = json.loads((folder / "model.json").read_text())
+    assert cfg["format"] == FORMAT == "medldm-model/3" and cfg["default_use_diffusion"] is True
+    del cfg["default_use_diffusion"]
+    (folder / "model.json").write_text(json.dumps({**cfg, "format": "medldm-model/2"}))
+    config, _ = read_model_files(folder)
+    assert config.format == FORMAT and config.default_use_diffusion is True  # what format-2 models did
+    assert convert_folder(folder) and json.loads((folder / "model.json").read_text())["format"] == FORMAT

@@ -258,3 +258,33 @@ def test_an_nlm_guided_refiner_starts_from_the_non_local_means_of_each_slice(tmp
     ct_vol = Volume(noisy.array * 0 + 40.0, noisy.affine, "CT")
     with pytest.raises(ModelError, match="nlm"):
         Reconstructor(ct, device="cpu")(ct_vol, steps=1, sigma=10.0)
+
+
+def test_the_default_path_follows_the_model_and_samples_always_sample(tmp_path):
+    from medldm.models.bundle import load_bundle, save_bundle
+
+    folder = make_tiny_bundle(tmp_path / "m", "denoise", "MR")
+    bundle = load_bundle(folder)
+    bundle.config = bundle.config.model_copy(update={"default_use_diffusion": False})
+    rec = Reconstructor.load(save_bundle(bundle, tmp_path / "nodiff"), device="cpu")
+    vol = volume()
+    one = rec(vol, steps=2)
+    assert one.provenance["parameters"]["use_diffusion"] is False
+    np.testing.assert_array_equal(one.volume.array, rec(vol, steps=2, use_diffusion=False).volume.array)
+    assert rec(vol, steps=2, seed=1).volume.array.tobytes() == one.volume.array.tobytes()  # no sample: seed-free
+    two = rec(vol, steps=2, samples=2, refine=False)  # the untrained refiner would flatten the spread
+    assert two.provenance["parameters"]["use_diffusion"] is True and two.uncertainty.array.mean() > 0
+    assert rec(vol, steps=2, use_diffusion=True).provenance["parameters"]["use_diffusion"] is True
+
+
+def test_spread_from_the_sampler_keeps_the_mean_and_the_samples_spread(models):
+    vol = volume()
+    kw = dict(steps=2, samples=3, seed=0, nonnegative=False)
+    refined = models["denoise"](vol, **kw)
+    sampled = models["denoise"](vol, spread_from="sampler", **kw)
+    np.testing.assert_allclose(sampled.volume.array, refined.volume.array, rtol=1e-5, atol=1e-3)
+    decoded = models["denoise"](vol, refine=False, **kw)  # the decoded samples themselves
+    np.testing.assert_allclose(sampled.uncertainty.array, decoded.uncertainty.array, rtol=1e-4, atol=1e-3)
+    assert sampled.provenance["parameters"]["spread_from"] == "sampler"
+    with pytest.raises(ValueError, match="spread_from"):
+        models["denoise"](vol, spread_from="both")

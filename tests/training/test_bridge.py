@@ -82,3 +82,24 @@ def test_the_vae_digest_is_of_its_weights_not_its_file(tmp_path):
     assert (tmp_path / "f16.safetensors").read_bytes() != (tmp_path / "f32.safetensors").read_bytes()
     assert weights_digest(tmp_path / "f16.safetensors") == weights_digest(tmp_path / "f32.safetensors")
     assert weights_digest(tmp_path / "f16.safetensors") != weights_digest(tmp_path / "other.safetensors")
+
+
+def test_another_vae_encodes_the_bank_and_ships_with_the_fresh_flow(tiny_ldm, tmp_path):  # noqa: F811
+    from medldm.training.banks import weights_digest
+    from tests.helpers import make_tiny_bundle
+
+    cfg, model = tiny_ldm
+    other = make_tiny_bundle(tmp_path / "other", "denoise", "MR", seed=7)  # its VAE stands in for a new VAE run
+    wide = _cfg(cfg, vae=str(other), init="fresh", max_steps=1, val_every=1)
+    build_bank(wide, load_bundle(model), tmp_path / "bank", batches=1, progress=False)
+    recipe = json.loads((tmp_path / "bank" / "recipe.json").read_text())
+    assert recipe["vae_weights_sha256"] == weights_digest(other / "vae.safetensors")
+    with pytest.raises(ConfigError, match="init: fresh"):
+        train_bridge(_cfg(wide, init="model"), model, tmp_path / "bank", tmp_path / "no")
+    with pytest.raises(ConfigError, match="vae_weights_sha256"):  # the model's own VAE did not make this bank
+        train_bridge(_cfg(cfg, max_steps=1), model, tmp_path / "bank", tmp_path / "no")
+    out = load_bundle(train_bridge(wide, model, tmp_path / "bank", tmp_path / "out"))
+    for k, v in load_bundle(other).vae.state_dict().items():
+        torch.testing.assert_close(out.vae.state_dict()[k], v, rtol=0, atol=0)
+    assert out.config.latent_scale == load_bundle(other).config.latent_scale
+    assert out.record.training["vae_source"] == str(other) and out.refiner is not None
