@@ -111,7 +111,7 @@ def test_volume(modality: str, shape: tuple[int, int, int]):
 
 
 def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int, device: str,
-              threads: int | None) -> dict:
+              threads: int | None, use_diffusion: bool | None = None) -> dict:
     import torch
 
     if threads:
@@ -159,7 +159,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
             m = prof.run("measure", rec.measurement_for, vol)
         for attr in ("consistent_nonnegative", "data_consistency", "residual"):
             prof.patch(type(m.operator), attr, "dc")
-        res = rec(m, steps=steps, samples=samples, seed=0)
+        res = rec(m, steps=steps, samples=samples, seed=0, use_diffusion=use_diffusion)
         prof.run("write", write_nifti, res.volume, Path(tmp) / "reconstruction.nii.gz")
         if res.uncertainty is not None:
             prof.run("write", write_nifti, res.uncertainty, Path(tmp) / "uncertainty.nii.gz")
@@ -185,6 +185,8 @@ def main():
                                                                 "what medldm reconstruct runs)")
     ap.add_argument("--samples", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--diffusion", choices=["default", "on", "off"], default="default",
+                    help="sample the U-Net (on), decode the input's latent (off), or each model's default path")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -194,7 +196,8 @@ def main():
         ap.error("--size needs three numbers, e.g. 181x217x181")
     if args.child:
         model, samples = json.loads(args.child)
-        print(json.dumps(one_model(model, shape, args.steps, samples, args.device, args.threads)))
+        use = {"default": None, "on": True, "off": False}[args.diffusion]
+        print(json.dumps(one_model(model, shape, args.steps, samples, args.device, args.threads, use)))
         return
     import torch
 
@@ -207,7 +210,7 @@ def main():
     rows, notes = [], []
     for model in args.models:
         for k in args.samples:
-            cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device,
+            cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device, "--diffusion", args.diffusion,
                    "--child", json.dumps([model, k])] + (["--threads", str(args.threads)] if args.threads else []) + (
                 ["--steps", str(steps)] if steps else [])
             p = subprocess.run(cmd, capture_output=True, text=True)

@@ -133,8 +133,7 @@ class Reconstructor:
                  sigma: float | None = None, views: int | None = None, dose: float | None = None, dc: bool = True, dc_weight: float | None = None, latent_dc_every: int = 0,
                  latent_opt_steps: int = 0, refine: bool = True,
                  use_diffusion: bool | None = None, eta: float = 0.0, batch_size: int = 16, keep_samples: bool = False,
-                 progress: bool = False, nonnegative: bool | None = None,
-                 spread_from: str = "refiner") -> ReconstructionResult:
+                 progress: bool = False, nonnegative: bool | None = None) -> ReconstructionResult:
         """Reconstruct one volume.
 
         ``data``: a :class:`~medldm.io.volume.Volume`, a path (NIfTI, DICOM folder or file, fastMRI k-space .h5,
@@ -162,17 +161,13 @@ class Reconstructor:
         (2D models). ``nonnegative`` (default: MR, whose images are magnitudes; CT keeps HU) alternates that
         projection with x >= 0 and ends non-negative (``Operator.consistent_nonnegative``; the residual is then
         ~1e-3 instead of 1e-7); False keeps the exact projection. ``batch_size`` slices per network call;
-        ``progress`` shows a bar; ``keep_samples`` returns every sample. ``spread_from="sampler"`` keeps the
-        refined samples' mean but each sample's deviation from it is the decoded latent sample's (the refiner, trained
-        towards one answer, shrinks the spread it is given); "refiner" (default) keeps the refined samples as they are.
+        ``progress`` shows a bar; ``keep_samples`` returns every sample.
         """
         steps = self.config.default_steps if steps is None else steps
         if samples < 1 or steps < 1:
             raise ValueError("samples and steps must be >= 1")
         if use_diffusion is None:
             use_diffusion = samples > 1 or self.config.default_use_diffusion
-        if spread_from not in ("refiner", "sampler"):
-            raise ValueError(f"spread_from must be 'refiner' or 'sampler', got {spread_from!r}")
         t0 = time.time()
         m = self.measurement_for(data, factor=factor, sigma=sigma, views=views, dose=dose)
         if m.task != self.task:
@@ -195,7 +190,7 @@ class Reconstructor:
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide, start=start, spread_from=spread_from)
+                                  guide=guide, start=start)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -204,7 +199,7 @@ class Reconstructor:
         return self._finish(m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, steps=steps, seed=seed,
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
-                            use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples, spread_from=spread_from)
+                            use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples)
 
     @staticmethod
     def _slice_corrections(m, norm, axis):
@@ -257,15 +252,14 @@ class Reconstructor:
         return guide, (None if start_kind == "noise" else by_kind[start_kind])
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
-                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
-                spread_from="refiner") -> torch.Tensor:
+                latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None) -> torch.Tensor:
         """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
                 raise ModelError("latent DC and latent optimisation are implemented for 2D models only")
             out = restore_volume(self.bundle, cond, samples=samples, steps=steps, seed=seed, eta=eta, refine=refine,
                                  use_diffusion=use_diffusion, progress=bar.update if bar else None)
-            out = {k: v[:, 0] for k, v in out.items()}  # (K, X, Y, Z)
+            vols_n = out["output"][:, 0]  # (K, X, Y, Z)
         else:
             with torch.no_grad():
                 out = restore_slices(
@@ -276,14 +270,11 @@ class Reconstructor:
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
                     guide=guide, start=start, progress=bar.update if bar else None)
-            out = {k: v[:, :, 0].movedim(1, 1 + axis) for k, v in out.items()}  # (K, S, A, B) -> (K, X, Y, Z)
-        if spread_from == "sampler":
-            return out["output"].mean(0, keepdim=True) + out["decoded"] - out["decoded"].mean(0, keepdim=True)
-        return out["output"]
+            vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
+        return vols_n
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
-                latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,
-                spread_from="refiner") -> ReconstructionResult:
+                latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative) -> ReconstructionResult:
         """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
         with_dc = dc and m.task in DC_TASKS
@@ -314,7 +305,7 @@ class Reconstructor:
             "parameters": {"steps": steps, "samples": samples, "seed": seed, "dc": dc, "dc_weight": dc_weight,
                            "nonnegative_rounds": rounds,
                            "latent_dc_every": latent_dc_every, "latent_opt_steps": latent_opt_steps,
-                           "refine": refine, "use_diffusion": use_diffusion, "eta": eta, "spread_from": spread_from,
+                           "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),

@@ -25,7 +25,7 @@ def _disjoint(a, b) -> bool:  # inclusive [lo, hi] ranges
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep")
-    path = prepare_data(out, n_synthetic=2, resolution=2, include_ct=HAS_CT, progress=False)
+    path = prepare_data(out, n_synthetic=2, resolution=2, include_ct=HAS_CT, include_extra_mr=False, progress=False)
     return path, json.loads(path.read_text())
 
 
@@ -38,11 +38,6 @@ def test_files_and_splits(prepared):
     train = {e["image"] for e in dl["training"]}
     held = {e["image"] for e in dl["validation"] + dl["test_ood"]}
     assert not train & held
-    from medldm.data.sources import PYRADIOMICS_SDIST
-
-    if PYRADIOMICS_SDIST.is_file():  # the extra real heads: training only, thick ones marked
-        extra = [e for e in dl["training"] if e["source"] == "pyradiomics_brain"]
-        assert len(extra) == 2 and all(e["thick_axis"] == 2 for e in extra)
     sources = {e["source"] for e in dl["training"]}
     assert {"mni152", "synthetic"} <= sources and ("invesalius_head_ct" in sources) == HAS_CT
     assert sum(e["source"] == "synthetic" for e in dl["training"]) >= 2  # >= 1 part per subject
@@ -84,7 +79,8 @@ def test_ct_holdout_no_overlap(prepared):
 def test_idempotent(prepared):
     path, dl = prepared
     files = {p: p.stat().st_mtime_ns for p in path.parent.rglob("*.nii.gz")}
-    again = prepare_data(path.parent, n_synthetic=2, resolution=2, include_ct=HAS_CT, progress=False)
+    again = prepare_data(path.parent, n_synthetic=2, resolution=2, include_ct=HAS_CT, include_extra_mr=False,
+                         progress=False)
     assert json.loads(again.read_text()) == dl
     assert {p: p.stat().st_mtime_ns for p in path.parent.rglob("*.nii.gz")} == files
     manifest = json.loads((path.parent / "manifest.json").read_text())
@@ -164,3 +160,18 @@ def test_extra_sources_missing_messages(tmp_path):
     bad.write_bytes(b"\0" * 70)
     with pytest.raises(InputError, match="header says"):
         load_brainsmall(bad)
+
+
+@pytest.mark.slow
+def test_extra_real_heads_enter_training_only(tmp_path):
+    from medldm.data.sources import BRAINSMALL_PATH, PYRADIOMICS_SDIST
+
+    if not (PYRADIOMICS_SDIST.is_file() and BRAINSMALL_PATH.is_file()):
+        pytest.skip("pyradiomics archive or libvolpack1-dev missing (.ci/setup installs both)")
+    dl = json.loads(prepare_data(tmp_path, n_synthetic=0, resolution=2, include_ct=False, include_real_t1=False,
+                                 progress=False).read_text())
+    extra = [e for e in dl["training"] if e["source"] in ("pyradiomics_brain", "volpack_brainsmall")]
+    assert sorted(e["source"] for e in extra) == ["pyradiomics_brain", "pyradiomics_brain", "volpack_brainsmall"]
+    assert [e.get("thick_axis") for e in extra] == [2, 2, None]  # 6.5 mm slices: axial planes only
+    assert all(e["source"] not in ("pyradiomics_brain", "volpack_brainsmall") for e in dl["validation"])
+    assert all((tmp_path / e["image"]).is_file() for e in extra)

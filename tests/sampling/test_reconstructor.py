@@ -276,15 +276,3 @@ def test_the_default_path_follows_the_model_and_samples_always_sample(tmp_path):
     assert two.provenance["parameters"]["use_diffusion"] is True and two.uncertainty.array.mean() > 0
     assert rec(vol, steps=2, use_diffusion=True).provenance["parameters"]["use_diffusion"] is True
 
-
-def test_spread_from_the_sampler_keeps_the_mean_and_the_samples_spread(models):
-    vol = volume()
-    kw = dict(steps=2, samples=3, seed=0, nonnegative=False)
-    refined = models["denoise"](vol, **kw)
-    sampled = models["denoise"](vol, spread_from="sampler", **kw)
-    np.testing.assert_allclose(sampled.volume.array, refined.volume.array, rtol=1e-5, atol=1e-3)
-    decoded = models["denoise"](vol, refine=False, **kw)  # the decoded samples themselves
-    np.testing.assert_allclose(sampled.uncertainty.array, decoded.uncertainty.array, rtol=1e-4, atol=1e-3)
-    assert sampled.provenance["parameters"]["spread_from"] == "sampler"
-    with pytest.raises(ValueError, match="spread_from"):
-        models["denoise"](vol, spread_from="both")

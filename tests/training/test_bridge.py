@@ -84,6 +84,7 @@ def test_the_vae_digest_is_of_its_weights_not_its_file(tmp_path):
     assert weights_digest(tmp_path / "f16.safetensors") != weights_digest(tmp_path / "other.safetensors")
 
 
+@pytest.mark.slow
 def test_another_vae_encodes_the_bank_and_ships_with_the_fresh_flow(tiny_ldm, tmp_path):  # noqa: F811
     from medldm.training.banks import weights_digest
     from tests.helpers import make_tiny_bundle
