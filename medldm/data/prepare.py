@@ -172,11 +172,11 @@ def _job_itk(out: Path) -> dict:
 def _job_extra_mr(name: str, out: Path) -> dict:
     from medldm.data.sources import load_brainsmall, load_pyradiomics_brain
 
-    vol = load_brainsmall() if name == "brainsmall" else load_pyradiomics_brain(name)
-    rel = f"mr/{'volpack' if name == 'brainsmall' else 'pyradiomics'}_{name}.nii.gz"
+    vol, prefix, source = ((load_brainsmall(), "volpack", "volpack_brainsmall") if name == "brainsmall"
+                           else (load_pyradiomics_brain(name), "pyradiomics", "pyradiomics_brain"))
+    rel = f"mr/{prefix}_{name}.nii.gz"
     _write_nifti(vol, out / rel, np.int16)  # integer scanner values: int16 holds them exactly
     extra = {"thick_axis": vol.meta["thick_axis"]} if "thick_axis" in vol.meta else {}
-    source = "volpack_brainsmall" if name == "brainsmall" else "pyradiomics_brain"
     return {"training": [_entry(rel, "MR", source, subject=vol.meta["subject"], **extra)]}
 
 

@@ -50,8 +50,8 @@ def _default_path(config) -> str:
                 "`use_diffusion=False` decodes the input's latent instead (`medldm no diffusion`).")
     return ("**Default path: no diffusion.** On the held-out cases a diffusion sample measured no better than decoding "
             "the input's latent (`medldm diffusion` against `medldm no diffusion` below; `benchmarks/steps_quality.py`), "
-            "so one sample skips the U-Net (`medldm (default)` equals `medldm no diffusion`; the U-Net was ~25% of a "
-            "volume's time on CPU). `use_diffusion=True`, `--diffusion`, or two or more samples sample the U-Net and "
+            "so one sample skips the U-Net (`medldm (default)` equals `medldm no diffusion`; the U-Net was 18-28% of a 181x217x181 "
+            "volume's time on 2 CPU cores, benchmarks/README.md). `use_diffusion=True`, `--diffusion`, or two or more samples sample the U-Net and "
             "give the uncertainty map.")
 
 
