@@ -282,6 +282,25 @@ def demo(out: Path = typer.Option(Path("demo_output"), help="Where inputs, outpu
         _fail(err)
 
 
+@app.command("app")
+def app_cmd(model: str = typer.Option("mr-denoise", help="Model shown first: shipped name, folder or models:/NAME@alias."),
+            host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+            port: int = typer.Option(7860), max_upload_mb: float = typer.Option(512, help="Largest accepted upload."),
+            device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available).")):
+    """A local web page: load a scan or an example, reconstruct it, look at input, output, difference,
+    uncertainty and error in three planes, download the results (needs `pip install medldm[app]`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        _fail(MedldmError("medldm app needs gradio: pip install 'medldm[app]' (bash .ci/setup installs it)"))
+    from medldm.app.page import launch
+
+    try:
+        launch(model, host=host, port=port, max_upload_mb=max_upload_mb, device=device)
+    except MedldmError as err:
+        _fail(err)
+
+
 def main():
     try:
         app()

@@ -239,6 +239,9 @@ class BridgeStageConfig(Strict):
 
     guide: Literal["naive", "tv-pocs", "nlm"] = "naive"  # the image the flow starts from (its latent, plus noise)
     start_noise: float = Field(0.5, gt=0)  # std of the noise added to the start latent (latents have unit std)
+    # Each training start moved towards its truth by a factor drawn from U(start_shrink_min, 1) (1 = off): the bank's
+    # starts are worse than whole-slice guides at inference, and a flow that only saw bad starts over-corrects good ones.
+    start_shrink_min: float = Field(1.0, gt=0, le=1)
     bank_batches: int = Field(400, ge=1)  # data batches (data.batch_size pairs each) encoded into the bank
     bank_workers: int = Field(0, ge=0)  # worker processes making the bank's guides
     init: Literal["model", "fresh"] = "model"  # start from the model's U-Net, or a new one of unet's config

@@ -41,9 +41,14 @@ def flow_scheduler_config(cfg: LDMRunConfig) -> SchedulerConfig:
     return SchedulerConfig(kind="rflow", start=stage.guide, start_noise=stage.start_noise)
 
 
-def flow_inputs(scheduler, truth: torch.Tensor, start: torch.Tensor, start_noise: float, g: torch.Generator):
+def flow_inputs(scheduler, truth: torch.Tensor, start: torch.Tensor, start_noise: float, g: torch.Generator,
+                shrink_min: float = 1.0):
     """One step's U-Net input, timesteps and target, every draw from ``g``: logit-normal t (as MONAI's
-    RFlowScheduler samples it), the noisy source and the point on the straight path between source and truth."""
+    RFlowScheduler samples it), the noisy source and the point on the straight path between source and truth.
+    With ``shrink_min`` < 1 each start first moves towards its truth by a factor from U(shrink_min, 1)."""
+    if shrink_min < 1:
+        a = shrink_min + (1 - shrink_min) * torch.rand(truth.shape[0], generator=g).to(truth)
+        start = truth + a.reshape(-1, *([1] * (truth.ndim - 1))) * (start - truth)
     eps = torch.randn(truth.shape, generator=g).to(truth)
     t = torch.sigmoid(torch.randn(truth.shape[0], generator=g)).to(truth.device) * scheduler.num_train_timesteps
     source = start + start_noise * eps
@@ -126,7 +131,7 @@ def train_bridge(cfg: LDMRunConfig, model_dir: str | Path, bank_dir: str | Path,
     while step < total and seconds_before + time.time() - t0 < 60 * stage.max_minutes:
         truth, start = (t.to(dev) for t in bank.batch(step, stage.batch_size, cfg.train.seed))
         g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.train.seed, step, 1]).integers(2**31 - 1)))
-        inp, t, target = flow_inputs(scheduler, truth, start, stage.start_noise, g)
+        inp, t, target = flow_inputs(scheduler, truth, start, stage.start_noise, g, stage.start_shrink_min)
         with autocast(dev, cfg.train.amp):
             loss = F.mse_loss(unet(inp, t).float(), target)
         common.optimizer_step(opt, loss, unet.parameters(), cfg.train.grad_clip)

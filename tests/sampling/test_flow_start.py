@@ -65,3 +65,15 @@ def test_flow_training_inputs_run_from_source_to_truth():
 def test_a_flow_start_needs_rflow():
     with pytest.raises(ConfigError, match="needs kind: rflow"):
         parse_config({"kind": "ddpm", "start": "naive"}, SchedulerConfig)
+
+
+def test_shrunk_starts_lie_between_the_start_and_the_truth():
+    sched = build_scheduler(SchedulerConfig(kind="rflow", start="naive"), spatial_dims=2)
+    truth, start = torch.randn(64, 2, 4, 4), torch.randn(64, 2, 4, 4)
+    inp, _, _ = flow_inputs(sched, truth, start, 0.3, torch.Generator().manual_seed(0), shrink_min=0.25)
+    shrunk = inp[:, 2:4]  # the condition is the shrunk start
+    a = ((shrunk - truth) / (start - truth)).flatten(1)
+    torch.testing.assert_close(a.min(1).values, a.max(1).values, atol=1e-3, rtol=1e-3)  # one factor per pair
+    assert a.min() >= 0.25 - 1e-5 and a.max() <= 1 + 1e-5 and a.std() > 0.1
+    same, _, _ = flow_inputs(sched, truth, start, 0.3, torch.Generator().manual_seed(0), shrink_min=1.0)
+    torch.testing.assert_close(same[:, 2:4], start)  # 1 = off

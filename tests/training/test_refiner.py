@@ -22,6 +22,7 @@ def _state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
+@pytest.mark.slow  # the stage end to end with MLflow logging (~7 s); the quick tier keeps its parts below
 def test_only_the_refiner_changes_and_the_run_is_logged(tiny_ldm, mlflow_tmp, tmp_path):
     cfg, model = tiny_ldm
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": True})})
