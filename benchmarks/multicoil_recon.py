@@ -6,7 +6,10 @@ fastMRI centre fractions 8% / 4%), then is read as a file would be (``as_measure
 from the centre lines). Rows: zero-filled RSS, CG-SENSE and TV-SENSE (sigpy, the same maps), medldm's default
 output and its ablations; PSNR / SSIM as the model cards compute them, seconds, data residual.
 
-    python benchmarks/multicoil_recon.py [--model mr-recon] [--slices 8] [--coils 8] [--accelerations 4 8]
+    python benchmarks/multicoil_recon.py [--model mr-recon [FOLDER ...]] [--slices 8] [--coils 8] [--accelerations 4 8]
+        [--baselines "CG-SENSE" "TV-POCS" ...] [--variants "medldm (default)" ...]
+
+Several models are run on the same measurements (the baselines once), e.g. a shipped model and a retrained one.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ VARIANTS = {"medldm (default)": {}, "medldm no diffusion": {"use_diffusion": Fal
             "medldm latent+DC": {"refine": False}, "medldm +refiner, no DC": {"dc": False}}
 
 
-def rows_for(model: str, datalist: str, slices: int, coils: int, accelerations: list[int]) -> list[dict]:
-    rec = Reconstructor.load(model)
+def rows_for(models: list[str], datalist: str, slices: int, coils: int, accelerations: list[int],
+             baselines: list[str] | None = None, variants: list[str] | None = None) -> list[dict]:
+    recs = {model: Reconstructor.load(model) for model in models}
+    chosen = {k: v for k, v in VARIANTS.items() if variants is None or k in variants}
     rows = []
     for name, vol in validation_volumes(datalist, "MR").items():
         mid = vol.array.shape[-1] // 2
@@ -51,30 +56,34 @@ def rows_for(model: str, datalist: str, slices: int, coils: int, accelerations: 
                 continue
             print(f"{name} {acc}x: maps estimated in {time.perf_counter() - t0:.1f} s", flush=True)
 
-            def add(method, pred, seconds, residual=None):
+            def add(model, method, pred, seconds, residual=None):
                 rows.append({"model": model, "case": f"{name}/{coils}coil-{acc}x", "method": method,
                              **{k: round(v, 4) for k, v in M.all_metrics(truth, pred, mask).items()},
                              "seconds": round(seconds, 1), "residual": residual})
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 
             for method, fn in baselines_for("recon", "MR", coils=coils).items():
-                t0 = time.perf_counter()
-                add(method, fn(m), time.perf_counter() - t0)
-            for method, kw in VARIANTS.items():
-                res = rec(m, **kw)
-                add(method, res.volume.array[0], res.timings["total"], res.residual)
+                if baselines is None or method in baselines:
+                    t0 = time.perf_counter()
+                    add("-", method, fn(m), time.perf_counter() - t0)
+            for model, rec in recs.items():
+                for method, kw in chosen.items():
+                    res = rec(m, **kw)
+                    add(model, method, res.volume.array[0], res.timings["total"], res.residual)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mr-recon")
+    ap.add_argument("--model", nargs="+", default=["mr-recon"], help="shipped names or model folders")
     ap.add_argument("--datalist", default=str(ROOT / "data" / "datalist.json"))
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--coils", type=int, default=8)
     ap.add_argument("--accelerations", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--baselines", nargs="+", default=None, help="a subset of the baselines (default: all)")
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="a subset of medldm's rows")
     a = ap.parse_args()
-    print(markdown_table(rows_for(a.model, a.datalist, a.slices, a.coils, a.accelerations)))
+    print(markdown_table(rows_for(a.model, a.datalist, a.slices, a.coils, a.accelerations, a.baselines, a.variants)))
 
 
 if __name__ == "__main__":

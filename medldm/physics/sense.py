@@ -172,8 +172,14 @@ class RandomMultiCoilUndersampling(RandomCartesianUndersampling):
     """fastMRI-style masks as the single-coil ones, plus ``coils`` birdcage maps (radius drawn from
     ``coil_radius``, a number or a range) and, with ``phase``, a smooth random image phase folded into them."""
 
-    def __init__(self, coils: int = 8, coil_radius=(1.2, 2.0), **kwargs):
+    def __init__(self, coils: int = 8, coil_radius=(1.2, 2.0), projection_weight: float | None = None, **kwargs):
         super().__init__(**kwargs)
+        # the sampled operators' soft data-consistency step (None: the hard projection). Measured k-space runs
+        # with 1.0 (``from_kspace``); training with it costs a few well-conditioned CG steps per projection instead
+        # of up to ``dc_iters`` ill-conditioned ones (a real image under complex maps)
+        if projection_weight is not None and not projection_weight > 0:
+            raise ConfigError(f"projection_weight must be > 0, got {projection_weight}")
+        self.projection_weight = None if projection_weight is None else float(projection_weight)
         if self.mode != "2d":
             raise ConfigError("multi-coil k-space is implemented for 2D (multi-slice) acquisitions only")
         if int(coils) < 1:
@@ -188,4 +194,5 @@ class RandomMultiCoilUndersampling(RandomCartesianUndersampling):
         rng = np.random.default_rng([int(seed), 1])  # its own stream: the masks of a seed stay the single-coil ones
         radius = float(rng.uniform(*self.coil_radius))
         kw = {k: v for k, v in single.params().items() if k != "operator"}
-        return MultiCoilCartesian(coils=self.coils, coil_seed=int(rng.integers(2**31 - 1)), coil_radius=radius, **kw)
+        return MultiCoilCartesian(coils=self.coils, coil_seed=int(rng.integers(2**31 - 1)), coil_radius=radius,
+                                  projection_weight=self.projection_weight, **kw)

@@ -118,3 +118,16 @@ def test_cg_sense_agrees_with_sigpy():
     ref = SenseRecon(y[0].numpy(), maps, lamda=0.0, max_iter=20, show_pbar=False).run()
     np.testing.assert_allclose(ours, ref, atol=1e-6 * np.abs(ref).max())
     assert np.abs(np.abs(ours) - x[0, 0].numpy()).max() < 0.05  # 2x with 4 coils: the image comes back
+
+
+def test_a_random_operator_can_sample_the_soft_step_measured_kspace_uses():
+    rnd = RandomMultiCoilUndersampling(coils=4, phase=True, accelerations=[4], center_fractions=[0.08],
+                                       projection_weight=1.0)
+    op = rnd.sample(3)
+    x = torch.rand(1, 1, 24, 24, 2)
+    y = op.forward(torch.rand(1, 1, 24, 24, 2))
+    assert op.projection_weight == 1.0 and op.params()["projection_weight"] == 1.0
+    torch.testing.assert_close(op.data_consistency(x, y), op.data_consistency(x, y, weight=1.0))
+    assert RandomMultiCoilUndersampling(coils=4).sample(3).projection_weight is None  # default: the hard projection
+    with pytest.raises(ConfigError, match="projection_weight"):
+        RandomMultiCoilUndersampling(coils=4, projection_weight=0)
