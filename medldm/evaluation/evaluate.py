@@ -15,6 +15,7 @@ default) over all cases together, case "all cases" (FID needs many slices; see `
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def evaluate_cases(rec: Reconstructor, cases: list[Case], out_dir: str | Path, s
             rows.append({"model": rec.config.name, "case": case.name, "method": method,
                          **{k: round(v, 4) for k, v in M.all_metrics(truth, pred, mask).items()},
                          "seconds": round(seconds, 2), **extra})
+            r = rows[-1]  # a line per row on stderr: a whole evaluation takes minutes and otherwise says nothing
+            print(f"{r['model']} {r['case']} {method}: {r['psnr']:.2f} dB / {r['ssim']:.3f} ({seconds:.1f} s)",
+                  file=sys.stderr, flush=True)
 
         for name, fn in baselines_for(case.measurement.task, case.measurement.modality,
                                       case.measurement.meta.get("coils", 1)).items():

@@ -14,7 +14,7 @@ from tests.helpers import make_tiny_bundle, make_tiny_feature_net
 
 
 @pytest.mark.slow
-def test_recon_rows_supervised_and_fid(tmp_path):
+def test_recon_rows_supervised_and_fid(tmp_path, capsys):
     rec = Reconstructor.load(make_tiny_bundle(tmp_path / "m", "recon", "MR"), device="cpu")
     vol = Volume((phantom((32, 32, 4)) * 100)[None].astype(np.float32), np.eye(4), "MR")
     cases = make_cases("recon", "MR", {"p": vol})
@@ -36,6 +36,8 @@ def test_recon_rows_supervised_and_fid(tmp_path):
     header = (tmp_path / "eval" / "tiny-mr-recon.md").read_text().splitlines()[0]
     assert " fid " in header and " psnr " in header
     assert (tmp_path / "eval" / "tiny-mr-recon.csv").read_text().splitlines()[0].count("fid") == 1
+    said = capsys.readouterr().err.splitlines()  # a line per row as it is made, not silence until the end
+    assert sum(line.startswith("tiny-mr-recon p/4x ") for line in said) == len([r for r in rows if r["case"] == "p/4x"])
 
 
 def test_variants_default_row_is_the_models_default_path():
