@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--baselines", nargs="+", default=None, help="a subset of the baselines (default: all)")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="a subset of medldm's rows")
     a = ap.parse_args()
+    known = baselines_for("recon", "MR", coils=a.coils)
+    if a.baselines and set(a.baselines) - set(known):  # a misspelt name would silently drop its row
+        ap.error(f"unknown baseline(s) {sorted(set(a.baselines) - set(known))}; choose from {list(known)}")
     print(markdown_table(rows_for(a.model, a.datalist, a.slices, a.coils, a.accelerations, a.baselines, a.variants)))
 
 

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 HEAT_NOTE = ("Grey images share the window (level, width). Heat maps (|output - input|, uncertainty = per-voxel "
              "std over the samples, |error| = |output - truth|) run from 0 to a quarter of the window's width.")
 NONE = "none: use the uploaded file"
-KEEP_RUNS = 10  # run folders kept in the work folder; older ones are removed
+KEEP_RUNS = 10
+# the maps shown, in order: (session's array name, label, element id); rows of 2 and 3 on the page
+PANELS = (("input", "input", "img-input"), ("output", "output", "img-output"),
+          ("|output - input|", "|output - input|", "img-diff"), ("uncertainty (std)", "uncertainty (std)", "img-std"),
+          ("|error|", "|error| (simulations)", "img-error"))  # run folders kept in the work folder; older ones are removed
 
 
 class App:
@@ -87,14 +91,13 @@ def metrics_markdown(rows: list[dict]) -> str:
 
 def render(state, x, y, z, level, width) -> list:
     """The five images for the current planes and window (None where a map does not exist)."""
-    names = ["input", "output", "|output - input|", "uncertainty (std)", "|error|"]
     if not state:
-        return [None] * len(names)
+        return [None] * len(PANELS)
     arrays = state["arrays"]
     shape = arrays["output"].shape
     index = tuple(int(round(f * (s - 1))) for f, s in zip((x, y, z), shape))
     images = views.panels(arrays, state["spacing"], index, float(level), max(float(width), 1e-6))
-    return [images.get(n) for n in names]
+    return [images.get(name) for name, _, _ in PANELS]
 
 
 def build(app: App, default_model: str):
@@ -134,11 +137,10 @@ def build(app: App, default_model: str):
                     level = gr.Slider(-2000, 5000, 500, label="window level", elem_id="level")
                     width = gr.Slider(1, 8000, 1000, label="window width", elem_id="width")
         images = []
-        for row in ((("input", "img-input"), ("output", "img-output")),
-                    (("|output - input|", "img-diff"), ("uncertainty (std)", "img-std"), ("|error| (simulations)", "img-error"))):
+        for row in (PANELS[:2], PANELS[2:]):
             with gr.Row():
-                images += [gr.Image(label=f"{n} (axial | coronal | sagittal)", elem_id=i, format="png", height=260,
-                                    interactive=False, buttons=["download", "fullscreen"]) for n, i in row]
+                images += [gr.Image(label=f"{label} (axial | coronal | sagittal)", elem_id=i, format="png", height=260,
+                                    interactive=False, buttons=["download", "fullscreen"]) for _, label, i in row]
         gr.Markdown(HEAT_NOTE)
         downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
         provenance = gr.JSON(label="provenance", elem_id="provenance")

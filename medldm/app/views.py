@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import colormaps
 
-from medldm.io.volume import RAS, Volume, reorient
+from medldm.io.volume import RAS, reorient
 
 GAP = 4  # pixels between planes
 DISPLAY_MM = 1.0  # pixel size of the drawn planes (nearest neighbour)
@@ -89,7 +89,3 @@ def panels(arrays: dict[str, np.ndarray], spacing: tuple, index: tuple[int, int,
                                  "magma" if heat else "gray")
     return out
 
-
-def as_volume(array: np.ndarray, like: Volume) -> Volume:
-    return Volume(np.asarray(array, np.float32)[None] if np.ndim(array) == 3 else array, like.affine, like.modality,
-                  dict(like.meta))
