@@ -2,7 +2,7 @@
 slices, for the ways torch can run them on this machine (figures printed, not a test):
 
 - eager float32 (what medldm runs), channels_last, bfloat16 autocast (CPU), torch.compile (inductor),
-  and ONNX Runtime when ``onnxruntime`` is installed (not a medldm dependency).
+  and OpenVINO / ONNX Runtime when ``openvino`` / ``onnxruntime`` are installed (not medldm dependencies).
 
 Each variant's largest absolute difference from eager float32 is printed beside its time: a backend is only
 worth adopting if it is faster *and* its outputs agree (the README table must not move by more than 0.05 dB).
@@ -81,6 +81,14 @@ def variants(module, inputs):
     compiled = torch.compile(module)
     yield "torch.compile", lambda: compiled(*inputs)
     try:
+        import openvino as ov
+    except ImportError:
+        ov = None
+    if ov is not None:  # OpenVINO's own CPU kernels (float32 on CPUs without native bf16), from a traced module
+        ov_net = ov.compile_model(ov.convert_model(module, example_input=inputs), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        yield "openvino", lambda: torch.from_numpy(ov_net([i.numpy() for i in inputs])[0])
+    try:
         import onnxruntime as ort
     except ImportError:
         return
@@ -99,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--networks", nargs="+", default=["unet step", "vae encode", "vae decode", "refiner pass"])
     ap.add_argument("--variants", nargs="+", default=["eager fp32", "channels_last", "bf16 autocast", "torch.compile",
-                                                      "onnxruntime"],
+                                                      "openvino", "onnxruntime"],
                     help="bf16 autocast is very slow on CPUs without native bfloat16 (30-60 s per call here)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)

@@ -8,10 +8,11 @@ Rician sigma 5% of the 99.5th percentile, 4 mm thick slices along Z):
 
     python benchmarks/profile_inference.py [--models mr-recon mr-denoise mr-sr] [--size 181x217x181]
         [--steps N (default: each model's)] [--samples 1 4] [--device cpu|cuda] [--threads N] [--json OUT]
+        [--runtime auto|torch|openvino]
 
 Stages, timed from outside the library by wrapping module attributes at run time (nothing in medldm changes):
 
-    load     Reconstructor.load (weights, .to(device))
+    load     Reconstructor.load (weights, .to(device)) and the refiner's OpenVINO conversion, where it runs
     read     medldm.io.read_volume of the input NIfTI written to a temp folder (recon: the clean volume;
              denoise / sr: the noisy / thick-slice image)
     measure  recon: measurement.simulate (mask + FFT); denoise / sr: Reconstructor.measurement_for (from_image:
@@ -111,7 +112,7 @@ def test_volume(modality: str, shape: tuple[int, int, int]):
 
 
 def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int, device: str,
-              threads: int | None, use_diffusion: bool | None = None) -> dict:
+              threads: int | None, use_diffusion: bool | None = None, runtime: str = "auto") -> dict:
     import torch
 
     if threads:
@@ -126,7 +127,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
 
     prof = Profile(device)
     t_start = time.perf_counter()
-    rec = prof.run("load", Reconstructor.load, model, device=device)
+    rec = prof.run("load", Reconstructor.load, model, device=device, runtime=runtime)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     modality = rec.config.modality
     t0 = time.perf_counter()  # setup, not a stage: the test input is made outside the total
@@ -145,6 +146,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     prof.patch(LatentCodec, "encode", "encode")
     prof.patch(LatentCodec, "decode", "decode")
     prof.patch(slicewise, "apply_refiner", "refiner")
+    prof.patch(reconstructor, "convert_refiner", "load")  # the refiner's one OpenVINO conversion per process
     prof.patch(volumetric, "apply_refiner", "refiner")
     prof.patch(rec.bundle.unet, "forward", "unet")  # nn.Module.__call__ finds the instance attribute
 
@@ -165,7 +167,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
             prof.run("write", write_nifti, res.uncertainty, Path(tmp) / "uncertainty.nii.gz")
     total = time.perf_counter() - t_start
     row = {"model": model, "shape": "x".join(map(str, shape)), "steps": res.provenance["parameters"]["steps"],
-           "samples": samples, "device": device,
+           "samples": samples, "device": device, "refiner_runtime": res.provenance.get("refiner_runtime"),
            "threads": torch.get_num_threads(), **{k: round(v, 3) for k, v in prof.seconds.items()}}
     row.update(other=round(total - sum(prof.seconds.values()), 3), total=round(total, 3),
                unet_calls=prof.calls["unet"], calls=prof.calls, nested={k: round(v, 3) for k, v in prof.nested.items()},
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--diffusion", choices=["default", "on", "off"], default="default",
                     help="sample the U-Net (on), decode the input's latent (off), or each model's default path")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
+    ap.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
+                    help="what runs the refiner (Reconstructor's runtime; auto: OpenVINO when installed and it pays)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,7 +201,7 @@ def main():
     if args.child:
         model, samples = json.loads(args.child)
         use = {"default": None, "on": True, "off": False}[args.diffusion]
-        print(json.dumps(one_model(model, shape, args.steps, samples, args.device, args.threads, use)))
+        print(json.dumps(one_model(model, shape, args.steps, samples, args.device, args.threads, use, args.runtime)))
         return
     import torch
 
@@ -211,6 +215,7 @@ def main():
     for model in args.models:
         for k in args.samples:
             cmd = [sys.executable, __file__, "--size", args.size, "--device", args.device, "--diffusion", args.diffusion,
+                   "--runtime", args.runtime,
                    "--child", json.dumps([model, k])] + (["--threads", str(args.threads)] if args.threads else []) + (
                 ["--steps", str(steps)] if steps else [])
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,7 +227,7 @@ def main():
             rows.append(r)
             print(f"| {model} | {k} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
                   + f" | {r['unet_calls']} | {r['peak_rss_gib']:.2f} |", flush=True)
-            notes.append(f"{model} x{k}: nested {r['nested'] or '-'}; RSS after load {r['rss_after_load_gib']:.2f} GiB"
+            notes.append(f"{model} x{k}: refiner runtime {r['refiner_runtime']}; nested {r['nested'] or '-'}; RSS after load {r['rss_after_load_gib']:.2f} GiB"
                          f"; reconstructor timings {r['reconstructor_timings']}"
                          + (f"; peak GPU {r['peak_gpu_gib']} GiB" if "peak_gpu_gib" in r else ""))
     print("\n" + "\n".join(notes))

@@ -171,6 +171,9 @@ def reconstruct(
     deid_dates: str = typer.Option("shift", help="With --deidentify: shift (one offset, intervals kept) | remove."),
     deid_secret_file: Optional[Path] = typer.Option(None, help="With --deidentify: a file holding the site's key, so "
                                                     "runs and resumed runs map alike (keep it apart from outputs)."),
+    runtime: str = typer.Option("auto", help="What runs the pixel refiner: auto (OpenVINO on the CPU when "
+                                "medldm[fast] is installed and the volume pays for its ~3 s conversion) | torch | "
+                                "openvino."),
 ):
     """Batch reconstruction of DICOM series, NIfTI, fastMRI k-space .h5 and CT sinogram .h5 files.
 
@@ -180,7 +183,7 @@ def reconstruct(
     code = run_batch(input, output, task=task, model=model, steps=steps, samples=samples, diffusion=diffusion, seed=seed, modality=modality,
                      factor=factor, device=device, dry_run=dry_run, overwrite=overwrite, views=views, dose=dose,
                      sigma=sigma, deidentify=deidentify, deid_dates=deid_dates, skip_bad_slices=skip_bad_slices,
-                     deid_secret=_read_secret(deid_secret_file, deidentify))
+                     deid_secret=_read_secret(deid_secret_file, deidentify), runtime=runtime)
     raise typer.Exit(code)
 
 

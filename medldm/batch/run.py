@@ -39,6 +39,7 @@ from medldm.batch.units import MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discov
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
 from medldm.models.model_config import ModelConfig, read_model_files
+from medldm.models.runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class _Context:
     sigma: float | None = None
     skip_bad_slices: bool = False
     diffusion: bool | None = None  # None: the Reconstructor's default
+    runtime: str = "auto"  # what runs the refiner (medldm.models.runtime); not a parameter of the outputs
     deidentify: Any = None  # a medldm.io.deidentify.Deidentifier for the whole run, or None
     source: Path | None = None
     previous: dict = field(default_factory=dict)
@@ -85,7 +87,7 @@ class _Context:
             from medldm.sampling.reconstructor import Reconstructor
 
             try:
-                rec = Reconstructor.load(name, device=self.device)
+                rec = Reconstructor.load(name, device=self.device, runtime=self.runtime)
                 if rec.task != self.task:
                     raise ModelError(f"model {name!r} does {rec.task}, not {self.task}")
                 self._models[name] = rec
@@ -284,14 +286,17 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
               diffusion: bool | None = None, seed: int = 0, modality: str | None = None, factor: int | None = None, device: str | None = None,
               dry_run: bool = False, overwrite: bool = False, views: int | None = None,
               dose: float | None = None, sigma: float | None = None, deidentify: bool = False,
-              deid_dates: str = "shift", deid_secret: str | None = None, skip_bad_slices: bool = False) -> int:
+              deid_dates: str = "shift", deid_secret: str | None = None, skip_bad_slices: bool = False,
+              runtime: str = "auto") -> int:
     """Reconstruct every unit under ``input`` into ``output``. Returns the exit code: 0 all units ok or
     skipped, 1 some unit failed (see manifest.json), 2 usage error (nothing written).
 
     ``deidentify``: derived DICOM follows the PS3.15 Basic Profile (``medldm.io.deidentify``; ``deid_dates``
     "shift" or "remove"), and the manifest and provenance name inputs by keyed digests (``deid_secret``, or a
     random key for this run). ``skip_bad_slices``: a DICOM series with unreadable slices is reconstructed from
-    the others when no gap results (the slices left out are listed in the manifest and provenance)."""
+    the others when no gap results (the slices left out are listed in the manifest and provenance). ``runtime``:
+    what runs the pixel refiner (``Reconstructor``'s; outputs agree to float rounding, so a run may resume with
+    another)."""
     source, out = Path(input), Path(output)
     try:
         config = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
@@ -307,13 +312,15 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
             params["diffusion"] = diffusion
         if deid_dates not in ("shift", "remove"):
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
+        if runtime not in RUNTIMES:
+            raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         _check_runnable(out, params, overwrite, units, ignored, source)
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
     ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma,
-                   source=source, skip_bad_slices=skip_bad_slices, diffusion=diffusion)
+                   source=source, skip_bad_slices=skip_bad_slices, diffusion=diffusion, runtime=runtime)
     if deidentify:
         from medldm.io.deidentify import Deidentifier
 

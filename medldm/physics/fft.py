@@ -36,3 +36,17 @@ def fft2c(x: torch.Tensor) -> torch.Tensor:
 def ifft2c(x: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal 2D inverse FFT over the last two dims."""
     return ifftnc(x, (-2, -1))
+
+
+def mirror_frequencies(k: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """A centred spectrum at the negated frequencies along ``dims`` (frequency j - n // 2 sits at index j; for
+    even n the lone Nyquist index 0 is its own mirror). Size-1 (broadcast) dims stay as they are."""
+    for dim in dims:
+        n = k.shape[dim]
+        k = k.index_select(dim, (2 * (n // 2) - torch.arange(n, device=k.device)) % n)
+    return k
+
+
+def hermitian_part(v: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """(v + conj(mirror(v))) / 2 = F Re(F^H v) for a centred spectrum v: the spectrum of its image's real part."""
+    return (v + mirror_frequencies(v, dims).conj()) / 2

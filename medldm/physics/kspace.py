@@ -8,13 +8,14 @@ Real images, exact algebra. A maps real x to complex k-space, so its adjoint is 
 product Re<a, b>: A^H y = Re(e^{-i phi} F^H M y). Because of the real part, "paste the measured lines into
 k-space" is *not* a projection when the mask is not point-symmetric (a real image's k-space is Hermitian,
 so each measured line also fixes its mirror line). Hard data consistency is therefore the exact
-real-constrained projection x + A^+ (y - A x), computed with CGLS; without phase it equals pasting y (and its
-Hermitian mirror, averaged where both were measured) and converges in 2-3 iterations.
+real-constrained projection x + A^+ (y - A x): without phase in closed form (paste y and its Hermitian mirror,
+averaged where both were measured: two FFTs), with phase by CGLS.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from medldm.errors import ConfigError, InputError
 from medldm.physics._common import cg, cgls, check_image, noise_generator, randn
 from medldm.physics.base import Operator, RandomOperator
-from medldm.physics.fft import fftnc, ifftnc
+from medldm.physics.fft import fftnc, hermitian_part, ifftnc, mirror_frequencies
 
 MASK_TYPES = ("random", "equispaced")
 MODES = ("2d", "3d")
@@ -261,9 +262,8 @@ class CartesianUndersampling(Operator):
         return (z * ph.conj() if ph is not None else z).abs()
 
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-        """Hard (None): real-constrained projection x + A^+(y - A x) by CGLS (at most ``dc_iters``), idempotent.
-
-        Without phase A^H A has eigenvalues {0, 1/2, 1} and CGLS is exact after 2-3 iterations. With phase
+        """Hard (None): real-constrained projection x + A^+(y - A x), idempotent; by CGLS (at most ``dc_iters``) with
+        phase, in closed form without (``_dc_without_phase``). With phase
         the real constraint ties each line to a phase-blurred mirror: the system is ill-conditioned and may
         need hundreds of iterations (and float32 amplifies rounding); raise ``dc_iters`` or prefer the soft
         step, whose system is well conditioned (eigenvalues in [1, 1 + w]).
@@ -274,15 +274,68 @@ class CartesianUndersampling(Operator):
         w = 0 returns x; w -> inf tends to the hard projection.
         """
         check_image(x)
-        if weight is None:
-            return x + cgls(self.A, self.adjoint, y - self.A(x), like=x, iters=self.dc_iters)
-        w = float(weight)
-        if w < 0:
+        w = None if weight is None else float(weight)
+        if w is not None and w < 0:
             raise ConfigError(f"data-consistency weight must be >= 0, got {w}")
         if w == 0:
             return x.clone()
+        if self._diagonal_in_kspace():
+            return self._dc_without_phase(x, y, w)
+        if w is None:
+            return x + cgls(self.A, self.adjoint, y - self.A(x), like=x, iters=self.dc_iters)
         rhs = x + w * self.adjoint(y)
         return cg(lambda v: v + w * self.adjoint(self.A(v)), rhs, x, iters=self.dc_iters)
+
+    def _diagonal_in_kspace(self) -> bool:
+        """Whether A^H A is diagonal in a real image's spectrum: one coil and no phase (coil maps say no)."""
+        return self.phase_coeffs is None
+
+    def _dc_without_phase(self, x: torch.Tensor, y: torch.Tensor, w: float | None) -> torch.Tensor:
+        """Both data consistencies in closed form when there is no phase, on the half spectrum of the real image.
+
+        On real images A^H A = F^H D F with D = (M + mirror(M)) / 2 in {0, 1/2, 1}, and F Re(F^H v) = hermitian(v),
+        so the hard projection sets every frequency measured directly or through its Hermitian mirror to the
+        average of those measurements (``_measured_half_spectrum``) and keeps the others, and the soft step blends
+        k = (k_x + w D y_avg) / (1 + w D). The readout axis is fully sampled, so only the phase-encode axes need
+        transforming, and a real image's spectrum along them is Hermitian: one rfft and one irfft per call, 3.5x
+        fewer operations than CGLS with complex FFTs (the same projection to float rounding: a test compares)."""
+        dims, m, _ = self._geometry(x)
+        encode = dims[1:]  # the readout X (dims[0]) is fully sampled
+        target, d = self._measured_half_spectrum(x, y, dims, m)
+        k = torch.fft.rfftn(x, dim=encode, norm="ortho")
+        k = torch.where(d > 0, target, k) if w is None else (k + (w * d) * target) / (1 + w * d)
+        return torch.fft.irfftn(k, s=[x.shape[i] for i in encode], dim=encode, norm="ortho")
+
+    def _measured_half_spectrum(self, x: torch.Tensor, y: torch.Tensor, dims, m) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y averaged over each frequency and its Hermitian mirror where measured, D) on the phase-encode axes'
+        half spectrum in torch's rfftn layout (uncentred: the centring becomes a phase ramp), readout in image
+        space. Kept for the last ``y`` seen: POCS and TV-POCS project onto the same measurement dozens of times."""
+        encode = dims[1:]
+        try:
+            key = (y._version, tuple(x.shape), x.dtype, x.device)
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: not cached
+            key = None
+        cached = self._cache.get("measured")
+        if key is not None and cached is not None and cached[0]() is y and cached[1] == key:
+            return cached[2]
+        complex_dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        y_h = ifftnc(y.to(complex_dtype), dims[:1])
+        d = (m + mirror_frequencies(m, encode)) / 2
+        avg = hermitian_part(m * y_h, encode) / torch.where(d > 0, d, 1) * (d > 0)
+        avg, d = torch.fft.ifftshift(avg, dim=encode), torch.fft.ifftshift(d, dim=encode).to(x.dtype)
+        for dim in encode:  # centred value at frequency f = P[f] x uncentred, P[f] = exp(2 pi i f (n // 2) / n)
+            n = x.shape[dim]
+            f = torch.arange(n, device=x.device, dtype=torch.float64)
+            ramp = torch.polar(torch.ones(n, dtype=torch.float64, device=x.device), -2 * math.pi * f * (n // 2) / n)
+            shape = [1] * x.ndim
+            shape[dim] = n
+            avg = avg * ramp.to(complex_dtype).reshape(shape)
+        half = [slice(None)] * x.ndim
+        half[encode[-1]] = slice(0, x.shape[encode[-1]] // 2 + 1)
+        out = (avg[tuple(half)].contiguous(), d[tuple(half)].contiguous())
+        if key is not None:
+            self._cache["measured"] = (weakref.ref(y), key, out)
+        return out
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"operator": "CartesianUndersampling", "mode": self.mode, "sigma": self.sigma,

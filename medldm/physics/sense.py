@@ -130,6 +130,9 @@ class MultiCoilCartesian(CartesianUndersampling):
         undo, so the models start from the parallel-imaging estimate (not linear, unlike the single-coil adjoint)."""
         return self.sense(y).abs()
 
+    def _diagonal_in_kspace(self) -> bool:
+        return False  # the coil maps (and phase) couple frequencies: CG / CGLS
+
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """As :class:`CartesianUndersampling`'s; a hard request is the soft step ``projection_weight`` when set."""
         return super().data_consistency(x, y, self.projection_weight if weight is None else weight)

@@ -36,6 +36,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                   refiner: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
@@ -49,6 +50,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     G images).
     ``start`` (S, 1, H, W), normalised: the image a flow model (``bundle.flow_start`` not "noise") starts from and
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
+    ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
@@ -110,7 +112,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                         x[..., :h, :w] = refine_dc(x[..., :h, :w], torch.arange(a, b))
                         return x
 
-                    x_out = apply_refiner(bundle.refiner, bundle.refiner_residual_on, x_dec,
+                    x_out = apply_refiner(refiner or bundle.refiner, bundle.refiner_residual_on, x_dec,
                                           guide_padded[a:b].to(device),
                                           bundle.refiner_cascades, project if refine_dc else None)
             decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()

@@ -21,3 +21,14 @@ def test_dc_at_centre_and_matches_numpy_convention():
     ref = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(a), norm="ortho"))
     assert np.allclose(fft2c(torch.tensor(a)).numpy(), ref)
     assert torch.allclose(ifftnc(fftnc(x, (2, 3, 4)), (2, 3, 4)).real, x)
+
+
+def test_hermitian_part_is_the_spectrum_of_the_real_part_for_odd_and_even_sizes():
+    from medldm.physics.fft import hermitian_part, mirror_frequencies
+
+    for shape in [(1, 1, 7, 6), (1, 1, 8, 5)]:
+        v = torch.randn(shape, generator=gen(1), dtype=torch.complex128)
+        dims = (2, 3)
+        expected = fftnc(ifftnc(v, dims).real.to(torch.complex128), dims)
+        assert torch.allclose(hermitian_part(v, dims), expected, atol=1e-12)
+        assert torch.equal(mirror_frequencies(mirror_frequencies(v, dims), dims), v)

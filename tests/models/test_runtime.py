@@ -1,0 +1,75 @@
+"""The refiner's runtime: OpenVINO computes what torch computes, and "auto" only converts where it pays."""
+
+import numpy as np
+import pytest
+import torch
+
+from medldm.errors import ModelError
+from medldm.models import runtime
+from medldm.models.bundle import load_bundle
+from medldm.sampling.measurement import simulate
+from medldm.sampling.reconstructor import Reconstructor
+from tests.helpers import make_tiny_bundle
+from tests.sampling.test_reconstructor import volume
+
+needs_openvino = pytest.mark.skipif(runtime.openvino_version() is None, reason="medldm[fast] (openvino) not installed")
+
+
+def _trained_looking(bundle):
+    """A tiny bundle whose refiner does something: its last layer is zero when untrained (the identity)."""
+    torch.manual_seed(3)
+    for p in bundle.refiner.final_conv.parameters():
+        p.data.normal_(0, 0.1)
+    return bundle
+
+
+def test_unknown_or_impossible_runtimes_are_refused(tmp_path, monkeypatch):
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "m", "denoise"))
+    with pytest.raises(ModelError, match="runtime must be one of"):
+        Reconstructor(bundle, device="cpu", runtime="onnx")
+    monkeypatch.setattr(runtime, "openvino_version", lambda: None)
+    with pytest.raises(ModelError, match=r"medldm\[fast\]"):
+        Reconstructor(bundle, device="cpu", runtime="openvino")
+    # without OpenVINO "auto" is torch, whatever the size
+    assert not runtime.wants_openvino("auto", torch.device("cpu"), 10**9)
+    assert Reconstructor(bundle, device="cpu")(volume(), steps=1).provenance["refiner_runtime"] == "torch"
+
+
+@needs_openvino
+def test_auto_converts_only_volumes_that_pay_for_it():
+    cpu = torch.device("cpu")
+    assert not runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS - 1)
+    assert runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS)
+    assert not runtime.wants_openvino("torch", cpu, 10**9) and runtime.wants_openvino("openvino", cpu, 1)
+
+
+@needs_openvino
+def test_openvino_refiner_matches_torch_at_any_batch_and_plane(tmp_path):
+    bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
+    net, name = runtime.convert_refiner(bundle.refiner, 2, strict=True)
+    assert name.startswith("openvino ")
+    with torch.no_grad():
+        for shape in [(3, 2, 32, 48), (1, 2, 64, 32)]:
+            x = torch.rand(shape)
+            np.testing.assert_allclose(net(x).numpy(), bundle.refiner(x).numpy(), atol=1e-5)
+
+
+@needs_openvino
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["denoise", "recon"])
+def test_reconstruction_with_the_openvino_refiner_equals_torch_and_says_so(tmp_path, task):
+    """The whole path, the cascaded refiner with data consistency between passes included (recon); the runtimes
+    need not agree bit for bit, only to float rounding."""
+    bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / task, task)))
+    if task == "recon":
+        bundle.config.refiner.cascades = 2
+        data = simulate(volume((24, 20, 6)), "recon", seed=0, accelerations=[4], center_fractions=[0.08])
+    else:
+        data = volume()
+    ref = Reconstructor(bundle, device="cpu", runtime="torch")(data, steps=1)
+    ov = Reconstructor(bundle, device="cpu", runtime="openvino")(data, steps=1)
+    assert ref.provenance["refiner_runtime"] == "torch" and ov.provenance["refiner_runtime"].startswith("openvino")
+    scale = float(np.abs(ref.volume.array).max())
+    np.testing.assert_allclose(ov.volume.array, ref.volume.array, atol=1e-4 * scale)
+    assert Reconstructor(bundle, device="cpu", runtime="openvino")(data, steps=1, refine=False).provenance[
+        "refiner_runtime"] is None
