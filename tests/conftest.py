@@ -46,3 +46,11 @@ def mlflow_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri
+
+
+def pytest_collection_modifyitems(config, items):
+    """The OpenVINO tests run last. Once OpenVINO's CPU plugin has run in this process, a later test that forks
+    DataLoader workers (tests/training/test_refiner.py's worker test) crashed the whole test process with a
+    segfault (2026-12-07; not reproduced in a small script, and medldm itself never forks after running OpenVINO:
+    training does not use it, and joblib's workers start fresh interpreters)."""
+    items.sort(key=lambda item: item.path.name == "test_runtime.py")  # stable: the rest keep their order

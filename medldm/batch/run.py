@@ -39,7 +39,7 @@ from medldm.batch.units import MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discov
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
 from medldm.models.model_config import ModelConfig, read_model_files
-from medldm.models.runtime import RUNTIMES
+from medldm.models.runtime import RUNTIMES, openvino_version
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,8 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
         if runtime not in RUNTIMES:
             raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if runtime == "openvino" and (openvino_version() is None or (device or "").startswith("cuda")):
+            raise UsageError("--runtime openvino runs on the CPU and needs OpenVINO (pip install 'medldm[fast]')")
         _check_runnable(out, params, overwrite, units, ignored, source)
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)

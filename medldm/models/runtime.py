@@ -8,8 +8,11 @@ installed, the network runs on the CPU and the volume is large enough to pay for
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from medldm.errors import ModelError
@@ -33,18 +36,24 @@ def openvino_version() -> str | None:
 
 
 class OpenVinoNetwork:
-    """``module`` converted once to an OpenVINO model with dynamic batch and plane size, called like the module
-    on float32 CPU tensors. Conversion traces the module on a small ``example`` (about 3 s for the refiner); the
-    trace keeps no shape-dependent branch, which holds for MONAI's BasicUNet on planes that are multiples of 16,
-    as medldm pads them (``slicewise.pad_to_multiple``)."""
+    """``module`` converted to an OpenVINO model with dynamic batch and plane size, called like the module on
+    float32 CPU tensors. Conversion traces the module on a small ``example`` (about 3 s for the refiner); the trace
+    keeps no shape-dependent branch, which holds for MONAI's BasicUNet on planes that are multiples of 16, as
+    medldm pads them (``slicewise.pad_to_multiple``). With ``cache_dir`` the converted model is kept there under a
+    digest of the weights, the input channels and the versions, and read back (~0.2 s) by later processes."""
 
-    def __init__(self, module: torch.nn.Module, example: torch.Tensor, threads: int | None = None):
+    def __init__(self, module: torch.nn.Module, example: torch.Tensor, threads: int | None = None,
+                 cache_dir: Path | None = None):
         import openvino as ov
         import torch
 
-        with torch.no_grad():
-            model = ov.convert_model(module.eval(), example_input=(example,))
-        model.reshape([-1, example.shape[1], -1, -1])  # any batch and plane; channels are the network's
+        path = None if cache_dir is None else Path(cache_dir) / f"{_digest(module, example.shape[1])}.xml"
+        model = _read_cached(path)
+        if model is None:
+            with torch.no_grad():
+                model = ov.convert_model(module.eval(), example_input=(example,))
+            model.reshape([-1, example.shape[1], -1, -1])  # any batch and plane; channels are the network's
+            _write_cached(model, path)
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
         self._compiled = ov.Core().compile_model(model, "CPU", config)
@@ -54,6 +63,66 @@ class OpenVinoNetwork:
 
         out = self._compiled([x.detach().float().contiguous().numpy()])[0]
         return torch.from_numpy(out)
+
+
+def cache_dir() -> Path:
+    """Where converted networks are kept: ``$MEDLDM_CACHE_DIR/openvino``, default ``~/.cache/medldm/openvino``."""
+    root = os.environ.get("MEDLDM_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "medldm") / "openvino"
+
+
+def _digest(module: torch.nn.Module, in_channels: int) -> str:
+    import torch
+
+    h = hashlib.sha256(f"{openvino_version()} {torch.__version__} {type(module).__name__} {in_channels}".encode())
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _read_cached(path: Path | None):
+    """The kept model when its files are whole (their digest matches the one written last), else None. A damaged
+    file is never handed to OpenVINO: its reader then tries every frontend it has, TensorFlow's included, and
+    one of those left the process unstable (a later forked DataLoader worker crashed the test process)."""
+    if path is None or not path.is_file():
+        return None
+    import openvino as ov
+
+    try:
+        whole = path.with_suffix(".sha256").read_text() == _file_digest(path)
+    except OSError:
+        whole = False
+    if not whole:
+        log.warning("ignoring the cached OpenVINO model %s (incomplete or damaged); converting again", path)
+        return None
+    return ov.Core().read_model(str(path))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for part in (path, path.with_suffix(".bin")):
+        h.update(part.read_bytes())
+    return h.hexdigest()
+
+
+def _write_cached(model, path: Path | None) -> None:
+    """IR files written under temporary names and renamed, the digest of both last: it marks a whole entry."""
+    if path is None:
+        return
+    import openvino as ov
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+        ov.save_model(model, str(tmp), compress_to_fp16=False)  # float16 weights would change the outputs
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+        digest = path.with_name(f".{path.stem}.{os.getpid()}.sha256")
+        digest.write_text(_file_digest(path))
+        os.replace(digest, path.with_suffix(".sha256"))
+    except OSError as exc:  # a read-only home: the conversion still runs, only not kept
+        log.warning("could not keep the converted OpenVINO model in %s (%s)", path.parent, exc)
 
 
 def wants_openvino(runtime: str, device: torch.device, pixels: int) -> bool:
@@ -82,7 +151,8 @@ def convert_refiner(refiner: torch.nn.Module, in_channels: int,
     import torch
 
     try:
-        return OpenVinoNetwork(refiner, torch.rand(1, in_channels, 64, 64)), f"openvino {openvino_version()}"
+        net = OpenVinoNetwork(refiner, torch.rand(1, in_channels, 64, 64), cache_dir=cache_dir())
+        return net, f"openvino {openvino_version()}"
     except Exception as exc:  # noqa: BLE001 - any converter failure: torch still runs the same network
         if strict:
             raise ModelError(f"OpenVINO could not convert the refiner: {type(exc).__name__}: {exc}") from exc

@@ -7,6 +7,7 @@ inverse transform is exactly the adjoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,3 +51,16 @@ def mirror_frequencies(k: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 def hermitian_part(v: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """(v + conj(mirror(v))) / 2 = F Re(F^H v) for a centred spectrum v: the spectrum of its image's real part."""
     return (v + mirror_frequencies(v, dims).conj()) / 2
+
+
+def uncentre(v: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """A centred spectrum (``fftnc``'s layout) in ``torch.fft``'s uncentred layout without the centring shift:
+    ``uncentre(fftnc(x, dims), dims) == torch.fft.fftn(x, dim=dims, norm="ortho")``. The image-domain shift of the
+    centred transform is a phase ramp exp(2 pi i f (n // 2) / n) on frequency f, removed here."""
+    v = torch.fft.ifftshift(v, dim=tuple(dims))
+    for dim in dims:
+        n = v.shape[dim]
+        f = torch.arange(n, device=v.device, dtype=torch.float64)
+        ramp = torch.polar(torch.ones_like(f), -2 * math.pi * f * (n // 2) / n).to(v.dtype)
+        v = v * ramp.reshape([n if i == dim % v.ndim else 1 for i in range(v.ndim)])
+    return v

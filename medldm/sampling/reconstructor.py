@@ -218,6 +218,8 @@ class Reconstructor:
         if not refine or bundle.refiner is None:
             return None, None
         if bundle.spatial_dims != 2:
+            if self.runtime == "openvino":
+                raise ModelError("the openvino runtime runs the refiner of 2D models; this one is 3D: use auto or torch")
             return bundle.refiner, "torch"
         plane = math.prod(pad_to_multiple(slices[:1])[0].shape[-2:])
         if not wants_openvino(self.runtime, self.device, slices.shape[0] * plane * samples * bundle.refiner_cascades):

@@ -15,6 +15,11 @@ from tests.sampling.test_reconstructor import volume
 needs_openvino = pytest.mark.skipif(runtime.openvino_version() is None, reason="medldm[fast] (openvino) not installed")
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLDM_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ~/.cache
+
+
 def _trained_looking(bundle):
     """A tiny bundle whose refiner does something: its last layer is zero when untrained (the identity)."""
     torch.manual_seed(3)
@@ -36,22 +41,59 @@ def test_unknown_or_impossible_runtimes_are_refused(tmp_path, monkeypatch):
 
 
 @needs_openvino
-def test_auto_converts_only_volumes_that_pay_for_it():
+@pytest.mark.slow
+def test_auto_converts_only_volumes_that_pay_for_it(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert not runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS - 1)
     assert runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS)
     assert not runtime.wants_openvino("torch", cpu, 10**9) and runtime.wants_openvino("openvino", cpu, 1)
+    # inside the Reconstructor: slices x padded plane (9 x 32 x 32 for this volume) x samples x cascades
+    rec = Reconstructor(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")), device="cpu")
+    monkeypatch.setattr(runtime, "OPENVINO_MIN_PIXELS", 9 * 32 * 32 + 1)
+    assert rec(volume(), steps=1).provenance["refiner_runtime"] == "torch"
+    monkeypatch.setattr(runtime, "OPENVINO_MIN_PIXELS", 9 * 32 * 32)
+    assert rec(volume(), steps=1).provenance["refiner_runtime"].startswith("openvino")
+    three_d = load_bundle(make_tiny_bundle(tmp_path / "3d", "denoise", spatial_dims=3))
+    with pytest.raises(ModelError, match="2D models"):
+        Reconstructor(three_d, device="cpu", runtime="openvino")(volume((40, 40, 20)), steps=1)
 
 
 @needs_openvino
-def test_openvino_refiner_matches_torch_at_any_batch_and_plane(tmp_path):
+def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_once(tmp_path, monkeypatch, caplog):
+    import openvino as ov
+
     bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
     net, name = runtime.convert_refiner(bundle.refiner, 2, strict=True)
     assert name.startswith("openvino ")
+    kept = sorted(p.suffix for p in (tmp_path / "cache" / "openvino").iterdir())
+    assert kept == [".bin", ".sha256", ".xml"]  # the converted model, under a digest of weights and versions
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache holds this network")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    again, _ = runtime.convert_refiner(bundle.refiner, 2, strict=True)
     with torch.no_grad():
         for shape in [(3, 2, 32, 48), (1, 2, 64, 32)]:
             x = torch.rand(shape)
             np.testing.assert_allclose(net(x).numpy(), bundle.refiner(x).numpy(), atol=1e-5)
+            np.testing.assert_array_equal(again(x).numpy(), net(x).numpy())
+        # other weights are another network: not read from the cache
+        bias = bundle.refiner.final_conv.bias
+        kept_bias = bias.clone()
+        bias += 1
+        with pytest.raises(ModelError, match="could not convert"):
+            runtime.convert_refiner(bundle.refiner, 2, strict=True)
+        bias.copy_(kept_bias)  # (+1 then -1 need not round back to the same bits)
+    monkeypatch.undo()
+    monkeypatch.setenv("MEDLDM_CACHE_DIR", str(tmp_path / "cache"))
+    for xml in (tmp_path / "cache" / "openvino").glob("*.xml"):
+        xml.write_text("damaged")  # a damaged entry is converted again and rewritten
+    net, _ = runtime.convert_refiner(bundle.refiner, 2, strict=True)
+    assert "ignoring the cached OpenVINO model" in caplog.text
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x).numpy(), bundle.refiner(x).numpy(), atol=1e-5)
 
 
 @needs_openvino

@@ -94,24 +94,37 @@ def test_soft_dc():
 
 @pytest.mark.parametrize("mode,shape", [("2d", (2, 1, 12, 15)), ("2d", (1, 1, 13, 16, 5)), ("3d", (1, 1, 8, 11, 10)),
                                          ("3d", (1, 1, 9, 10, 7))])
-def test_closed_form_dc_without_phase_equals_the_iterative_solvers(mode, shape):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_closed_form_dc_without_phase_equals_the_iterative_solvers(mode, shape, dtype):
     # odd and even sizes: the Hermitian mirror of a centred spectrum differs (even n: index 0 is its own mirror)
     from medldm.physics._common import cg, cgls
 
     op = CartesianUndersampling(mode=mode, acceleration=3, center_fraction=0.2, mask_type="random", sigma=0.05)
-    x, y = rand_like_shape(shape, 1), op(rand_like_shape(shape, 2))  # noisy: y is not attainable
+    x, y = rand_like_shape(shape, 1, dtype), op(rand_like_shape(shape, 2, dtype))  # noisy: y is not attainable
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else 2e-6)
     hard = x + cgls(op.A, op.adjoint, y - op.A(x), like=x, iters=200)
-    assert torch.allclose(op.data_consistency(x, y), hard, atol=1e-12)
+    assert torch.allclose(op.data_consistency(x, y), hard, **tol)
     w = 3.0
     soft = cg(lambda v: v + w * op.adjoint(op.A(v)), x + w * op.adjoint(y), x, iters=200)
-    assert torch.allclose(op.data_consistency(x, y, w), soft, atol=1e-12)
+    assert torch.allclose(op.data_consistency(x, y, w), soft, **tol)
     # the measurement's spectrum is kept for the next call with the same y, and recomputed when y changes
     y.mul_(2)
-    assert torch.allclose(op.data_consistency(x, y), x + cgls(op.A, op.adjoint, y - op.A(x), like=x, iters=200),
-                          atol=1e-12)
+    hard = x + cgls(op.A, op.adjoint, y - op.A(x), like=x, iters=200)
+    assert torch.allclose(op.data_consistency(x, y), hard, **tol)
     with torch.inference_mode():  # no version counter to key the kept spectrum on: computed every call
-        y_inf = y.clone()
-        assert torch.allclose(op.data_consistency(x, y_inf), op.data_consistency(x, y), atol=1e-12)
+        assert torch.allclose(op.data_consistency(x, y.clone()), hard, **tol)
+
+
+def test_closed_form_dc_keeps_the_dtype_and_the_operator_pickles():
+    import pickle
+
+    op = CartesianUndersampling(mode="2d", acceleration=4, center_fraction=0.1, mask_type="equispaced")
+    x, y = rand_like_shape((2, 1, 16, 12), 1, torch.float32), op(rand_like_shape((2, 1, 16, 12), 2, torch.float32))
+    half = op.data_consistency(x.bfloat16(), y)  # a CUDA autocast batch reaching the CPU projection
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), op.data_consistency(x.bfloat16().float(), y), rtol=0, atol=0.05)
+    again = pickle.loads(pickle.dumps(op))  # after a call (the kept spectrum is dropped): DataLoader workers
+    assert torch.equal(again.data_consistency(x, y), op.data_consistency(x, y))
 
 
 def test_measured_acceleration():
