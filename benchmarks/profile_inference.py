@@ -168,6 +168,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     total = time.perf_counter() - t_start
     row = {"model": model, "shape": "x".join(map(str, shape)), "steps": res.provenance["parameters"]["steps"],
            "samples": samples, "device": device, "refiner_runtime": res.provenance.get("refiner_runtime"),
+           "measured": time.strftime("%Y-%m-%d", time.gmtime()),
            "threads": torch.get_num_threads(), **{k: round(v, 3) for k, v in prof.seconds.items()}}
     row.update(other=round(total - sum(prof.seconds.values()), 3), total=round(total, 3),
                unet_calls=prof.calls["unet"], calls=prof.calls, nested={k: round(v, 3) for k, v in prof.nested.items()},

@@ -3,12 +3,14 @@
     python pipelines/write_model_cards.py                    # from the rows each model folder keeps
     python pipelines/write_model_cards.py --rows outputs/fid-mr-recon   # take a later evaluation's rows
     python pipelines/write_model_cards.py --readme-table     # the README's results table, printed
+    python pipelines/write_model_cards.py --speed PROFILE.json ...   # whole-volume seconds into the cards
 
 Each shipped folder keeps the rows its card was written from (evaluation.json). `--rows DIR` replaces them,
 whole, by a later `medldm evaluate --out DIR` run's DIR/<name>.json for the models DIR has rows for (say, one
 with --fid); the other models' cards are rewritten from their stored rows. The table at the end of
 data_cards/evaluation.md is then rewritten from the rows of all shipped models (the prose above it is kept).
-train_default_models.py stores an install's rows (no FID) and writes its card, not that table.
+train_default_models.py stores an install's rows (no FID) and writes its card, not that table. `--speed` keeps a
+model's rows of `benchmarks/profile_inference.py --json` as its speed.json, stated in the card's sampling paragraph.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
-from medldm.evaluation.card import ROWS_FILE, model_card, results_table, stored_noise  # noqa: E402
+from medldm.evaluation.card import (ROWS_FILE, SPEED_FILE, model_card, results_table, stored_noise,  # noqa: E402
+                                    stored_speed)
 from medldm.models.model_config import read_model_files  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
@@ -49,6 +53,9 @@ def given_rows(name: str, rows_dir: Path | None) -> list[dict] | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=Path, default=None, help="A `medldm evaluate --out` folder with <name>.json rows.")
+    ap.add_argument("--speed", nargs="*", type=Path, default=[],
+                    help="`benchmarks/profile_inference.py --json` files: each model's rows (one per number of "
+                         "samples, later files win) are kept as its speed.json and stated in its card.")
     ap.add_argument("--readme-table", action="store_true", help="Only print the README's results table (stored "
                     "rows, or those of --rows where it has them); nothing is written.")
     args = ap.parse_args(argv)
@@ -78,13 +85,29 @@ def main(argv=None):
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
         _warn_of_dropped_rows(name, stored[name], rows[name])
+        speed = given_speed(name, args.speed) or stored_speed(SHIPPED_DIR / name)
         card = model_card(config, record, rows[name], record.card["command"], record.card["machine"],
-                          stored_noise(SHIPPED_DIR / name))
+                          stored_noise(SHIPPED_DIR / name), speed)
+        if speed:
+            (SHIPPED_DIR / name / SPEED_FILE).write_text(json.dumps(speed, indent=1))
         (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")
         print(f"{name}: card written")
     write_evaluation_table(evaluation_md, names, rows)
+
+
+def given_speed(name: str, files: list[Path]) -> list[dict] | None:
+    """``name``'s profile rows from ``files`` (a later file's row replaces an earlier one with the same samples),
+    dated by the file's modification day when the row does not say."""
+    by_samples: dict[int, dict] = {}
+    for path in files:
+        day = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+        for r in json.loads(path.read_text()):
+            if r["model"] == name:
+                keep = ("shape", "samples", "device", "threads", "refiner_runtime", "total", "peak_rss_gib", "steps")
+                by_samples[r["samples"]] = {**{k: r.get(k) for k in keep}, "measured": r.get("measured", day)}
+    return [by_samples[k] for k in sorted(by_samples)] or None
 
 
 def _warn_of_dropped_rows(name: str, old: list[dict] | None, new: list[dict]) -> None:

@@ -204,8 +204,29 @@ Reproduce: `{noise['command']}`.
 """
 
 
+SPEED_FILE = "speed.json"  # benchmarks/profile_inference.py --json rows of this model: whole-volume seconds
+
+
+def stored_speed(folder) -> list[dict] | None:
+    path = Path(folder) / SPEED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def speed_line(rows: list[dict] | None) -> str:
+    """Seconds per whole volume at the model's defaults, from the profile's rows (one per number of samples)."""
+    if not rows:
+        return "Seconds per whole volume: `benchmarks/README.md`."
+    rows = sorted(rows, key=lambda r: r["samples"])
+    r0 = rows[0]
+    each = ", ".join(f"{r['total']:.0f} s for {r['samples']} sample{'s' * (r['samples'] > 1)} (peak RSS "
+                     f"{r['peak_rss_gib']:.1f} GiB)" for r in rows)
+    return (f"Seconds per whole {r0['shape']} volume at the defaults ({r0['device'].upper()}, {r0['threads']} "
+            f"threads, refiner in {r0['refiner_runtime']}, measured {r0['measured']}): {each} "
+            "(`python benchmarks/profile_inference.py`; stages in `benchmarks/README.md`).")
+
+
 def model_card(config: ModelConfig, record: TrainingRecord, rows: list[dict], command: str, machine: str,
-               noise: dict | None = None) -> str:
+               noise: dict | None = None, speed: list[dict] | None = None) -> str:
     t = record.training
     refiner_legs, bridge_legs = record.stage_legs("refiner"), record.stage_legs("bridge")
     flow_what, flow_line = _flow_words(config, bridge_legs)  # a flow U-Net replaces stage 2's weights
@@ -242,7 +263,7 @@ Trained degradation: `{deg}`.
 
 Default sampling: {config.default_steps} step(s) (`steps=None`), the fewest that measured as well as 10 or 20 on the
 held-out cases (`python benchmarks/steps_quality.py`); the validation table below was made with 10 steps and 2
-samples (`medldm evaluate --steps 10 --samples 2`). Seconds per whole volume: `benchmarks/README.md`.
+samples (`medldm evaluate --steps 10 --samples 2`). {speed_line(speed)}
 {_default_path(config)}
 
 ## Training

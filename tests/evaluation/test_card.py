@@ -98,3 +98,25 @@ def test_the_noise_section_shows_the_worst_error_per_input():
     text = noise_section({"command": "python benchmarks/noise_estimate.py --json x", "seeds": 2, "rows": rows})
     assert "| a.nii.gz | as is | 1.2% |" in text and "| a.nii.gz | air zeroed | 110.0% |" in text
     assert "sigma = 1, 15% of the max and 2 seeds" in text and "--json x" in text
+
+
+def test_the_card_states_whole_volume_seconds_from_the_profile_rows(tmp_path):
+    import json
+    import os
+
+    from tests.helpers import load_script
+
+    assert cards.speed_line(None) == "Seconds per whole volume: `benchmarks/README.md`."
+    row = {"model": "mr-x", "shape": "181x217x181", "samples": 1, "device": "cpu", "threads": 2, "steps": 1,
+           "refiner_runtime": "openvino 2026.4.1", "total": 62.8, "peak_rss_gib": 2.02}
+    first, later = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([row, {**row, "samples": 4, "total": 250.5}, {**row, "model": "other"}]))
+    later.write_text(json.dumps([{**row, "total": 60.1, "measured": "2026-12-08"}]))
+    os.utime(first, (0, 86400 * 365))  # 1971-01-01: the day a row without its own date is given
+    speed = load_script("pipelines", "write_model_cards").given_speed("mr-x", [first, later])
+    assert [(r["samples"], r["total"], r["measured"]) for r in speed] == [(1, 60.1, "2026-12-08"),
+                                                                         (4, 250.5, "1971-01-01")]
+    line = cards.speed_line(speed)
+    assert "181x217x181 volume" in line and "60 s for 1 sample (peak RSS 2.0 GiB)" in line
+    assert "250 s for 4 samples" in line and "refiner in openvino 2026.4.1" in line
+    assert load_script("pipelines", "write_model_cards").given_speed("absent", [first]) is None
