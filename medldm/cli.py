@@ -171,8 +171,8 @@ def reconstruct(
     deid_dates: str = typer.Option("shift", help="With --deidentify: shift (one offset, intervals kept) | remove."),
     deid_secret_file: Optional[Path] = typer.Option(None, help="With --deidentify: a file holding the site's key, so "
                                                     "runs and resumed runs map alike (keep it apart from outputs)."),
-    runtime: str = typer.Option("auto", help="What runs the pixel refiner: auto (OpenVINO on the CPU when "
-                                "medldm[fast] is installed and the volume pays for its ~3 s conversion) | torch | "
+    runtime: str = typer.Option("auto", help="What runs the pixel refiner: auto (OpenVINO on the CPU when the "
+                                "'fast' extra is installed and the volume pays for converting it) | torch | "
                                 "openvino."),
 ):
     """Batch reconstruction of DICOM series, NIfTI, fastMRI k-space .h5 and CT sinogram .h5 files.
