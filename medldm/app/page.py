@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 HEAT_NOTE = ("Grey images share the window (level, width). Heat maps (|output - input|, uncertainty = per-voxel "
              "std over the samples, |error| = |output - truth|) run from 0 to a quarter of the window's width.")
 NONE = "none: use the uploaded file"
-KEEP_RUNS = 10
+KEEP_RUNS = 10  # run folders kept in the work folder; older ones are removed
 # the maps shown, in order: (session's array name, label, element id); rows of 2 and 3 on the page
 PANELS = (("input", "input", "img-input"), ("output", "output", "img-output"),
           ("|output - input|", "|output - input|", "img-diff"), ("uncertainty (std)", "uncertainty (std)", "img-std"),
-          ("|error|", "|error| (simulations)", "img-error"))  # run folders kept in the work folder; older ones are removed
+          ("|error|", "|error| (simulations)", "img-error"))
 
 
 class App:

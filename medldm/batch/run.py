@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from medldm import __version__
-from medldm.batch.manifest import (exit_code, format_plan, format_table, merge_rank_manifests, previous_parameters,
-                                   read_previous, summarise, utc_now, write_json_atomic)
+from medldm.batch.distributed import finish_distributed, rank_device, start_distributed
+from medldm.batch.manifest import (exit_code, format_plan, format_table, previous_parameters, read_previous, summarise,
+                                   utc_now, write_json_atomic)
 from medldm.batch.outputs import check_geometry, check_memory, load_input, write_outputs
 from medldm.batch.units import MANIFEST, MAX_IGNORED_LISTED, TASKS, Unit, discover
 from medldm.errors import InputError, MedldmError, ModelError
 from medldm.io.volume import MODALITIES
 from medldm.models.model_config import ModelConfig, read_model_files
-from medldm.models.runtime import RUNTIMES, openvino_version
+from medldm.models.runtime import check_runtime
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     "shift" or "remove"), and the manifest and provenance name inputs by keyed digests (``deid_secret``, or a
     random key for this run). ``skip_bad_slices``: a DICOM series with unreadable slices is reconstructed from
     the others when no gap results (the slices left out are listed in the manifest and provenance). ``runtime``:
-    what runs the pixel refiner (``Reconstructor``'s; outputs agree to float rounding, so a run may resume with
-    another)."""
+    what runs the refiner (``Reconstructor``'s; outputs agree to float rounding: not a parameter of the run)."""
     source, out = Path(input), Path(output)
     try:
         config = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)
@@ -312,16 +312,16 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
             params["diffusion"] = diffusion
         if deid_dates not in ("shift", "remove"):
             raise UsageError(f"--deid-dates must be shift or remove, got {deid_dates!r}")
-        if runtime not in RUNTIMES:
-            raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-        if runtime == "openvino" and (openvino_version() is None or (device or "").startswith("cuda")):
-            raise UsageError("--runtime openvino runs on the CPU and needs OpenVINO (pip install 'medldm[fast]')")
+        try:
+            check_runtime(runtime, device)
+        except ModelError as err:
+            raise UsageError(f"--runtime: {err}") from None
         _check_runnable(out, params, overwrite, units, ignored, source)
     except (UsageError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
-    ctx = _Context(out, task, model, steps, samples, seed, factor, _device(device, world), overwrite, views, dose, sigma,
+    ctx = _Context(out, task, model, steps, samples, seed, factor, rank_device(device, world), overwrite, views, dose, sigma,
                    source=source, skip_bad_slices=skip_bad_slices, diffusion=diffusion, runtime=runtime)
     if deidentify:
         from medldm.io.deidentify import Deidentifier
@@ -337,7 +337,7 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
 
     out.mkdir(parents=True, exist_ok=True)
     ctx.previous = read_previous(out)
-    owned = _start_distributed() if world > 1 else False
+    owned = start_distributed() if world > 1 else False
     mine = [u for i, u in enumerate(units) if i % world == rank]
     where = {"input": str(source), "output": str(out)} if ctx.deidentify is None else {
         "input": ctx.deidentify.hash_text(str(source)), "output": ctx.deidentify.hash_text(str(out)),
@@ -364,45 +364,4 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
         print(format_table(entries))
         print(f"manifest: {path}")
         return exit_code(entries)
-    return _finish_distributed(owned, out, world, rank, [u.id for u in units])
-
-
-def _device(device: str | None, world: int) -> str | None:
-    # One GPU per rank under torchrun: rank-local devices, never all ranks on cuda:0.
-    if world <= 1 or device not in (None, "cuda"):
-        return device
-    import torch
-
-    if not torch.cuda.is_available():
-        return device
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % torch.cuda.device_count()}"
-
-
-def _start_distributed() -> bool:
-    """Join torchrun's process group (gloo: only barriers and one small broadcast travel); True if we made it."""
-    import datetime
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    # Ranks reach the barrier after their own units, which can take hours apart: the default 30 min is too short.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return True
-
-
-def _finish_distributed(owned: bool, out: Path, world: int, rank: int, order: list[str]) -> int:
-    import torch.distributed as dist
-
-    dist.barrier()
-    code = [0]
-    if rank == 0:
-        merged = merge_rank_manifests(out, world, order)
-        print(format_table(merged["units"]))
-        print(f"manifest: {out / MANIFEST}")
-        code = [exit_code(merged["units"])]
-    # Every rank exits with the merged code: torchrun tears the others down when one exits non-zero first.
-    dist.broadcast_object_list(code, src=0)
-    if owned:
-        dist.destroy_process_group()
-    return int(code[0])
+    return finish_distributed(owned, out, world, rank, [u.id for u in units])

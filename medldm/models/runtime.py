@@ -42,8 +42,7 @@ class OpenVinoNetwork:
     medldm pads them (``slicewise.pad_to_multiple``). With ``cache_dir`` the converted model is kept there under a
     digest of the weights, the input channels and the versions, and read back (~0.2 s) by later processes."""
 
-    def __init__(self, module: torch.nn.Module, example: torch.Tensor, threads: int | None = None,
-                 cache_dir: Path | None = None):
+    def __init__(self, module: torch.nn.Module, example: torch.Tensor, cache_dir: Path | None = None):
         import openvino as ov
         import torch
 
@@ -55,7 +54,7 @@ class OpenVinoNetwork:
             model.reshape([-1, example.shape[1], -1, -1])  # any batch and plane; channels are the network's
             _write_cached(model, path)
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # what torch was told to use
         self._compiled = ov.Core().compile_model(model, "CPU", config)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +134,11 @@ def wants_openvino(runtime: str, device: torch.device, pixels: int) -> bool:
     return runtime == "openvino"
 
 
-def check_runtime(runtime: str, device: torch.device) -> None:
+def check_runtime(runtime: str, device: torch.device | str | None) -> None:
+    """A ModelError unless ``runtime`` can run on ``device`` (None: the CPU, or CUDA where the batch CLI picks it)."""
     if runtime not in RUNTIMES:
         raise ModelError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if runtime == "openvino" and device.type != "cpu":
+    if runtime == "openvino" and str(device or "cpu").split(":")[0] != "cpu":
         raise ModelError(f"the openvino runtime runs on the CPU; this model is on {device}")
     if runtime == "openvino" and openvino_version() is None:
         raise ModelError("the openvino runtime needs OpenVINO: pip install 'medldm[fast]'")

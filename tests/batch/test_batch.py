@@ -330,10 +330,10 @@ def test_cli_reconstruct(batch_input, bundles, tmp_path):
     assert result.exit_code == 2
     result = CliRunner().invoke(app, ["reconstruct", str(nifti), str(tmp_path / "out"), "--task", "denoise",
                                       "--model", str(bundles["denoise"]), "--runtime", "onnx"])
-    assert result.exit_code == 2 and "--runtime must be one of auto, torch, openvino" in result.output
+    assert result.exit_code == 2 and "runtime must be one of auto, torch, openvino" in result.output
     result = CliRunner().invoke(app, ["reconstruct", str(nifti), str(tmp_path / "out"), "--task", "denoise",
                                       "--model", str(bundles["denoise"]), "--runtime", "openvino", "--device", "cuda"])
-    assert result.exit_code == 2 and "--runtime openvino runs on the CPU" in result.output
+    assert result.exit_code == 2 and "the openvino runtime runs on the CPU" in result.output
     assert not (tmp_path / "out").exists()
     key = tmp_path / "site.key"
     key.write_text("short")
