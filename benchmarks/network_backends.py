@@ -1,7 +1,8 @@
 """Seconds per call of a shipped model's networks (U-Net step, VAE encode, VAE decode, refiner) on one batch of
 slices, for the ways torch can run them on this machine (figures printed, not a test):
 
-- eager float32 (what medldm runs), channels_last, bfloat16 autocast (CPU), torch.compile (inductor),
+- eager float32, channels_last, channels_last with the upsampling convolutions folded to the low resolution
+  (``medldm.models.upsample``; what medldm runs on the CPU), bfloat16 autocast (CPU), torch.compile (inductor),
   and OpenVINO / ONNX Runtime when ``openvino`` / ``onnxruntime`` are installed (not medldm dependencies).
 
 Each variant's largest absolute difference from eager float32 is printed beside its time: a backend is only
@@ -13,6 +14,7 @@ worth adopting if it is faster *and* its outputs agree (the README table must no
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.models.bundle import load_bundle  # noqa: E402
+from medldm.models.upsample import fold_nearest_upsampling  # noqa: E402
 from medldm.sampling.reconstructor import resolve_model  # noqa: E402
 from medldm.sampling.slicewise import pad_to_multiple  # noqa: E402
 
@@ -67,11 +70,14 @@ def networks(bundle, batch: int, shape: tuple[int, int]):
     return nets
 
 
-def variants(module, inputs):
+def variants(module, inputs, wanted):
     yield "eager fp32", lambda: module(*inputs)
     cl_inputs = tuple(i.contiguous(memory_format=torch.channels_last) if i.ndim == 4 else i for i in inputs)
     cl_module = module.to(memory_format=torch.channels_last)
     yield "channels_last", lambda: cl_module(*cl_inputs)
+    folded = copy.deepcopy(cl_module)
+    fold_nearest_upsampling(folded)  # what medldm runs since 2026-12-07 (c)
+    yield "channels_last+folded", lambda: folded(*cl_inputs)
     module.to(memory_format=torch.contiguous_format)
 
     def bf16():
@@ -80,17 +86,21 @@ def variants(module, inputs):
     yield "bf16 autocast", bf16
     compiled = torch.compile(module)
     yield "torch.compile", lambda: compiled(*inputs)
+    if "openvino" not in wanted and "onnxruntime" not in wanted:
+        return  # converting is slow: only for the runtimes asked for
     try:
         import openvino as ov
     except ImportError:
         ov = None
-    if ov is not None:  # OpenVINO's own CPU kernels (float32 on CPUs without native bf16), from a traced module
+    if ov is not None and "openvino" in wanted:  # OpenVINO CPU kernels (float32 without native bf16), traced
         ov_net = ov.compile_model(ov.convert_model(module, example_input=inputs), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
         yield "openvino", lambda: torch.from_numpy(ov_net([i.numpy() for i in inputs])[0])
     try:
         import onnxruntime as ort
     except ImportError:
+        return
+    if "onnxruntime" not in wanted:
         return
     path = Path(tempfile.mkdtemp()) / "net.onnx"
     torch.onnx.export(module, inputs, str(path), dynamo=False)
@@ -106,8 +116,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--networks", nargs="+", default=["unet step", "vae encode", "vae decode", "refiner pass"])
-    ap.add_argument("--variants", nargs="+", default=["eager fp32", "channels_last", "bf16 autocast", "torch.compile",
-                                                      "openvino", "onnxruntime"],
+    ap.add_argument("--variants", nargs="+", default=["eager fp32", "channels_last", "channels_last+folded",
+                                                      "bf16 autocast", "torch.compile", "openvino", "onnxruntime"],
                     help="bf16 autocast is very slow on CPUs without native bfloat16 (30-60 s per call here)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -119,7 +129,7 @@ def main(argv=None):
         if name not in args.networks:
             continue
         base = None
-        for variant, fn in variants(module, inputs):
+        for variant, fn in variants(module, inputs, args.variants):
             if variant not in args.variants and variant != "eager fp32":
                 continue
             try:

@@ -15,6 +15,7 @@ from skimage.restoration import denoise_nl_means
 
 from medldm.physics import classical
 from medldm.sampling.measurement import Measurement
+from medldm.slice_filters import nlm_settings, rician_unbias
 
 
 def _np(m: Measurement, t: torch.Tensor) -> np.ndarray:
@@ -83,10 +84,10 @@ def tv_sense(m: Measurement) -> np.ndarray:
 
 def nlm(m: Measurement) -> np.ndarray:
     """3D non-local means (skimage) with the Rician sigma the operator carries (given or estimated), its Rician
-    bias removed (classical.rician_unbias)."""
+    bias removed (slice_filters.rician_unbias)."""
     a = naive(m)
     sigma = float(getattr(m.operator, "sigma", 0.0)) or 1e-6
-    return classical.rician_unbias(denoise_nl_means(a, **classical.nlm_settings(sigma)), sigma)
+    return rician_unbias(denoise_nl_means(a, **nlm_settings(sigma)), sigma)
 
 
 def bm4d_baseline(m: Measurement) -> np.ndarray:

@@ -14,9 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 from joblib import Parallel, delayed
-from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+from skimage.restoration import denoise_tv_chambolle
 
 from medldm.physics.registry import DC_TASKS
+from medldm.slice_filters import nlm_images
 
 TV_ITERATIONS = 30
 TV_WEIGHT = 0.02  # relative to the image's 99.5th percentile (fixed, not tuned on validation data)
@@ -51,7 +52,9 @@ PARALLEL_MIN_IMAGES = 32  # below this (training batches of patches), worker pro
 def map_images(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
     """``fn`` of a stack of 2D images (N, H, W) -> (N, H, W), where ``fn`` treats each image on its own. A whole
     volume's slices are split over up to 8 of joblib's reusable worker processes (results identical): skimage
-    runs one image after another in one numpy process and leaves the other cores idle (benchmarks/README.md)."""
+    runs one image after another in one numpy process and leaves the other cores idle (benchmarks/README.md).
+    ``fn`` must come from a module that does not import torch (``medldm.slice_filters``, skimage): each worker
+    imports it before its first task."""
     jobs = min(os.cpu_count() or 1, 8, images.shape[0] // (PARALLEL_MIN_IMAGES // 2))
     if images.shape[0] < PARALLEL_MIN_IMAGES or jobs < 2:
         return fn(images)
@@ -63,25 +66,9 @@ def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
     return map_images(functools.partial(denoise_tv_chambolle, weight=weight, channel_axis=0), images)
 
 
-def nlm_settings(sigma: float) -> dict:
-    """skimage non-local means settings for Rician noise ``sigma``: the NLM baseline's and the nlm guide's."""
-    return {"h": 0.8 * sigma, "sigma": sigma, "patch_size": 5, "patch_distance": 6, "fast_mode": True}
-
-
-def rician_unbias(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Remove the Rician bias of a smoothed magnitude image: sqrt(max(x^2 - (pi/2) sigma^2, 0)).
-
-    Averaging magnitudes estimates the Rice mean, not the signal: in air it is sigma sqrt(pi/2) (a grey
-    background; uncorrected NLM scored SSIM 0.48 on the ITK subject, 0.90 corrected). Where the signal is
-    high the mean squared is ~ A^2 + sigma^2, so the (pi/2) constant, exact in air, costs only
-    0.29 sigma^2 / A there."""
-    # magnitudes are never negative: an undershoot (e.g. from resampling) must not come back as signal when squared
-    return np.sqrt(np.maximum(np.square(np.maximum(x, 0)) - (np.pi / 2) * sigma**2, 0.0)).astype(x.dtype, copy=False)
-
-
 def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.Tensor:
     """2D non-local means (skimage, fast mode) of every image spanned by ``image_axes`` of ``x`` (B, 1, ...),
-    Rician bias removed (``rician_unbias``); ``sigma``: the noise level, one value or one per batch item (the
+    Rician bias removed (``slice_filters.rician_unbias``); ``sigma``: the noise level, one value or one per batch item (the
     patches of a training batch differ)."""
     first, second = _axes(x, image_axes)
     sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (x.shape[0],))
@@ -89,12 +76,8 @@ def nlm_slices(x: torch.Tensor, sigma, *, image_axes: tuple[int, int]) -> torch.
     out = np.empty(a.shape, dtype=np.float32)
     flat, flat_out = a.reshape(a.shape[0], -1, *a.shape[-2:]).numpy(), out.reshape(a.shape[0], -1, *a.shape[-2:])
     for b in range(flat.shape[0]):
-        flat_out[b] = map_images(functools.partial(_nlm_images, sigma=float(sig[b]) or 1e-6), flat[b])
+        flat_out[b] = map_images(functools.partial(nlm_images, sigma=float(sig[b]) or 1e-6), flat[b])
     return torch.from_numpy(out).movedim((-2, -1), (first, second))
-
-
-def _nlm_images(images: np.ndarray, sigma: float) -> np.ndarray:
-    return np.stack([rician_unbias(denoise_nl_means(im, **nlm_settings(sigma)), sigma) for im in images])
 
 
 def _axes(x: torch.Tensor, image_axes: tuple[int, int]) -> tuple[int, int]:

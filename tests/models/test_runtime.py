@@ -58,6 +58,7 @@ def test_auto_converts_only_volumes_that_pay_for_it(tmp_path, monkeypatch):
         Reconstructor(three_d, device="cpu", runtime="openvino")(volume((40, 40, 20)), steps=1)
 
 
+@pytest.mark.slow  # converts a refiner with OpenVINO (~6 s)
 @needs_openvino
 def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_once(tmp_path, monkeypatch, caplog):
     import openvino as ov

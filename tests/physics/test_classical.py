@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.physics.classical import guide_image, guide_parts, guide_refusal, nlm_slices, rician_unbias, tv_pocs
+from medldm.physics.classical import guide_image, guide_parts, guide_refusal, nlm_slices, tv_pocs
+from medldm.slice_filters import nlm_settings, rician_unbias
 from medldm.physics.kspace import RandomCartesianUndersampling
 from tests.physics.conftest import phantom2d
 
@@ -108,7 +109,7 @@ def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leav
 def test_guides_of_a_volume_over_worker_processes_are_identical_to_one_process():
     from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
-    from medldm.physics.classical import PARALLEL_MIN_IMAGES, nlm_settings, tv_slices
+    from medldm.physics.classical import PARALLEL_MIN_IMAGES, tv_slices
 
     images = np.random.default_rng(0).random((PARALLEL_MIN_IMAGES + 5, 24, 20)).astype(np.float32)
     np.testing.assert_array_equal(tv_slices(images, 0.05), denoise_tv_chambolle(images, weight=0.05, channel_axis=0))
