@@ -7,7 +7,10 @@ from the centre lines). Rows: zero-filled RSS, CG-SENSE and TV-SENSE (sigpy, the
 output and its ablations; PSNR / SSIM as the model cards compute them, seconds, data residual.
 
     python benchmarks/multicoil_recon.py [--model mr-recon [FOLDER ...]] [--slices 8] [--coils 8] [--accelerations 4 8]
-        [--baselines "CG-SENSE" "TV-POCS" ...] [--variants "medldm (default)" ...]
+        [--baselines "CG-SENSE" "TV-POCS" ...] [--variants "medldm (default)" ...] [--json OUT]
+
+`--json OUT` also writes the rows (with the command and the day): `pipelines/write_model_cards.py --multicoil OUT`
+puts them in the model card.
 
 Several models are run on the same measurements (the baselines once), e.g. a shipped model and a retrained one.
 """
@@ -15,6 +18,8 @@ Several models are run on the same measurements (the baselines once), e.g. a shi
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,11 +87,19 @@ def main() -> None:
     ap.add_argument("--accelerations", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--baselines", nargs="+", default=None, help="a subset of the baselines (default: all)")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="a subset of medldm's rows")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (for the model cards)")
     a = ap.parse_args()
     known = baselines_for("recon", "MR", coils=a.coils)
     if a.baselines and set(a.baselines) - set(known):  # a misspelt name would silently drop its row
         ap.error(f"unknown baseline(s) {sorted(set(a.baselines) - set(known))}; choose from {list(known)}")
-    print(markdown_table(rows_for(a.model, a.datalist, a.slices, a.coils, a.accelerations, a.baselines, a.variants)))
+    rows = rows_for(a.model, a.datalist, a.slices, a.coils, a.accelerations, a.baselines, a.variants)
+    print(markdown_table(rows))
+    if a.json:
+        command = "python benchmarks/multicoil_recon.py " + shlex.join(sys.argv[1:])
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps([{**r, "command": command, "measured": day, "slices": a.slices} for r in rows],
+                                     indent=1))
 
 
 if __name__ == "__main__":

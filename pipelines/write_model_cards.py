@@ -4,13 +4,15 @@
     python pipelines/write_model_cards.py --rows outputs/fid-mr-recon   # take a later evaluation's rows
     python pipelines/write_model_cards.py --readme-table     # the README's results table, printed
     python pipelines/write_model_cards.py --speed PROFILE.json ...   # whole-volume seconds into the cards
+    python pipelines/write_model_cards.py --multicoil ROWS.json      # benchmarks/multicoil_recon.py --json rows
 
 Each shipped folder keeps the rows its card was written from (evaluation.json). `--rows DIR` replaces them,
 whole, by a later `medldm evaluate --out DIR` run's DIR/<name>.json for the models DIR has rows for (say, one
 with --fid); the other models' cards are rewritten from their stored rows. The table at the end of
 data_cards/evaluation.md is then rewritten from the rows of all shipped models (the prose above it is kept).
 train_default_models.py stores an install's rows (no FID) and writes its card, not that table. `--speed` keeps a
-model's rows of `benchmarks/profile_inference.py --json` as its speed.json, stated in the card's sampling paragraph.
+model's rows of `benchmarks/profile_inference.py --json` as its speed.json, stated in the card's sampling paragraph;
+`--multicoil` a model's rows of `benchmarks/multicoil_recon.py --json` (and the baselines') as its multicoil.json.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
-from medldm.evaluation.card import (ROWS_FILE, SPEED_FILE, model_card, results_table, stored_noise,  # noqa: E402
-                                    stored_speed)
+from medldm.evaluation.card import (MULTICOIL_FILE, ROWS_FILE, SPEED_FILE, model_card, results_table,  # noqa: E402
+                                    stored_multicoil, stored_noise, stored_speed)
 from medldm.models.model_config import read_model_files  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
@@ -56,6 +58,9 @@ def main(argv=None):
     ap.add_argument("--speed", nargs="*", type=Path, default=[],
                     help="`benchmarks/profile_inference.py --json` files: each model's rows (one per number of "
                          "samples, later files win) are kept as its speed.json and stated in its card.")
+    ap.add_argument("--multicoil", type=Path, default=None,
+                    help="A `benchmarks/multicoil_recon.py --json` file: the rows of each model it ran (with the "
+                         "baselines') are kept as that model's multicoil.json and shown in its card.")
     ap.add_argument("--readme-table", action="store_true", help="Only print the README's results table (stored "
                     "rows, or those of --rows where it has them); nothing is written.")
     args = ap.parse_args(argv)
@@ -86,10 +91,13 @@ def main(argv=None):
             continue
         _warn_of_dropped_rows(name, stored[name], rows[name])
         speed = given_speed(name, args.speed) or stored_speed(SHIPPED_DIR / name)
+        multicoil = given_multicoil(name, args.multicoil) or stored_multicoil(SHIPPED_DIR / name)
         card = model_card(config, record, rows[name], record.card["command"], record.card["machine"],
-                          stored_noise(SHIPPED_DIR / name), speed)
+                          stored_noise(SHIPPED_DIR / name), speed, multicoil)
         if speed:
             (SHIPPED_DIR / name / SPEED_FILE).write_text(json.dumps(speed, indent=1))
+        if multicoil:
+            (SHIPPED_DIR / name / MULTICOIL_FILE).write_text(json.dumps(multicoil, indent=1))
         (SHIPPED_DIR / name / ROWS_FILE).write_text(json.dumps(rows[name], indent=1))
         (SHIPPED_DIR / name / "README.md").write_text(card)
         shutil.copy(SHIPPED_DIR / name / "README.md", ROOT / "data_cards" / f"model-{name}.md")
@@ -108,6 +116,14 @@ def given_speed(name: str, files: list[Path]) -> list[dict] | None:
             if r["model"] == name:
                 by_samples[r["samples"]] = {**{k: r.get(k) for k in keep}, "measured": r.get("measured", day)}
     return [by_samples[k] for k in sorted(by_samples)] or None
+
+
+def given_multicoil(name: str, path: Path | None) -> list[dict] | None:
+    """``name``'s rows of a ``benchmarks/multicoil_recon.py --json`` file, with the baselines' (model "-")."""
+    rows = json.loads(path.read_text()) if path else []
+    if not any(r["model"] == name for r in rows):
+        return None
+    return [r for r in rows if r["model"] in (name, "-")]
 
 
 def _warn_of_dropped_rows(name: str, old: list[dict] | None, new: list[dict]) -> None:
