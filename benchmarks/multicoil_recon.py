@@ -98,8 +98,7 @@ def main() -> None:
         command = "python benchmarks/multicoil_recon.py " + shlex.join(sys.argv[1:])
         day = time.strftime("%Y-%m-%d", time.gmtime())
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps([{**r, "command": command, "measured": day, "slices": a.slices} for r in rows],
-                                     indent=1))
+        a.json.write_text(json.dumps({"command": command, "measured": day, "slices": a.slices, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

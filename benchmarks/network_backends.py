@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -86,22 +87,17 @@ def variants(module, inputs, wanted):
     yield "bf16 autocast", bf16
     compiled = torch.compile(module)
     yield "torch.compile", lambda: compiled(*inputs)
-    if "openvino" not in wanted and "onnxruntime" not in wanted:
-        return  # converting is slow: only for the runtimes asked for
-    try:
-        import openvino as ov
-    except ImportError:
-        ov = None
-    if ov is not None and "openvino" in wanted:  # OpenVINO CPU kernels (float32 without native bf16), traced
+    # converting is slow: only for the runtimes asked for, and only where they are installed
+    if "openvino" in wanted and importlib.util.find_spec("openvino"):
+        import openvino as ov  # OpenVINO CPU kernels (float32 on CPUs without native bf16), from a traced module
+
         ov_net = ov.compile_model(ov.convert_model(module, example_input=inputs), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
         yield "openvino", lambda: torch.from_numpy(ov_net([i.numpy() for i in inputs])[0])
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if "onnxruntime" not in wanted or not importlib.util.find_spec("onnxruntime"):
         return
-    if "onnxruntime" not in wanted:
-        return
+    import onnxruntime as ort
+
     path = Path(tempfile.mkdtemp()) / "net.onnx"
     torch.onnx.export(module, inputs, str(path), dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

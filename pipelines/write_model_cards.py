@@ -118,12 +118,13 @@ def given_speed(name: str, files: list[Path]) -> list[dict] | None:
     return [by_samples[k] for k in sorted(by_samples)] or None
 
 
-def given_multicoil(name: str, path: Path | None) -> list[dict] | None:
-    """``name``'s rows of a ``benchmarks/multicoil_recon.py --json`` file, with the baselines' (model "-")."""
-    rows = json.loads(path.read_text()) if path else []
-    if not any(r["model"] == name for r in rows):
+def given_multicoil(name: str, path: Path | None) -> dict | None:
+    """A ``benchmarks/multicoil_recon.py --json`` file narrowed to ``name``'s rows and the baselines' (model "-");
+    None when ``name`` has no rows there."""
+    mc = json.loads(path.read_text()) if path else {"rows": []}
+    if not any(r["model"] == name for r in mc["rows"]):
         return None
-    return [r for r in rows if r["model"] in (name, "-")]
+    return {**mc, "rows": [r for r in mc["rows"] if r["model"] in (name, "-")]}
 
 
 def _warn_of_dropped_rows(name: str, old: list[dict] | None, new: list[dict]) -> None:

@@ -225,40 +225,38 @@ def speed_line(rows: list[dict] | None) -> str:
             "(`python benchmarks/profile_inference.py`; stages in `benchmarks/README.md`).")
 
 
-MULTICOIL_FILE = "multicoil.json"  # benchmarks/multicoil_recon.py --json rows: a recon card's multi-coil section
+MULTICOIL_FILE = "multicoil.json"  # benchmarks/multicoil_recon.py --json: a recon card's multi-coil section
 
 
-def stored_multicoil(folder) -> list[dict] | None:
+def stored_multicoil(folder) -> dict | None:
     path = Path(folder) / MULTICOIL_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def multicoil_section(rows: list[dict] | None, name: str) -> str:
-    """The model on simulated multi-coil k-space against the parallel-imaging baselines (``-`` rows), from
-    ``benchmarks/multicoil_recon.py --json`` rows; empty when none are the model's."""
-    rows = [r for r in rows or [] if r["model"] in (name, "-")]
-    if not any(r["model"] == name for r in rows):
+def multicoil_section(multicoil: dict | None) -> str:
+    """The model on simulated multi-coil k-space against the parallel-imaging baselines, from
+    ``benchmarks/multicoil_recon.py --json`` (its rows already narrowed to one model and the baselines)."""
+    if not multicoil:
         return ""
-    r0 = rows[0]
     table = "\n".join(f"| {r['case']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['seconds']:.0f} |"
-                      for r in rows)
+                      for r in multicoil["rows"])
     return f"""
 ## Multi-coil k-space
-The held-out volumes' {r0['slices']} middle slices at their full plane made into multi-coil k-space (birdcage
+The held-out volumes' {multicoil['slices']} middle slices at their full plane made into multi-coil k-space (birdcage
 coil maps, a smooth random image phase, equispaced masks with fastMRI's centre fractions), then read as a file
-is: coil maps and phase estimated from the centre lines (measured {r0['measured']}, seconds on 2 CPU cores). A case
+is: coil maps and phase estimated from the centre lines (measured {multicoil['measured']}, seconds on 2 CPU cores). A case
 that is missing was refused when read (too few centre lines to estimate coil maps from).
 
 | case | method | PSNR | SSIM | seconds |
 |---|---|---|---|---|
 {table}
 
-Reproduce: `{r0['command']}`.
+Reproduce: `{multicoil['command']}`.
 """
 
 
 def model_card(config: ModelConfig, record: TrainingRecord, rows: list[dict], command: str, machine: str,
-               noise: dict | None = None, speed: list[dict] | None = None, multicoil: list[dict] | None = None) -> str:
+               noise: dict | None = None, speed: list[dict] | None = None, multicoil: dict | None = None) -> str:
     t = record.training
     refiner_legs, bridge_legs = record.stage_legs("refiner"), record.stage_legs("bridge")
     flow_what, flow_line = _flow_words(config, bridge_legs)  # a flow U-Net replaces stage 2's weights
@@ -314,7 +312,7 @@ samples (`medldm evaluate --steps 10 --samples 2`). {speed_line(speed)}
 `VAE(truth)` is the VAE's own reconstruction of the ground truth: the ceiling of any latent-only output.
 `supervised U-Net` is a MONAI BasicUNet of the refiner's size trained on the same data and degradations
 (`pipelines/train_supervised_baselines.py`; its budget is in `medldm/shipped/supervised/<name>/model.json`).
-{noise_section(noise)}{multicoil_section(multicoil, config.name)}
+{noise_section(noise)}{multicoil_section(multicoil)}
 ## Intended use and limits
 Research only: not a medical device, not for diagnosis. Trained on a population-average template, synthetic
 subjects and (CT) one real head: expect failures on pathology, other anatomy, other contrasts and

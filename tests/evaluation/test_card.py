@@ -128,18 +128,19 @@ def test_the_multicoil_section_shows_the_models_and_the_baselines_rows_only(tmp_
     from medldm.evaluation.card import multicoil_section
     from tests.helpers import load_script
 
-    base = {"case": "slab/8coil-4x", "ssim": 0.9, "seconds": 8.0, "command": "python benchmarks/multicoil_recon.py",
-            "measured": "2026-12-07", "slices": 8}
+    base = {"case": "slab/8coil-4x", "ssim": 0.9, "seconds": 8.0}
     rows = [{**base, "model": "-", "method": "CG-SENSE", "psnr": 31.0},
             {**base, "model": "mr-recon", "method": "medldm (default)", "psnr": 34.2},
             {**base, "model": "runs/other", "method": "medldm (default)", "psnr": 99.0}]
-    text = multicoil_section(rows, "mr-recon")
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps({"command": "python benchmarks/multicoil_recon.py", "measured": "2026-12-07",
+                                "slices": 8, "rows": rows}))
+    given = load_script("pipelines", "write_model_cards").given_multicoil
+    mine = given("mr-recon", path)
+    assert [r["method"] for r in mine["rows"]] == ["CG-SENSE", "medldm (default)"]
+    assert given("mr-sr", path) is None and given("mr-recon", None) is None
+    text = multicoil_section(mine)
     assert "| slab/8coil-4x | CG-SENSE | 31.00 | 0.900 | 8 |" in text
     assert "| slab/8coil-4x | medldm (default) | 34.20 | 0.900 | 8 |" in text and "99.00" not in text
     assert "8 middle slices" in text and "Reproduce: `python benchmarks/multicoil_recon.py`" in text
-    assert multicoil_section(rows, "mr-sr") == "" and multicoil_section(None, "mr-recon") == ""
-    path = tmp_path / "mc.json"
-    path.write_text(json.dumps(rows))
-    given = load_script("pipelines", "write_model_cards").given_multicoil
-    assert [r["method"] for r in given("mr-recon", path)] == ["CG-SENSE", "medldm (default)"]
-    assert given("mr-sr", path) is None and given("mr-recon", None) is None
+    assert multicoil_section(None) == ""
