@@ -48,7 +48,7 @@ def audit_case(rec: Reconstructor, case, steps_list, samples: int, seed: int = 0
     sched_cfg = b.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow", spatial_dims=2)
     cond_phys = m.naive_inverse().float()
-    norm = Normalisation.from_dict(rec.config.normalisation.model_dump()).fit(cond_phys)
+    norm = Normalisation.from_dict(rec.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(cond_phys)
     cond, axis = norm.forward(cond_phys), rec.slice_axis
     _, start = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
     truth = case.truth.array[0].astype(np.float32)

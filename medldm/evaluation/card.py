@@ -276,7 +276,11 @@ def model_card(config: ModelConfig, record: TrainingRecord, rows: list[dict], co
                          f"initialised as {_init_words(refiner_legs)}{through_dc}{cascade}{ran_on}.")
     vae_t = t.get("vae_training") or {}
     deg = config.degradation.model_dump() if config.degradation else {}
-    norm = config.normalisation.model_dump()
+    norm = config.normalisation.model_dump(exclude={"latent_fit_on"})
+    latent_line = ("" if config.normalisation.latent_fit_on == "input" else
+                   f" The latent path sees the input at the percentile of its {config.normalisation_reference} image "
+                   "(an estimate of the clean one, which the VAE was trained at; noise lifts the input's) and its "
+                   "decode is scaled back (`normalisation.latent_fit_on`).")
     return f"""# Model card: `{config.name}`
 
 **Task:** {config.task} · **modality:** {config.modality} · **format:** {config.format} ·
@@ -287,7 +291,7 @@ A 2D latent diffusion model applied slice-wise (slice axis {config.slice_axis}):
 (channels {config.vae.channels}, {config.vae.latent_channels} latent channels, latent scale
 {config.latent_scale:.4g}), {flow_what}, then a pixel-space refiner
 (MONAI BasicUNet) that sees the decoded estimate and the naive inverse (or the guide named below), then hard data consistency
-(recon, SR). Intensity normalisation: `{norm}`.
+(recon, SR). Intensity normalisation: `{norm}`.{latent_line}
 
 Trained degradation: `{deg}`.
 

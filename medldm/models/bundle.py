@@ -138,7 +138,8 @@ def replace_vae(bundle: ModelBundle, vae_folder: str | Path) -> ModelBundle:
     (``bridge_stage.vae``); the refiner is kept, to be retrained on the new decodes."""
     other = load_bundle(vae_folder)
     mine, theirs = bundle.config, other.config
-    if (theirs.spatial_dims, theirs.modality, theirs.normalisation) != (mine.spatial_dims, mine.modality, mine.normalisation):
+    if (theirs.spatial_dims, theirs.modality, theirs.normalisation.model_copy(update={"latent_fit_on": "input"})) != (
+            mine.spatial_dims, mine.modality, mine.normalisation.model_copy(update={"latent_fit_on": "input"})):
         raise ModelError(f"{vae_folder}: its VAE is for {theirs.spatial_dims}D {theirs.modality} with normalisation "
                          f"{theirs.normalisation.model_dump()}, the model is {mine.spatial_dims}D {mine.modality} with "
                          f"{mine.normalisation.model_dump()}")

@@ -33,6 +33,13 @@ class NormalisationConfig(Strict):
     percentile: float = Field(99.5, gt=0, le=100)
     low: float = -1024.0
     high: float = 2000.0
+    # The intensity the VAE (and so the latent path) sees the input at. Training volumes are normalised by their
+    # clean percentile, and the VAE decodes at that intensity whatever its input's (28.3 dB at 1x, 25.1 at 0.95x).
+    # "input": the naive inverse's percentile, which noise lifts (Rician 5%: the truth lands at 0.93x); "guide":
+    # the latent path takes the percentile of the model's classical guide (the first non-naive part of its refiner
+    # guide), an estimate of the clean image's, and its decoded image is scaled back. The pixel path (refiner,
+    # data consistency) keeps the input's: the refiner measured as well or better there.
+    latent_fit_on: Literal["input", "guide"] = "input"
 
 
 class ModelRefinerConfig(RefinerConfig):
@@ -81,11 +88,21 @@ class ModelConfig(Strict):
                 raise ValueError(f"an ldm model needs {', '.join(missing)}")
             if self.degradation.task != self.task:
                 raise ValueError(f"degradation.task {self.degradation.task!r} is not the model's task {self.task!r}")
+        if self.normalisation.latent_fit_on == "guide" and (self.normalisation.kind != "percentile"
+                                                     or self.normalisation_reference is None):
+            raise ValueError("normalisation.latent_fit_on 'guide' needs a percentile normalisation and a refiner guide with a "
+                             "classical part (nlm, tv-pocs)")
         return self
 
     @property
     def refiner_enabled(self) -> bool:
         return self.refiner is not None and self.refiner.enabled
+
+    @property
+    def normalisation_reference(self) -> str | None:
+        """The classical image a "guide"-fitted latent intensity takes its percentile of (None: no such guide)."""
+        parts = self.refiner.guide.split("+") if self.refiner is not None else []
+        return next((p for p in parts if p != "naive"), None)
 
 
 class TrainingRecord(Strict):

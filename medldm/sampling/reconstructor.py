@@ -186,11 +186,14 @@ class Reconstructor:
         if m.task != self.task:
             raise ModelError(f"model {self.config.name} does {self.task}, the input is a {m.task} measurement")
         cond_phys = m.naive_inverse().float()  # (1, 1, X, Y, Z) on the output grid
-        norm = Normalisation.from_dict(self.config.normalisation.model_dump()).fit(cond_phys)
+        norm = Normalisation.from_dict(self.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(cond_phys)
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
-        guide, start = self._guides(m, cond, norm, axis, refine=refine)
+        guide, start, reference = self._guides(m, cond, norm, axis, refine=refine)
+        # the VAE decodes at the intensity it was trained at (clean volumes at their percentile): the latent path
+        # sees the input at the clean estimate's percentile and the decoded image is scaled back
+        intensity = 1.0 if reference is None else norm.fit(reference).scale
         t_prep = time.time()
         latent_dc, data_loss = self._slice_corrections(m, norm, axis)
         bar = None
@@ -204,7 +207,7 @@ class Reconstructor:
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide, start=start, refiner=refiner)
+                                  guide=guide, start=start, refiner=refiner, intensity=intensity)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -214,7 +217,7 @@ class Reconstructor:
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples,
-                            refiner_runtime=refiner_runtime)
+                            refiner_runtime=refiner_runtime, intensity=intensity)
 
     def _refiner_runtime(self, slices: torch.Tensor, samples: int, refine: bool):
         """(what runs the refiner, its name): the module itself, or its OpenVINO conversion (made once) where
@@ -259,16 +262,20 @@ class Reconstructor:
 
         return latent_dc, data_loss
 
-    def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The refiner's guide slices (S, G, A, B) when it is not the naive inverse itself, and the slices
-        (S, 1, A, B) a flow model starts from; each classical image is computed once, both normalised."""
+    def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, ...]:
+        """The refiner's guide slices (S, G, A, B) when it is not the naive inverse itself, the slices
+        (S, 1, A, B) a flow model starts from, and the image a "guide"-fitted latent intensity takes its percentile
+        of for the latent path (else None); each classical image is computed once, all normalised by ``norm``."""
         refiner_kind = self.bundle.refiner_guide if refine and self.bundle.refiner is not None else "naive"
         start_kind = self.bundle.flow_start
+        reference_kind = (self.config.normalisation_reference if self.config.normalisation.latent_fit_on == "guide"
+                          else None)
         parts = [] if refiner_kind == "naive" else refiner_kind.split("+")
-        if start_kind not in ("noise", "naive") and start_kind not in parts:
-            parts.append(start_kind)
+        for kind in (start_kind, reference_kind):
+            if kind not in ("noise", "naive", None) and kind not in parts:
+                parts.append(kind)
         if not parts:
-            return None, (cond[0, 0].movedim(axis, 0)[:, None] if start_kind == "naive" else None)
+            return None, (cond[0, 0].movedim(axis, 0)[:, None] if start_kind == "naive" else None), None
         kind = "+".join(parts)
         op, y = m.operator, m.y
         sigma = getattr(op, "sigma", None)
@@ -282,11 +289,11 @@ class Reconstructor:
         by_kind = dict(zip(parts, images.split(1, dim=1)))
         by_kind.setdefault("naive", cond[0, 0].movedim(axis, 0)[:, None])
         guide = None if refiner_kind == "naive" else torch.cat([by_kind[p] for p in refiner_kind.split("+")], 1)
-        return guide, (None if start_kind == "noise" else by_kind[start_kind])
+        return guide, (None if start_kind == "noise" else by_kind[start_kind]), by_kind.get(reference_kind)
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
-                refiner=None) -> torch.Tensor:
+                refiner=None, intensity=1.0) -> torch.Tensor:
         """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
@@ -303,13 +310,14 @@ class Reconstructor:
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    guide=guide, start=start, refiner=refiner, progress=bar.update if bar else None)
+                    guide=guide, start=start, refiner=refiner, intensity=intensity,
+                    progress=bar.update if bar else None)
             vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
         return vols_n
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,
-                refiner_runtime=None) -> ReconstructionResult:
+                refiner_runtime=None, intensity=1.0) -> ReconstructionResult:
         """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
         with_dc = dc and m.task in DC_TASKS
@@ -344,6 +352,7 @@ class Reconstructor:
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             "refiner_runtime": refiner_runtime,
+            "latent_intensity": {"fit_on": self.config.normalisation.latent_fit_on, "factor": intensity},
             **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),
             **({"reoriented_from": "".join(ornt2axcodes(m.orientation))} if m.orientation is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

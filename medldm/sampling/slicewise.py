@@ -36,7 +36,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                   refiner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   refiner: Callable[[torch.Tensor], torch.Tensor] | None = None, intensity: float = 1.0,
                    progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
@@ -51,11 +51,12 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     ``start`` (S, 1, H, W), normalised: the image a flow model (``bundle.flow_start`` not "noise") starts from and
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
     ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
+    ``intensity``: the clean image's percentile in ``cond``'s units, for the VAE (:class:`LatentCodec`).
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
     device = next(bundle.vae.parameters()).device
-    codec = LatentCodec(bundle.vae, bundle.latent_scale)
+    codec = LatentCodec(bundle.vae, bundle.latent_scale, intensity)
     sched_cfg = bundle.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=2)
     padded, (h, w) = pad_to_multiple(cond)
@@ -127,7 +128,7 @@ def optimise_latent(codec: LatentCodec, z: torch.Tensor, loss_fn, steps: int, lr
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
-            loss = loss_fn(codec.vae.decode(z / codec.scale))
+            loss = loss_fn(codec.decode_differentiable(z))
             (z.grad,) = torch.autograd.grad(loss, z)  # gradient for z only, none accumulated in the decoder
             opt.step()
     return z.detach()

@@ -59,6 +59,10 @@ def test_an_unknown_format_or_a_bad_field_is_refused_naming_the_file_and_field(t
     path.write_text(json.dumps({**config, "unet": None}))
     with pytest.raises(ModelError, match="an ldm model needs unet"):
         load_bundle(folder)
+    no_guide = {**config, "normalisation": {**config["normalisation"], "latent_fit_on": "guide"}}
+    path.write_text(json.dumps(no_guide))  # its refiner sees the naive inverse: no clean estimate to fit on
+    with pytest.raises(ModelError, match="latent_fit_on 'guide' needs"):
+        load_bundle(folder)
     path.write_text(json.dumps({**config, "surprise": 1}))
     with pytest.raises(ModelError, match="surprise"):
         load_bundle(folder)
