@@ -30,7 +30,6 @@ from medldm.evaluation.cases import make_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.builders import build_scheduler  # noqa: E402
 from medldm.models.latent import LatentCodec, condition_input  # noqa: E402
-from medldm.models.normalisation import Normalisation  # noqa: E402
 from medldm.sampling.reconstructor import Reconstructor  # noqa: E402
 from medldm.sampling.samplers import rflow_sample  # noqa: E402
 from medldm.sampling.slicewise import pad_to_multiple  # noqa: E402
@@ -44,13 +43,13 @@ def flow(bundle, scheduler, start_latent: torch.Tensor, z0: torch.Tensor, steps:
 def audit_case(rec: Reconstructor, case, steps_list, samples: int, seed: int = 0) -> dict[str, tuple[float, float]]:
     """{row: (PSNR of the decoded latent, latent MSE against the truth's latent)} for one case."""
     b, m = rec.bundle, case.measurement
-    codec = LatentCodec(b.vae, b.latent_scale)
     sched_cfg = b.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow", spatial_dims=2)
     cond_phys = m.naive_inverse().float()
-    norm = Normalisation.from_dict(rec.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(cond_phys)
+    norm = rec.config.normalisation.unfitted().fit(cond_phys)
     cond, axis = norm.forward(cond_phys), rec.slice_axis
-    _, start = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
+    _, start, reference = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
+    codec = LatentCodec(b.vae, b.latent_scale, 1.0 if reference is None else norm.fit(reference).scale)
     truth = case.truth.array[0].astype(np.float32)
     truth_n = norm.forward(torch.from_numpy(truth)[None, None])[0, 0].movedim(axis, 0)[:, None]
     (sp, (h, w)), (tp, _) = pad_to_multiple(start), pad_to_multiple(truth_n)

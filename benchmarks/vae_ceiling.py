@@ -30,7 +30,6 @@ from medldm.evaluation import metrics as M  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle  # noqa: E402
 from medldm.models.latent import LatentCodec  # noqa: E402
-from medldm.models.normalisation import Normalisation  # noqa: E402
 from medldm.sampling.slicewise import pad_to_multiple  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def vae_truth(bundle, truth: np.ndarray, batch: int = 16, scale: float = 1.0) ->
     """Encode and decode ``truth`` (X, Y, Z) slice-wise along the model's slice axis, in its units; ``scale``
     multiplies the normalised slices before encoding (the decode is divided by it)."""
     t = torch.from_numpy(truth)[None, None]
-    norm = Normalisation.from_dict(bundle.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(t)
+    norm = bundle.config.normalisation.unfitted().fit(t)
     axis = bundle.config.slice_axis
     slices = norm.forward(t)[0, 0].movedim(axis, 0)[:, None]
     padded, (h, w) = pad_to_multiple(slices * scale)

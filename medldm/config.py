@@ -16,7 +16,7 @@ from medldm.errors import ConfigError
 
 
 # what a refiner sees beside the decoded estimate: classical images joined by "+" (physics.classical.guide_parts)
-RefinerGuide = Literal["naive", "tv-pocs", "nlm", "naive+tv-pocs", "tv-pocs+naive"]
+RefinerGuide = Literal["naive", "tv-pocs", "tv-pocs-warm", "nlm", "naive+tv-pocs", "tv-pocs+naive"]
 
 
 class Strict(BaseModel):

@@ -88,6 +88,8 @@ def results_table(rows_by_model: dict[str, list[dict]]) -> str:
 
 GUIDE_WORDS = {"tv-pocs": "TV-POCS (TV alternated with the measurement's projection, computed at inference; for MR "
                           "recon the evaluation's TV-POCS baseline)",
+               "tv-pocs-warm": "TV-POCS with Chambolle's dual carried from round to round (`tv_pocs_warm`, computed "
+                               "at inference; the evaluation's TV-POCS (warm) baseline)",
                "nlm": "2D non-local means of the noisy input, its Rician bias removed (computed at inference)"}
 
 

@@ -26,7 +26,6 @@ from medldm.evaluation import metrics as M
 from medldm.evaluation.baselines import baselines_for
 from medldm.evaluation.cases import Case
 from medldm.evaluation.figures import case_figure
-from medldm.models.normalisation import Normalisation
 from medldm.sampling.reconstructor import Reconstructor
 from medldm.sampling.slicewise import restore_slices
 from medldm.evaluation.supervised import apply_supervised
@@ -35,7 +34,7 @@ from medldm.evaluation.supervised import apply_supervised
 def vae_ceiling(rec: Reconstructor, truth: np.ndarray) -> np.ndarray:
     """Encode and decode the ground truth slice-wise: the best any latent-only output can be."""
     t = torch.as_tensor(truth, dtype=torch.float32)
-    norm = Normalisation.from_dict(rec.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(t)
+    norm = rec.config.normalisation.unfitted().fit(t)
     axis = rec.slice_axis
     slices = norm.forward(t).movedim(axis, 0)[:, None]
     out = restore_slices(rec.bundle, slices, samples=1, steps=1, seed=0, batch_size=16, refine=False,

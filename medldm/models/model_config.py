@@ -20,6 +20,7 @@ from medldm import __version__
 from medldm.config import (DegradationConfig, RefinerConfig, RefinerGuide, SchedulerConfig, Strict, UNetConfig,
                            VAEConfig)
 from medldm.errors import ModelError
+from medldm.models.normalisation import Normalisation
 
 FORMAT = "medldm-model/3"
 RECORD_FORMAT = "medldm-training-record/1"
@@ -40,6 +41,10 @@ class NormalisationConfig(Strict):
     # guide), an estimate of the clean image's, and its decoded image is scaled back. The pixel path (refiner,
     # data consistency) keeps the input's: the refiner measured as well or better there.
     latent_fit_on: Literal["input", "guide"] = "input"
+
+    def unfitted(self) -> Normalisation:
+        """The normalisation these settings make (the latent path's fit is the reconstructor's); fit it before use."""
+        return Normalisation.from_dict(self.model_dump(exclude={"latent_fit_on"}))
 
 
 class ModelRefinerConfig(RefinerConfig):

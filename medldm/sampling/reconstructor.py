@@ -22,7 +22,6 @@ from medldm.errors import InputError, ModelError
 from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.device import autocast, pick_device
-from medldm.models.normalisation import Normalisation
 from medldm.physics.base import NONNEGATIVE_ROUNDS
 from medldm.models.runtime import check_runtime, convert_refiner, wants_openvino
 from medldm.models.upsample import fold_nearest_upsampling
@@ -186,7 +185,7 @@ class Reconstructor:
         if m.task != self.task:
             raise ModelError(f"model {self.config.name} does {self.task}, the input is a {m.task} measurement")
         cond_phys = m.naive_inverse().float()  # (1, 1, X, Y, Z) on the output grid
-        norm = Normalisation.from_dict(self.config.normalisation.model_dump(exclude={"latent_fit_on"})).fit(cond_phys)
+        norm = self.config.normalisation.unfitted().fit(cond_phys)
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)

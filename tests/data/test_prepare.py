@@ -29,6 +29,7 @@ def prepared(tmp_path_factory):
     return path, json.loads(path.read_text())
 
 
+@pytest.mark.slow  # the fixture prepares real and synthetic volumes (~5 s)
 def test_files_and_splits(prepared):
     path, dl = prepared
     assert dl["training"] and dl["validation"]
@@ -43,6 +44,7 @@ def test_files_and_splits(prepared):
     assert sum(e["source"] == "synthetic" for e in dl["training"]) >= 2  # >= 1 part per subject
 
 
+@pytest.mark.slow  # the fixture prepares real and synthetic volumes (~5 s)
 def test_mni_holdout_no_overlap(prepared):
     path, dl = prepared
     h = dl["holdout"]["mni152"]
@@ -63,6 +65,7 @@ def test_mni_holdout_no_overlap(prepared):
             assert tz[1] <= vz[0] - MNI_MARGIN_MM or tz[0] >= vz[1] + MNI_MARGIN_MM
 
 
+@pytest.mark.slow  # the fixture prepares real and synthetic volumes (~5 s)
 @pytest.mark.skipif(not HAS_CT, reason="invesalius-examples not installed")
 def test_ct_holdout_no_overlap(prepared):
     path, dl = prepared
@@ -76,6 +79,7 @@ def test_ct_holdout_no_overlap(prepared):
     assert nib.load(path.parent / tr["image"]).get_data_dtype() == np.int16  # HU stored exactly
 
 
+@pytest.mark.slow  # the fixture prepares real and synthetic volumes (~5 s)
 def test_idempotent(prepared):
     path, dl = prepared
     files = {p: p.stat().st_mtime_ns for p in path.parent.rglob("*.nii.gz")}

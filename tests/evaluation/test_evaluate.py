@@ -19,19 +19,19 @@ def test_recon_rows_supervised_and_fid(tmp_path, capsys):
     vol = Volume((phantom((32, 32, 4)) * 100)[None].astype(np.float32), np.eye(4), "MR")
     cases = make_cases("recon", "MR", {"p": vol})
     sup = (build_supervised_unet((4, 4, 8, 8, 16, 4)).eval(),
-           {"normalisation": rec.config.normalisation.model_dump(), "slice_axis": 2})
+           {"normalisation": rec.config.normalisation.unfitted().to_dict(), "slice_axis": 2})
     rows = evaluate_cases(rec, cases, tmp_path / "eval", steps=2, samples=2, supervised=sup,
                           fid=InceptionFeatures(make_tiny_feature_net(tmp_path / "f.pt")))
     per_case = {(r["case"], r["method"]) for r in rows}
     for case in ("p/4x", "p/8x"):
-        for method in ("zero-filled", "TV-POCS", "supervised U-Net", "VAE(truth)", "medldm latent",
+        for method in ("zero-filled", "TV-POCS", "TV-POCS (warm)", "supervised U-Net", "VAE(truth)", "medldm latent",
                        "medldm no diffusion", "medldm diffusion", "medldm (default)", "medldm +latent DC",
                        "medldm mean of 2"):
             assert (case, method) in per_case, (case, method)
         by = {r["method"]: r for r in rows if r["case"] == case}
         assert by["medldm (default)"]["psnr"] == by["medldm diffusion"]["psnr"]  # the model's default path
     fid = {r["method"]: r["fid"] for r in rows if r["case"] == "all cases"}
-    assert set(fid) == {"zero-filled", "TV-POCS", "supervised U-Net", "medldm (default)"}
+    assert set(fid) == {"zero-filled", "TV-POCS", "TV-POCS (warm)", "supervised U-Net", "medldm (default)"}
     assert all(np.isfinite(v) for v in fid.values())
     header = (tmp_path / "eval" / "tiny-mr-recon.md").read_text().splitlines()[0]
     assert " fid " in header and " psnr " in header

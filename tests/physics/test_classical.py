@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.physics.classical import guide_image, guide_parts, guide_refusal, nlm_slices, tv_pocs
+from medldm.physics import classical
+from medldm.physics.classical import guide_image, guide_parts, guide_refusal, nlm_slices, tv_pocs, tv_pocs_warm
 from medldm.slice_filters import nlm_settings, rician_unbias
 from medldm.physics.kspace import RandomCartesianUndersampling
 from tests.physics.conftest import phantom2d
@@ -14,24 +15,42 @@ def _recon(shape, seed=0):
     return x, op, op(x)
 
 
-def test_tv_pocs_ends_consistent_and_beats_zero_filled_on_a_piecewise_constant_phantom():
+@pytest.mark.parametrize("solver", [tv_pocs, tv_pocs_warm])
+def test_tv_pocs_ends_consistent_and_beats_zero_filled_on_a_piecewise_constant_phantom(solver):
     x, op, y = _recon((3, 1, 48, 48))
     zero_filled = op.naive_inverse(y)
-    out = tv_pocs(zero_filled, lambda v: op.data_consistency(v, y), image_axes=(2, 3))
+    out = solver(zero_filled, lambda v: op.data_consistency(v, y), image_axes=(2, 3))
     assert op.residual(out, y) < 1e-5  # the projection comes last
     assert (out - x).pow(2).mean() < 0.5 * (zero_filled - x).pow(2).mean()
 
 
-def test_a_volume_and_its_slices_as_a_batch_get_the_same_tv():
+@pytest.mark.parametrize("solver", [tv_pocs, tv_pocs_warm])
+def test_a_volume_and_its_slices_as_a_batch_get_the_same_tv(solver):
     """Training runs TV-POCS on (B, 1, H, W) patches, inference on (1, 1, X, Y, Z) volumes: same 2D TV."""
     x, _, _ = _recon((4, 1, 32, 32))
     noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    batch = tv_pocs(noisy, lambda v: v, image_axes=(2, 3), iterations=3, scale=1.0)
-    vol = tv_pocs(noisy[:, 0].permute(1, 2, 0)[None, None], lambda v: v, image_axes=(2, 3), iterations=3, scale=1.0)
+    batch = solver(noisy, lambda v: v, image_axes=(2, 3), iterations=3, scale=1.0)
+    vol = solver(noisy[:, 0].permute(1, 2, 0)[None, None], lambda v: v, image_axes=(2, 3), iterations=3, scale=1.0)
     torch.testing.assert_close(vol[0, 0].permute(2, 0, 1)[:, None], batch)
-    along_x = tv_pocs(noisy[:, 0][None, None], lambda v: v, image_axes=(3, 4), iterations=3, scale=1.0)
+    along_x = solver(noisy[:, 0][None, None], lambda v: v, image_axes=(3, 4), iterations=3, scale=1.0)
     torch.testing.assert_close(along_x[0, 0][:, None], batch)
     assert (batch - noisy).abs().max() > 1e-3
+
+
+def test_the_warm_dual_steps_are_chambolles_and_converge_to_skimages_tv_image():
+    """_divergence is the adjoint of _gradient on duals that vanish where the gradient does (the far edge, as the
+    update keeps them); many steps of tv_pocs_warm's update from a zero dual reach the same ROF solution as skimage
+    run to convergence (the warm start changes where each round starts, not what it converges to)."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    g = torch.Generator().manual_seed(0)
+    u, p = torch.rand(2, 9, 11, generator=g, dtype=torch.float64), torch.rand(2, 2, 9, 11, generator=g, dtype=torch.float64)
+    p[0, ..., -1, :], p[1, ..., :, -1] = 0, 0
+    torch.testing.assert_close((classical._gradient(u) * p).sum(), (u * classical._divergence(p)).sum())
+    img = torch.rand(2, 1, 24, 30, generator=g)
+    ref = denoise_tv_chambolle(img[:, 0].numpy(), weight=0.1, channel_axis=0, eps=1e-9, max_num_iter=3000)
+    out = tv_pocs_warm(img, lambda v: v, image_axes=(2, 3), iterations=1, inner=3000, weight=0.1, scale=1.0)
+    np.testing.assert_allclose(out[:, 0].numpy(), ref, atol=5e-3)
 
 
 def test_guide_image_is_the_naive_inverse_itself_or_refused_when_unknown():
@@ -84,6 +103,8 @@ def test_guide_refusal_is_the_one_rule_of_where_a_guide_runs():
     assert guide_refusal("naive", "denoise", "CT") is None
     assert guide_refusal("tv-pocs", "recon", "MR") is None and guide_refusal("tv-pocs", "sr", "CT") is None
     assert "recon and sr" in guide_refusal("tv-pocs", "denoise", "MR")
+    assert guide_refusal("tv-pocs-warm", "recon", "MR") is None and "tv-pocs-warm projects" in guide_refusal(
+        "tv-pocs-warm", "denoise", "MR")
     assert guide_refusal("nlm", "denoise", "MR") is None
     assert "Rician" in guide_refusal("nlm", "denoise", "CT") and "Rician" in guide_refusal("nlm", "recon", "MR")
     assert guide_refusal("naive+tv-pocs", "recon", "CT") is None  # a composite runs where all its parts run
