@@ -231,6 +231,9 @@ class RefinerStageConfig(Strict):
     # worker processes drawing the stage's patches and guides (None: data.num_workers); every step gets the same
     # batch whatever the number, but a stage that stops on max_minutes takes more steps with more workers
     num_workers: int | None = Field(None, ge=0)
+    # the saved model's normalisation.latent_fit_on (medldm.models.model_config), set with the guide it takes its
+    # percentile from; None keeps the model's
+    latent_fit_on: Literal["input", "guide"] | None = None
 
 
 class BridgeStageConfig(Strict):

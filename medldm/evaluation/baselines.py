@@ -41,7 +41,7 @@ def tv_pocs(m: Measurement, iterations: int = classical.TV_ITERATIONS, weight: f
 
 
 def tv_pocs_warm(m: Measurement) -> np.ndarray:
-    """:func:`tv_pocs` with Chambolle's dual carried from round to round (mr-recon's guide)."""
+    """:func:`tv_pocs` with Chambolle's dual carried from round to round (the guide kind "tv-pocs-warm")."""
     return tv_pocs(m, solver=classical.tv_pocs_warm)
 
 

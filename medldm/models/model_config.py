@@ -94,9 +94,9 @@ class ModelConfig(Strict):
             if self.degradation.task != self.task:
                 raise ValueError(f"degradation.task {self.degradation.task!r} is not the model's task {self.task!r}")
         if self.normalisation.latent_fit_on == "guide" and (self.normalisation.kind != "percentile"
-                                                     or self.normalisation_reference is None):
-            raise ValueError("normalisation.latent_fit_on 'guide' needs a percentile normalisation and a refiner guide with a "
-                             "classical part (nlm, tv-pocs)")
+                                                     or self.normalisation_reference is None or self.spatial_dims != 2):
+            raise ValueError("normalisation.latent_fit_on 'guide' needs a 2D model, a percentile normalisation and a "
+                             "refiner guide with a classical part (nlm, tv-pocs, tv-pocs-warm)")
         return self
 
     @property

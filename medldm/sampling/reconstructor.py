@@ -351,7 +351,9 @@ class Reconstructor:
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             "refiner_runtime": refiner_runtime,
-            "latent_intensity": {"fit_on": self.config.normalisation.latent_fit_on, "factor": intensity},
+            "latent_intensity": {"fit_on": self.config.normalisation.latent_fit_on, "factor": intensity,
+                                 "reference": self.config.normalisation_reference
+                                 if self.config.normalisation.latent_fit_on == "guide" else None},
             **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),
             **({"reoriented_from": "".join(ornt2axcodes(m.orientation))} if m.orientation is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

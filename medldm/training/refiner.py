@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from monai.losses import SSIMLoss
 
 from medldm.config import DataConfig, LDMRunConfig
 from medldm.models.builders import apply_refiner, build_refiner, widen_refiner_input
 from medldm.errors import ConfigError, ModelError
 from medldm.models.bundle import load_bundle, save_bundle
+from medldm.models.model_config import ModelConfig
 from medldm.models.device import autocast, pick_device
 from medldm.models.normalisation import Normalisation
 from medldm.physics.classical import guide_image, guide_parts, guide_refusal
@@ -102,6 +104,18 @@ def stage_data(cfg: LDMRunConfig) -> DataConfig:
 MAY_CHANGE_ON_RESUME = ("max_minutes", "num_workers")
 
 
+def _staged_config(config: ModelConfig, stage) -> ModelConfig:
+    """The model's configuration with the stage's guide, cascades and (if set) latent_fit_on, validated whole."""
+    norm = config.normalisation.model_dump()
+    if stage.latent_fit_on is not None:
+        norm["latent_fit_on"] = stage.latent_fit_on
+    refiner = {**config.refiner.model_dump(), "guide": stage.guide, "cascades": stage.cascades}
+    try:
+        return ModelConfig.model_validate({**config.model_dump(), "normalisation": norm, "refiner": refiner})
+    except ValidationError as err:
+        raise ConfigError(f"refiner_stage of {config.name}: {err.errors()[0]['msg']}") from None
+
+
 def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path, *, max_steps: int | None = None,
                   resume: bool = False, device: str | None = None) -> Path:
     """Retrain (``init: identity``) or fine-tune (``init: model``) the refiner of the model folder
@@ -132,6 +146,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     why = guide_refusal(stage.guide, cfg.degradation.task, cfg.data.modality)
     if why:
         raise ConfigError(f"refiner_stage.guide of {cfg.name}: {why}")
+    staged_config = _staged_config(bundle.config, stage)  # refused now, not after the stage's minutes
     parts, before = guide_parts(stage.guide), guide_parts(bundle.refiner_guide)
     # a flow model starts from a guide's latent: the stage makes that image beside the refiner's (once)
     made = parts + [k for k in (bundle.flow_start,) if k not in ("noise", "naive", *parts)]
@@ -212,8 +227,7 @@ def train_refiner(cfg: LDMRunConfig, model_dir: str | Path, out_dir: str | Path,
     # a warm start keeps the record of the stage it continued (its steps count towards the refiner's training)
     if stage.init == "identity":  # a new refiner: the legs of the one it replaces no longer describe it
         bundle.record.legs = [leg for leg in bundle.record.legs if leg.get("stage") != "refiner"]
-    bundle.config = bundle.config.model_copy(update={"refiner": bundle.config.refiner.model_copy(
-        update={"guide": stage.guide, "cascades": stage.cascades})})
+    bundle.config = staged_config
     bundle.record.legs.append({
         "stage": "refiner", "steps": step, "seconds": seconds, "sample_steps": sample_steps, "lr": lr, "minutes_budget": minutes,
         "patch_size": list(data.patch_size), "batch_size": data.batch_size, "augment": data.augment, "init": stage.init,

@@ -109,3 +109,16 @@ def test_format_2_reads_as_diffusion_by_default_and_converts(tmp_path):
     config, _ = read_model_files(folder)
     assert config.format == FORMAT and config.default_use_diffusion is True  # what format-2 models did
     assert convert_folder(folder) and json.loads((folder / "model.json").read_text())["format"] == FORMAT
+
+
+def test_a_guide_fitted_latent_path_loads_where_a_classical_guide_exists_and_is_refused_elsewhere(tmp_path):
+    folder = make_tiny_bundle(tmp_path / "m", "denoise", "MR")
+    path = folder / "model.json"
+    config = json.loads(path.read_text())
+    nlm = {**config, "refiner": {**config["refiner"], "guide": "nlm"},
+           "normalisation": {**config["normalisation"], "latent_fit_on": "guide"}}
+    path.write_text(json.dumps(nlm))
+    assert load_bundle(folder).config.normalisation_reference == "nlm"
+    path.write_text(json.dumps({**nlm, "normalisation": {**nlm["normalisation"], "kind": "window"}}))
+    with pytest.raises(ModelError, match="percentile normalisation"):
+        load_bundle(folder)

@@ -51,6 +51,8 @@ def test_the_warm_dual_steps_are_chambolles_and_converge_to_skimages_tv_image():
     ref = denoise_tv_chambolle(img[:, 0].numpy(), weight=0.1, channel_axis=0, eps=1e-9, max_num_iter=3000)
     out = tv_pocs_warm(img, lambda v: v, image_axes=(2, 3), iterations=1, inner=3000, weight=0.1, scale=1.0)
     np.testing.assert_allclose(out[:, 0].numpy(), ref, atol=5e-3)
+    as_guide = guide_image("tv-pocs-warm", img, image_axes=(2, 3), project=lambda v: v, scale=1.0)
+    torch.testing.assert_close(as_guide, tv_pocs_warm(img, lambda v: v, image_axes=(2, 3), scale=1.0))
 
 
 def test_guide_image_is_the_naive_inverse_itself_or_refused_when_unknown():

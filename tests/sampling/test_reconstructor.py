@@ -278,7 +278,6 @@ def test_the_default_path_follows_the_model_and_samples_always_sample(tmp_path):
     assert rec(vol, steps=2, use_diffusion=True).provenance["parameters"]["use_diffusion"] is True
 
 
-
 def test_a_guide_fitted_latent_path_sees_the_input_at_the_clean_estimates_intensity(tmp_path):
     """latent_fit_on "guide": the VAE gets the input divided by the NLM guide's percentile (noise lifts the
     input's), its decode is scaled back; the pixel path keeps the input's normalisation."""
@@ -296,7 +295,8 @@ def test_a_guide_fitted_latent_path_sees_the_input_at_the_clean_estimates_intens
     x = torch.as_tensor(noisy.array[0])
     scale = float(np.percentile(noisy.array, 99.5))
     factor = float(np.percentile(nlm_slices(x[None, None] / scale, 15.0 / scale, image_axes=(2, 3)).numpy(), 99.5))
-    assert 0.5 < factor < 1.0 and out.provenance["latent_intensity"] == {"fit_on": "guide", "factor": pytest.approx(factor)}
+    assert 0.5 < factor < 1.0 and out.provenance["latent_intensity"] == {"fit_on": "guide", "factor": pytest.approx(factor),
+                                                                 "reference": "nlm"}
     slices = (x / scale).movedim(2, 0)[:, None]
     decoded = restore_slices(bundle, slices / factor, samples=1, steps=1, seed=0, batch_size=16, refine=False,
                              use_diffusion=False)["decoded"][0, :, 0].movedim(0, 2)

@@ -176,9 +176,17 @@ def test_guides_are_recorded_and_refused_where_they_cannot_run(tiny_ldm, tmp_pat
     nlm = cfg.refiner_stage.model_copy(update={"guide": "nlm"})
     with pytest.raises(ConfigError, match="nlm is set for Rician noise"):
         train_refiner(recon_cfg.model_copy(update={"refiner_stage": nlm}), model, tmp_path / "rn", max_steps=1)
-    denoised = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": nlm}), model, tmp_path / "n",
+    fitted = nlm.model_copy(update={"latent_fit_on": "guide"})
+    denoised = load_bundle(train_refiner(cfg.model_copy(update={"refiner_stage": fitted}), model, tmp_path / "n",
                                          max_steps=1))
     assert denoised.refiner_guide == "nlm" and denoised.refiner.final_conv.weight.abs().sum() > 0
+    assert denoised.config.normalisation.latent_fit_on == "guide"
+    # a naive guide leaves the guide-fitted latent path nothing to fit on: refused before any step, not at the save
+    back = cfg.refiner_stage.model_copy(update={"guide": "naive"})
+    with pytest.raises(ConfigError, match="latent_fit_on 'guide' needs"):
+        train_refiner(cfg.model_copy(update={"refiner_stage": back}), tmp_path / "n" / "model", tmp_path / "b",
+                      max_steps=1)
+    assert not (tmp_path / "b" / "model").exists()
 
 
 @pytest.mark.slow
