@@ -48,8 +48,8 @@ def audit_case(rec: Reconstructor, case, steps_list, samples: int, seed: int = 0
     cond_phys = m.naive_inverse().float()
     norm = rec.config.normalisation.unfitted().fit(cond_phys)
     cond, axis = norm.forward(cond_phys), rec.slice_axis
-    _, start, reference = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
-    codec = LatentCodec(b.vae, b.latent_scale, 1.0 if reference is None else norm.fit(reference).scale)
+    _, start, intensity = rec._guides(m, cond, norm, axis, refine=False)  # the start image, as sampling makes it
+    codec = LatentCodec(b.vae, b.latent_scale, intensity)
     truth = case.truth.array[0].astype(np.float32)
     truth_n = norm.forward(torch.from_numpy(truth)[None, None])[0, 0].movedim(axis, 0)[:, None]
     (sp, (h, w)), (tp, _) = pad_to_multiple(start), pad_to_multiple(truth_n)

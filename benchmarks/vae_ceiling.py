@@ -41,9 +41,9 @@ def vae_truth(bundle, truth: np.ndarray, batch: int = 16, scale: float = 1.0) ->
     norm = bundle.config.normalisation.unfitted().fit(t)
     axis = bundle.config.slice_axis
     slices = norm.forward(t)[0, 0].movedim(axis, 0)[:, None]
-    padded, (h, w) = pad_to_multiple(slices * scale)
-    codec = LatentCodec(bundle.vae, bundle.config.latent_scale or 1.0)
-    out = torch.cat([codec.decode(codec.encode(padded[i:i + batch])) for i in range(0, len(padded), batch)]) / scale
+    padded, (h, w) = pad_to_multiple(slices)
+    codec = LatentCodec(bundle.vae, bundle.config.latent_scale or 1.0, intensity=1 / scale)
+    out = torch.cat([codec.decode(codec.encode(padded[i:i + batch])) for i in range(0, len(padded), batch)])
     return norm.inverse(out[:, 0, :h, :w].movedim(0, axis)).numpy()
 
 

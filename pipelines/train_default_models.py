@@ -32,7 +32,7 @@ from medldm.evaluation.evaluate import evaluate_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.models.bundle import load_bundle, save_bundle  # noqa: E402
 from medldm.models.model_config import TrainingRecord, read_model_files, read_record, write_model_files  # noqa: E402
-from medldm.evaluation.card import MULTICOIL_FILE, NOISE_FILE, ROWS_FILE, SPEED_FILE, model_card, stored_noise  # noqa: E402
+from medldm.evaluation.card import MULTICOIL_FILE, NOISE_FILE, ROWS_FILE, SPEED_FILE, model_card, stored  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS as MODELS, SHIPPED_DIR, Reconstructor  # noqa: E402
 
 EVAL_CROP = (128, 128, 16)  # centre crops keep the evaluation of a model to a few minutes on 2 cores
@@ -211,7 +211,7 @@ def install(name: str, model_dir: Path, cfg_path: Path, steps: int, extra_flags:
     if (dest / NOISE_FILE).is_file():  # the noise estimator is classical: its figures hold for any weights
         shutil.copy(dest / NOISE_FILE, tmp / NOISE_FILE)
     stale = [f for f in (SPEED_FILE, MULTICOIL_FILE) if (dest / f).is_file()]  # measured on the old model
-    (tmp / "README.md").write_text(model_card(config, record, rows, command, machine, noise=stored_noise(tmp)))
+    (tmp / "README.md").write_text(model_card(config, record, rows, command, machine, noise=stored(tmp, NOISE_FILE)))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     card_path = ROOT / "data_cards" / f"model-{name}.md"

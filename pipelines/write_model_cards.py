@@ -28,17 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.evaluation.evaluate import markdown_table  # noqa: E402
-from medldm.evaluation.card import (MULTICOIL_FILE, ROWS_FILE, SPEED_FILE, model_card, results_table,  # noqa: E402
-                                    stored_multicoil, stored_noise, stored_speed)
+from medldm.evaluation.card import (MULTICOIL_FILE, NOISE_FILE, ROWS_FILE, SPEED_FILE, model_card,  # noqa: E402
+                                    results_table, stored)
 from medldm.models.model_config import read_model_files  # noqa: E402
 from medldm.sampling.reconstructor import DEFAULT_MODELS, SHIPPED_DIR, shipped_models  # noqa: E402
 
 TABLE_START = "\n| model |"
-
-
-def stored_rows(name: str) -> list[dict] | None:
-    path = SHIPPED_DIR / name / ROWS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def given_rows(name: str, rows_dir: Path | None) -> list[dict] | None:
@@ -68,9 +63,9 @@ def main(argv=None):
         raise SystemExit(f"--rows {args.rows}: not a folder")
     order = list(DEFAULT_MODELS)
     names = sorted(shipped_models(), key=lambda n: order.index(n) if n in order else len(order))
-    stored = {n: stored_rows(n) for n in names}
+    kept = {n: stored(SHIPPED_DIR / n, ROWS_FILE) for n in names}
     given = {n: given_rows(n, args.rows) for n in names}
-    rows = {n: stored[n] if given[n] is None else given[n] for n in names}
+    rows = {n: kept[n] if given[n] is None else given[n] for n in names}
     if args.readme_table:
         missing = [n for n, r in rows.items() if r is None]
         if missing:
@@ -89,11 +84,11 @@ def main(argv=None):
             print(f"{name}: training.json has no card command/machine (installed before they were recorded); "
                   "reinstall with pipelines/train_default_models.py --skip-train")
             continue
-        _warn_of_dropped_rows(name, stored[name], rows[name])
-        speed = given_speed(name, args.speed) or stored_speed(SHIPPED_DIR / name)
-        multicoil = given_multicoil(name, args.multicoil) or stored_multicoil(SHIPPED_DIR / name)
+        _warn_of_dropped_rows(name, kept[name], rows[name])
+        speed = given_speed(name, args.speed) or stored(SHIPPED_DIR / name, SPEED_FILE)
+        multicoil = given_multicoil(name, args.multicoil) or stored(SHIPPED_DIR / name, MULTICOIL_FILE)
         card = model_card(config, record, rows[name], record.card["command"], record.card["machine"],
-                          stored_noise(SHIPPED_DIR / name), speed, multicoil)
+                          stored(SHIPPED_DIR / name, NOISE_FILE), speed, multicoil)
         if speed:
             (SHIPPED_DIR / name / SPEED_FILE).write_text(json.dumps(speed, indent=1))
         if multicoil:

@@ -41,13 +41,12 @@ def test_shipped_models_folder_is_consistent():
 @pytest.mark.parametrize("name", NAMES)
 def test_each_card_is_written_from_the_rows_its_folder_keeps(name):
     """So that pipelines/write_model_cards.py rewrites every card on a fresh clone, FID rows and all."""
-    from medldm.evaluation.card import ROWS_FILE, model_card, stored_multicoil, stored_noise, stored_speed
+    from medldm.evaluation.card import MULTICOIL_FILE, NOISE_FILE, ROWS_FILE, SPEED_FILE, model_card, stored
 
     config, record = read_model_files(SHIPPED_DIR / name)
     rows = json.loads((SHIPPED_DIR / name / ROWS_FILE).read_text())
     card = model_card(config, record, rows, record.card["command"], record.card["machine"],
-                      stored_noise(SHIPPED_DIR / name), stored_speed(SHIPPED_DIR / name),
-                      stored_multicoil(SHIPPED_DIR / name))
+                      *(stored(SHIPPED_DIR / name, f) for f in (NOISE_FILE, SPEED_FILE, MULTICOIL_FILE)))
     assert (SHIPPED_DIR / name / "README.md").read_text() == card
 
 

@@ -173,13 +173,14 @@ def _flow_words(config: ModelConfig, bridge_legs: list[dict]) -> tuple[str, str]
     return what, line
 
 
-NOISE_FILE = "noise_estimate.json"  # benchmarks/noise_estimate.py --json: a card's noise-level section
-
-
-def stored_noise(folder) -> dict | None:
-    """The noise-estimate rows a shipped model folder keeps, if any."""
-    path = Path(folder) / NOISE_FILE
+def stored(folder, file_name: str):
+    """A JSON file a shipped model folder keeps beside its weights (ROWS_FILE, NOISE_FILE, SPEED_FILE,
+    MULTICOIL_FILE), or None when it has none."""
+    path = Path(folder) / file_name
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+NOISE_FILE = "noise_estimate.json"  # benchmarks/noise_estimate.py --json: a card's noise-level section
 
 
 def noise_section(noise: dict | None) -> str:
@@ -209,11 +210,6 @@ Reproduce: `{noise['command']}`.
 SPEED_FILE = "speed.json"  # benchmarks/profile_inference.py --json rows of this model: whole-volume seconds
 
 
-def stored_speed(folder) -> list[dict] | None:
-    path = Path(folder) / SPEED_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def speed_line(rows: list[dict] | None) -> str:
     """Seconds per whole volume at the model's defaults, from the profile's rows (one per number of samples)."""
     if not rows:
@@ -228,11 +224,6 @@ def speed_line(rows: list[dict] | None) -> str:
 
 
 MULTICOIL_FILE = "multicoil.json"  # benchmarks/multicoil_recon.py --json: a recon card's multi-coil section
-
-
-def stored_multicoil(folder) -> dict | None:
-    path = Path(folder) / MULTICOIL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def multicoil_section(multicoil: dict | None) -> str:

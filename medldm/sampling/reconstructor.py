@@ -189,10 +189,7 @@ class Reconstructor:
         cond = norm.forward(cond_phys)
         axis = self.slice_axis
         slices = cond[0, 0].movedim(axis, 0)[:, None]  # (S, 1, A, B)
-        guide, start, reference = self._guides(m, cond, norm, axis, refine=refine)
-        # the VAE decodes at the intensity it was trained at (clean volumes at their percentile): the latent path
-        # sees the input at the clean estimate's percentile and the decoded image is scaled back
-        intensity = 1.0 if reference is None else norm.fit(reference).scale
+        guide, start, intensity = self._guides(m, cond, norm, axis, refine=refine)
         t_prep = time.time()
         latent_dc, data_loss = self._slice_corrections(m, norm, axis)
         bar = None
@@ -261,10 +258,12 @@ class Reconstructor:
 
         return latent_dc, data_loss
 
-    def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, ...]:
+    def _guides(self, m, cond, norm, axis, refine: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """The refiner's guide slices (S, G, A, B) when it is not the naive inverse itself, the slices
-        (S, 1, A, B) a flow model starts from, and the image a "guide"-fitted latent intensity takes its percentile
-        of for the latent path (else None); each classical image is computed once, all normalised by ``norm``."""
+        (S, 1, A, B) a flow model starts from, both normalised by ``norm``, and the latent path's intensity; each
+        classical image is computed once. The VAE decodes at the intensity it was trained at (clean volumes at their
+        percentile): with latent_fit_on "guide" the latent path sees the input at the clean estimate's percentile
+        (the reference guide's, in ``norm``'s units) and its decode is scaled back; else 1."""
         refiner_kind = self.bundle.refiner_guide if refine and self.bundle.refiner is not None else "naive"
         start_kind = self.bundle.flow_start
         reference_kind = (self.config.normalisation_reference if self.config.normalisation.latent_fit_on == "guide"
@@ -274,7 +273,7 @@ class Reconstructor:
             if kind not in ("noise", "naive", None) and kind not in parts:
                 parts.append(kind)
         if not parts:
-            return None, (cond[0, 0].movedim(axis, 0)[:, None] if start_kind == "naive" else None), None
+            return None, (cond[0, 0].movedim(axis, 0)[:, None] if start_kind == "naive" else None), 1.0
         kind = "+".join(parts)
         op, y = m.operator, m.y
         sigma = getattr(op, "sigma", None)
@@ -288,7 +287,8 @@ class Reconstructor:
         by_kind = dict(zip(parts, images.split(1, dim=1)))
         by_kind.setdefault("naive", cond[0, 0].movedim(axis, 0)[:, None])
         guide = None if refiner_kind == "naive" else torch.cat([by_kind[p] for p in refiner_kind.split("+")], 1)
-        return guide, (None if start_kind == "noise" else by_kind[start_kind]), by_kind.get(reference_kind)
+        intensity = 1.0 if reference_kind is None else norm.fit(by_kind[reference_kind]).scale
+        return guide, (None if start_kind == "noise" else by_kind[start_kind]), intensity
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
