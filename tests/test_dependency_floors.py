@@ -22,3 +22,22 @@ def test_floors_are_the_tested_versions():
         assert floor >= installed.release[: len(floor)], f"{req.name}: floor {floors[0]} is below the tested {installed}"
         checked += 1
     assert checked >= 15
+
+
+def test_ci_constraints_pin_every_dependency_at_the_installed_version():
+    """.ci/setup installs under .ci/constraints.txt; a pin that drifts from the tested venv, or a dependency
+    left unpinned, would let CI test something else than the suite last ran with."""
+    root = Path(__file__).parents[1]
+    pins = {}
+    for line in (root / ".ci" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower().replace("_", "-")] = req
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        pin = pins.get(req.name.lower().replace("_", "-"))
+        assert pin is not None, f"{req.name} is not pinned in .ci/constraints.txt"
+        pinned = Version(next(iter(pin.specifier)).version)
+        assert pinned in req.specifier, f"{req.name}: pin {pinned} does not satisfy {req}"
+        assert Version(version(req.name)).public == pinned.public, f"{req.name}: installed differs from pin {pinned}"
