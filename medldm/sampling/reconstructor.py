@@ -28,7 +28,7 @@ from medldm.models.upsample import fold_nearest_upsampling
 from medldm.physics.classical import guide_image, guide_parts, guide_refusal
 from medldm.physics.registry import DC_TASKS
 from medldm.sampling import measurement as meas
-from medldm.sampling.slicewise import pad_to_multiple, restore_slices
+from medldm.sampling.slicewise import pad_to_multiple, restore_slices, varying_slices
 from medldm.sampling.volumetric import restore_volume
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
@@ -173,7 +173,8 @@ class Reconstructor:
         (2D models). ``nonnegative`` (default: MR, whose images are magnitudes; CT keeps HU) alternates that
         projection with x >= 0 and ends non-negative (``Operator.consistent_nonnegative``; the residual is then
         ~1e-3 instead of 1e-7); False keeps the exact projection. ``batch_size`` slices per network call;
-        ``progress`` shows a bar; ``keep_samples`` returns every sample.
+        ``progress`` shows a bar; ``keep_samples`` returns every sample. 2D models pass constant planes (the air
+        of a padded or registered volume) through without their networks (provenance ``constant_planes_passed_through``).
         """
         steps = self.config.default_steps if steps is None else steps
         if samples < 1 or steps < 1:
@@ -196,11 +197,12 @@ class Reconstructor:
         if progress:
             from tqdm.auto import tqdm
 
-            n_batches = -(-slices.shape[0] // batch_size) * samples
+            planes = len(varying_slices(slices, guide, start)) if self.bundle.spatial_dims == 2 else slices.shape[0]
+            n_batches = -(-planes // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
         refiner, refiner_runtime = self._refiner_runtime(slices, samples, refine)
         with autocast(self.device, self.amp):
-            vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
+            vols_n, constant = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
                                   guide=guide, start=start, refiner=refiner, intensity=intensity)
@@ -213,7 +215,7 @@ class Reconstructor:
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples,
-                            refiner_runtime=refiner_runtime, intensity=intensity)
+                            refiner_runtime=refiner_runtime, intensity=intensity, constant=constant)
 
     def _refiner_runtime(self, slices: torch.Tensor, samples: int, refine: bool):
         """(what runs the refiner, its name): the module itself, or its OpenVINO conversion (made once) where
@@ -292,14 +294,15 @@ class Reconstructor:
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
-                refiner=None, intensity=1.0) -> torch.Tensor:
-        """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path."""
+                refiner=None, intensity=1.0) -> tuple[torch.Tensor, int]:
+        """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path, and how many
+        constant slices (all-air planes) the 2D path passed through without its networks."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
                 raise ModelError("latent DC and latent optimisation are implemented for 2D models only")
             out = restore_volume(self.bundle, cond, samples=samples, steps=steps, seed=seed, eta=eta, refine=refine,
                                  use_diffusion=use_diffusion, progress=bar.update if bar else None)
-            vols_n = out["output"][:, 0]  # (K, X, Y, Z)
+            return out["output"][:, 0], 0  # (K, X, Y, Z)
         else:
             with torch.no_grad():
                 out = restore_slices(
@@ -309,14 +312,13 @@ class Reconstructor:
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    guide=guide, start=start, refiner=refiner, intensity=intensity,
+                    guide=guide, start=start, refiner=refiner, intensity=intensity, skip_constant=True,
                     progress=bar.update if bar else None)
-            vols_n = out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
-        return vols_n
+            return out["output"][:, :, 0].movedim(1, 1 + axis), out["constant"]  # (K, S, A, B) -> (K, X, Y, Z)
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,
-                refiner_runtime=None, intensity=1.0) -> ReconstructionResult:
+                refiner_runtime=None, intensity=1.0, constant=0) -> ReconstructionResult:
         """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
         with_dc = dc and m.task in DC_TASKS
@@ -351,6 +353,7 @@ class Reconstructor:
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
             "refiner_runtime": refiner_runtime,
+            "constant_planes_passed_through": constant,  # all-air planes: their constant input, no network run
             "latent_intensity": {"fit_on": self.config.normalisation.latent_fit_on, "factor": intensity,
                                  "reference": self.config.normalisation_reference
                                  if self.config.normalisation.latent_fit_on == "guide" else None},

@@ -37,7 +37,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
                    refiner: Callable[[torch.Tensor], torch.Tensor] | None = None, intensity: float = 1.0,
-                   progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+                   skip_constant: bool = False, progress: Callable[[], None] | None = None) -> dict:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
 
@@ -52,6 +52,10 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
     ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
     ``intensity``: the clean image's percentile in ``cond``'s units, for the VAE (:class:`LatentCodec`).
+    ``skip_constant``: slices on which ``cond``, ``guide`` and ``start`` are all constant (the air planes at a
+    padded or registered volume's ends: an all-zero measurement) are not run through the networks; their
+    ``decoded`` and ``output`` are that constant. The other slices get the noise they would have had anyway
+    (drawn by slice index), so their results do not change. ``constant`` in the result: how many were skipped.
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
@@ -74,15 +78,19 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
     decoded = torch.empty((samples, s, 1, h, w))
     output = torch.empty_like(decoded)
+    active = varying_slices(cond, guide, start) if skip_constant else torch.arange(s)
+    still = torch.ones(s, dtype=torch.bool)
+    still[active] = False
+    decoded[:, still] = output[:, still] = cond[still].float()
     encoded: dict[int, torch.Tensor] = {}  # each batch's condition latent, encoded once for all samples
     for k in range(samples):
-        for a in range(0, s, batch_size):
-            b = min(s, a + batch_size)
+        for a in range(0, len(active), batch_size):
+            idx = active[a:a + batch_size]  # the batch's slice indices
             if a not in encoded:
-                encoded[a] = codec.encode((start_padded if from_image else padded)[a:b].to(device))
+                encoded[a] = codec.encode((start_padded if from_image else padded)[idx].to(device))
             c = encoded[a]
-            cin = condition_input(c, torch.zeros(b - a, device=device))
-            z_init = noise[k, a:b].to(device)
+            cin = condition_input(c, torch.zeros(len(idx), device=device))
+            z_init = noise[k, idx].to(device)
             if from_image:  # a bridge: from the start image's latent plus noise, not from noise alone
                 z_init = c + sched_cfg.start_noise * z_init
             if use_diffusion:
@@ -91,9 +99,9 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
 
                 corr = None
                 if correct is not None and correct_every > 0:
-                    def corr(z0, i, a=a, b=b):
+                    def corr(z0, i, idx=idx):
                         x = codec.decode(z0)
-                        x[..., :h, :w] = correct(x[..., :h, :w], torch.arange(a, b))
+                        x[..., :h, :w] = correct(x[..., :h, :w], idx)
                         return codec.encode(x)
 
                 with torch.no_grad():
@@ -102,23 +110,34 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
             else:
                 z = c  # "VAE only": decode the encoded naive inverse (or the flow's start image)
             if data_loss is not None and latent_opt_steps > 0:
-                z = optimise_latent(codec, z, lambda x, a=a, b=b: data_loss(x[..., :h, :w], torch.arange(a, b)),
+                z = optimise_latent(codec, z, lambda x, idx=idx: data_loss(x[..., :h, :w], idx),
                                     latent_opt_steps, latent_opt_lr)
             x_dec = codec.decode(z)
             x_out = x_dec
             if refine and bundle.refiner is not None:
                 with torch.no_grad():
-                    def project(x, a=a, b=b):  # the padding stays as the refiner left it
+                    def project(x, idx=idx):  # the padding stays as the refiner left it
                         x = x.clone()
-                        x[..., :h, :w] = refine_dc(x[..., :h, :w], torch.arange(a, b))
+                        x[..., :h, :w] = refine_dc(x[..., :h, :w], idx)
                         return x
 
                     x_out = apply_refiner(refiner or bundle.refiner, bundle.refiner_residual_on, x_dec,
-                                          guide_padded[a:b].to(device),
+                                          guide_padded[idx].to(device),
                                           bundle.refiner_cascades, project if refine_dc else None)
-            decoded[k, a:b] = x_dec[..., :h, :w].float().cpu()
-            output[k, a:b] = x_out[..., :h, :w].float().cpu()
-    return {"decoded": decoded, "output": output}
+            decoded[k, idx] = x_dec[..., :h, :w].float().cpu()
+            output[k, idx] = x_out[..., :h, :w].float().cpu()
+    return {"decoded": decoded, "output": output, "constant": s - len(active)}
+
+
+def varying_slices(*stacks: torch.Tensor | None) -> torch.Tensor:
+    """Indices of the slices (dim 0) on which any of ``stacks`` (S, ...; None ignored) is not constant."""
+    varying = None
+    for t in stacks:
+        if t is not None:
+            flat = t.reshape(t.shape[0], -1)
+            v = flat.amax(1) != flat.amin(1)
+            varying = v if varying is None else varying | v
+    return torch.nonzero(varying).flatten()
 
 
 def optimise_latent(codec: LatentCodec, z: torch.Tensor, loss_fn, steps: int, lr: float) -> torch.Tensor:

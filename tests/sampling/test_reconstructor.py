@@ -57,6 +57,40 @@ def test_same_seed_same_output_and_batch_size_does_not_matter(models):
     assert not np.allclose(a, c)
 
 
+def test_air_planes_skip_the_networks_and_the_other_planes_do_not_change(models):
+    """Constant planes (a padded volume's air: an all-zero measurement) are passed through without a network run;
+    every other plane gets the noise it would have had (drawn by plane index), so it is unchanged."""
+    rec = models["recon"]
+    base = volume((24, 20, 6))
+    padded = base.with_array(np.concatenate([np.zeros_like(base.array[..., :2]), base.array,
+                                             np.zeros_like(base.array[..., :3])], -1), base.affine)
+    calls = []
+    hook = rec.bundle.unet.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        kw = dict(steps=2, samples=2, seed=5, dc=False, use_diffusion=True)
+        full = rec(simulate(padded, "recon", seed=0, accelerations=[4], center_fractions=[0.08]), **kw)
+    finally:
+        hook.remove()
+    varying = int((np.ptp(base.array[0], axis=(0, 1)) > 0).sum())  # the phantom's own end planes are constant too
+    assert 0 < varying < 6
+    assert sum(calls) == 2 * 2 * varying  # samples x steps x the planes with structure, not all 11
+    assert full.provenance["constant_planes_passed_through"] == 11 - varying
+    out = full.volume.array[0]
+    assert not out[..., :2].any() and not out[..., -3:].any() and not full.uncertainty.array[0][..., -3:].any()
+    # with and without skipping, on the same normalised slices (the sampler itself; a whole volume's
+    # normalisation would move with the air planes' share)
+    from medldm.sampling.slicewise import restore_slices
+
+    cond = torch.rand(7, 1, 16, 16)
+    cond[[0, 6]] = 0.0
+    common = dict(samples=2, steps=2, seed=1, batch_size=3, refine=True)
+    skipped = restore_slices(rec.bundle, cond, skip_constant=True, **common)
+    every = restore_slices(rec.bundle, cond, **common)
+    assert skipped["constant"] == 2 and every["constant"] == 0
+    torch.testing.assert_close(skipped["output"][:, 1:6], every["output"][:, 1:6], rtol=1e-4, atol=1e-5)
+    assert not skipped["output"][:, [0, 6]].any()
+
+
 def test_uncertainty_zero_when_deterministic_positive_when_not(models):
     vol = volume()
     det = models["denoise"](vol, steps=2, samples=3, use_diffusion=False)
