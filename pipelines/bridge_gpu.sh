@@ -15,7 +15,8 @@
 # refiner losses, the flow's validation history, the bank recipe):
 #   tar -xf MODEL.tar && medldm evaluate --model MODEL/model ... && python pipelines/train_default_models.py \
 #       --only MODEL --install-stage MODEL/model
-# A tiny CPU rehearsal (what the tests run): DEVICE=cpu bash pipelines/bridge_gpu.sh /tmp/x mr-recon 2 0.05 0.05 0
+# A tiny CPU rehearsal (tests/test_pipelines.py runs it on a tiny datalist, ~80 s):
+#   DEVICE=cpu bash pipelines/bridge_gpu.sh /tmp/x mr-recon 2 0.05 0.05 0 0.05
 set -euo pipefail
 out=$(realpath -m -- "${1:?usage: bridge_gpu.sh OUT_DIR [MODEL] [BANK_BATCHES] [BRIDGE_MIN] [REFINER_MIN] [WORKERS]}")
 name=${2:-mr-recon}

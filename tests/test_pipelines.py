@@ -186,3 +186,27 @@ def test_cards_keep_the_rows_they_were_written_from(tmp_path, monkeypatch, capsy
         cards.main(["--rows", str(empty)])
     with pytest.raises(SystemExit, match="not a folder"):
         cards.main(["--rows", str(tmp_path / "missing")])
+
+
+@pytest.mark.slow
+def test_the_gpu_script_rehearses_on_cpu_and_brings_back_a_model_that_loads(tiny_datalist, tmp_path):
+    """pipelines/bridge_gpu.sh is run at once, untried, when a session is lent a GPU: its whole path (VAE leg, bank,
+    flow, refiner, the tar that comes back) runs here on CPU at tiny budgets, so a broken stage shows up now."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from medldm.sampling.reconstructor import Reconstructor
+
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "DATALIST": str(tiny_datalist)}
+    done = subprocess.run(["bash", str(ROOT / "pipelines" / "bridge_gpu.sh"), str(tmp_path / "out"), "mr-recon",
+                           "2", "0.05", "0.05", "0", "0.05"], env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with tarfile.open(tmp_path / "out" / "mr-recon.tar") as tar:
+        names = set(tar.getnames())
+        tar.extractall(tmp_path / "back", filter="data")
+    assert {"refiner/model/model.json", "refiner/model/unet.safetensors", "refiner/model/refiner.safetensors",
+            "refiner/bank_recipe.json", "refiner/bridge_history.json", "refiner/losses.json"} <= names
+    rec = Reconstructor.load(tmp_path / "back" / "refiner" / "model", device="cpu")
+    assert rec.task == "recon" and rec.bundle.flow_start != "noise"  # the flow from the guide, not from noise
