@@ -110,9 +110,9 @@ def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
     """skimage's Chambolle TV of each 2D image of ``images`` (N, H, W) (channel axis: one 2D TV per image).
 
     Constant images (the all-air planes a padded or registered volume has at its ends) are returned as they are,
-    which is exactly what skimage returns for them: their gradient is zero, so the dual never moves. skimage
-    would still spend its full 200 iterations on each (its stopping test compares energy changes with the first
-    energy, which is zero), 80% of a whole padded head's TV time (benchmarks/README.md)."""
+    which equals what skimage returns for them (up to the sign of zeros): their gradient is zero, so the dual never
+    moves. skimage would still spend its full 200 iterations on each (its stopping test compares energy changes
+    with the first energy, which is zero): 80% of a whole padded head's TV time (benchmarks/README.md)."""
     tv = functools.partial(denoise_tv_chambolle, weight=weight, channel_axis=0)
     flat = images.reshape(images.shape[0], -1)
     varying = np.flatnonzero(flat.max(axis=1) != flat.min(axis=1))

@@ -194,13 +194,14 @@ class Reconstructor:
         t_prep = time.time()
         latent_dc, data_loss = self._slice_corrections(m, norm, axis)
         bar = None
+        # the planes the networks will see (2D: constant ones pass through; restore_slices finds the same)
+        planes = len(varying_slices(slices, guide, start)) if self.bundle.spatial_dims == 2 else slices.shape[0]
         if progress:
             from tqdm.auto import tqdm
 
-            planes = len(varying_slices(slices, guide, start)) if self.bundle.spatial_dims == 2 else slices.shape[0]
             n_batches = -(-planes // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
-        refiner, refiner_runtime = self._refiner_runtime(slices, samples, refine)
+        refiner, refiner_runtime = self._refiner_runtime(slices, planes, samples, refine)
         with autocast(self.device, self.amp):
             vols_n, constant = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
@@ -217,7 +218,7 @@ class Reconstructor:
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples,
                             refiner_runtime=refiner_runtime, intensity=intensity, constant=constant)
 
-    def _refiner_runtime(self, slices: torch.Tensor, samples: int, refine: bool):
+    def _refiner_runtime(self, slices: torch.Tensor, planes: int, samples: int, refine: bool):
         """(what runs the refiner, its name): the module itself, or its OpenVINO conversion (made once) where
         ``runtime`` asks for it and, for "auto", the volume pays for the conversion."""
         bundle = self.bundle
@@ -228,7 +229,7 @@ class Reconstructor:
                 raise ModelError("the openvino runtime runs the refiner of 2D models; this one is 3D: use auto or torch")
             return bundle.refiner, "torch"
         plane = math.prod(pad_to_multiple(slices[:1])[0].shape[-2:])
-        if not wants_openvino(self.runtime, self.device, slices.shape[0] * plane * samples * bundle.refiner_cascades):
+        if not wants_openvino(self.runtime, self.device, planes * plane * samples * bundle.refiner_cascades):
             return bundle.refiner, "torch"
         if self._converted is None:
             in_channels = 1 + len(guide_parts(bundle.refiner_guide))

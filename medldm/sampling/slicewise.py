@@ -52,10 +52,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
     ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
     ``intensity``: the clean image's percentile in ``cond``'s units, for the VAE (:class:`LatentCodec`).
-    ``skip_constant``: slices on which ``cond``, ``guide`` and ``start`` are all constant (the air planes at a
-    padded or registered volume's ends: an all-zero measurement) are not run through the networks; their
-    ``decoded`` and ``output`` are that constant. The other slices get the noise they would have had anyway
-    (drawn by slice index), so their results do not change. ``constant`` in the result: how many were skipped.
+    ``skip_constant``: slices on which ``cond``, ``guide`` and ``start`` are all one and the same constant (the air
+    planes at a padded or registered volume's ends: an all-zero measurement) are not run through the networks;
+    their ``decoded`` and ``output`` are that constant. The other slices get the initial noise they would have had
+    anyway (drawn by slice index), so at ``eta`` = 0 (the default; DDIM's step noise is drawn batch after batch)
+    their results do not change. ``constant`` in the result: how many were skipped.
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
@@ -78,10 +79,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
     decoded = torch.empty((samples, s, 1, h, w))
     output = torch.empty_like(decoded)
-    active = varying_slices(cond, guide, start) if skip_constant else torch.arange(s)
-    still = torch.ones(s, dtype=torch.bool)
-    still[active] = False
-    decoded[:, still] = output[:, still] = cond[still].float()
+    active = varying_slices(cond, guide, start) if skip_constant else torch.arange(s)  # on the CPU, as the outputs
+    if len(active) < s:
+        still = torch.ones(s, dtype=torch.bool)
+        still[active] = False
+        decoded[:, still] = output[:, still] = cond[still.to(cond.device)].float().cpu()
     encoded: dict[int, torch.Tensor] = {}  # each batch's condition latent, encoded once for all samples
     for k in range(samples):
         for a in range(0, len(active), batch_size):
@@ -129,15 +131,16 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     return {"decoded": decoded, "output": output, "constant": s - len(active)}
 
 
-def varying_slices(*stacks: torch.Tensor | None) -> torch.Tensor:
-    """Indices of the slices (dim 0) on which any of ``stacks`` (S, ...; None ignored) is not constant."""
-    varying = None
-    for t in stacks:
+def varying_slices(first: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
+    """CPU indices of the slices (dim 0) that are not one constant across ``first`` and ``others`` (S, ...; None
+    ignored): a slice is left out only where every tensor is constant there, at ``first``'s value."""
+    value = first.reshape(first.shape[0], -1).amin(1)
+    varying = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+    for t in (first, *others):
         if t is not None:
-            flat = t.reshape(t.shape[0], -1)
-            v = flat.amax(1) != flat.amin(1)
-            varying = v if varying is None else varying | v
-    return torch.nonzero(varying).flatten()
+            flat = t.reshape(t.shape[0], -1).to(first.device)
+            varying |= (flat.amax(1) != value) | (flat.amin(1) != value)
+    return torch.nonzero(varying).flatten().cpu()
 
 
 def optimise_latent(codec: LatentCodec, z: torch.Tensor, loss_fn, steps: int, lr: float) -> torch.Tensor:

@@ -129,7 +129,7 @@ def test_rician_unbias_removes_the_grey_background_that_averaged_magnitudes_leav
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tv_of_a_stack_with_constant_planes_is_skimage_bit_for_bit(dtype):
+def test_tv_of_a_stack_with_constant_planes_equals_skimage(dtype):
     """Constant planes (air at a volume's ends) skip skimage's 200 idle iterations and come back unchanged, which
     is what skimage returns for them; the other planes are skimage's own result."""
     from skimage.restoration import denoise_tv_chambolle

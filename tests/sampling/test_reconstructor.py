@@ -79,16 +79,31 @@ def test_air_planes_skip_the_networks_and_the_other_planes_do_not_change(models)
     assert not out[..., :2].any() and not out[..., -3:].any() and not full.uncertainty.array[0][..., -3:].any()
     # with and without skipping, on the same normalised slices (the sampler itself; a whole volume's
     # normalisation would move with the air planes' share)
-    from medldm.sampling.slicewise import restore_slices
+    from medldm.sampling.slicewise import restore_slices, varying_slices
 
-    cond = torch.rand(7, 1, 16, 16)
-    cond[[0, 6]] = 0.0
-    common = dict(samples=2, steps=2, seed=1, batch_size=3, refine=True)
+    cond = torch.rand(8, 1, 16, 16)
+    guide = cond.flip(-1) * 0.5  # the refiner's own image, constant where cond is
+    cond[[0, 3, 7]] = guide[[0, 3, 7]] = 0.0
+    guide[5] = 0.0  # constant here only: plane 5 has structure in cond, so it runs
+    seen = []
+
+    def correct(x, idx):  # latent DC that depends on which planes it is handed (non-contiguous batches here)
+        seen.append(idx.tolist())
+        return x + 0.01 * idx.to(x)[:, None, None, None]
+
+    common = dict(samples=2, steps=2, seed=1, batch_size=3, refine=True, guide=guide, correct=correct,
+                  correct_every=1, refine_dc=correct)
     skipped = restore_slices(rec.bundle, cond, skip_constant=True, **common)
+    assert sorted({i for batch in seen for i in batch}) == [1, 2, 4, 5, 6] and [1, 2, 4] in seen
     every = restore_slices(rec.bundle, cond, **common)
-    assert skipped["constant"] == 2 and every["constant"] == 0
-    torch.testing.assert_close(skipped["output"][:, 1:6], every["output"][:, 1:6], rtol=1e-4, atol=1e-5)
-    assert not skipped["output"][:, [0, 6]].any()
+    assert skipped["constant"] == 3 and every["constant"] == 0
+    runs = [1, 2, 4, 5, 6]
+    for key in ("decoded", "output"):
+        torch.testing.assert_close(skipped[key][:, runs], every[key][:, runs], rtol=1e-4, atol=1e-5)
+    assert not skipped["output"][:, [0, 3, 7]].any() and not skipped["decoded"][:, [0, 3, 7]].any()
+    assert every["decoded"][:, [0, 3, 7]].any()  # the networks would have made something of them
+    with pytest.raises(AssertionError):  # a constant guide at another value than cond's would not be skipped
+        torch.testing.assert_close(varying_slices(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)), torch.arange(0))
 
 
 def test_uncertainty_zero_when_deterministic_positive_when_not(models):
