@@ -1,7 +1,8 @@
 """Run a 2D latent model over a volume: slices along one axis, batched, padded to the network multiple.
 
 The initial noise for the whole volume is drawn once from one generator (shape K x slices x latent),
-so the result does not depend on the batch size and the same seed gives the same volume.
+so the same seed gives the same volume and, at eta 0 (DDIM's step noise is drawn batch after batch), the result
+does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -99,16 +100,15 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                 def denoiser(z_t, t, cin=cin):
                     return bundle.unet(torch.cat([z_t, cin], 1), t)
 
-                corr = None
-                if correct is not None and correct_every > 0:
-                    def corr(z0, i, idx=idx):
-                        x = codec.decode(z0)
-                        x[..., :h, :w] = correct(x[..., :h, :w], idx)
-                        return codec.encode(x)
+                def corr(z0, i, idx=idx):
+                    x = codec.decode(z0)
+                    x[..., :h, :w] = correct(x[..., :h, :w], idx)
+                    return codec.encode(x)
 
                 with torch.no_grad():
                     z = sample(denoiser, z_init, scheduler, steps, eta=eta, generator=step_gen,
-                               correct=corr, correct_every=correct_every, progress=progress)
+                               correct=corr if correct is not None and correct_every > 0 else None,
+                               correct_every=correct_every, progress=progress)
             else:
                 z = c  # "VAE only": decode the encoded naive inverse (or the flow's start image)
             if data_loss is not None and latent_opt_steps > 0:
