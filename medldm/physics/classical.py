@@ -114,10 +114,10 @@ def tv_slices(images: np.ndarray, weight: float) -> np.ndarray:
     moves. skimage would still spend its full 200 iterations on each (its stopping test compares energy changes
     with the first energy, which is zero): 80% of a whole padded head's TV time (benchmarks/README.md)."""
     tv = functools.partial(denoise_tv_chambolle, weight=weight, channel_axis=0)
+    if images.dtype not in (np.float32, np.float64):  # skimage converts (and rescales) others
+        return map_images(tv, images)
     flat = images.reshape(images.shape[0], -1)
     varying = np.flatnonzero(flat.max(axis=1) != flat.min(axis=1))
-    if varying.size == images.shape[0] or images.dtype not in (np.float32, np.float64):  # (skimage converts others)
-        return map_images(tv, images)
     out = images.copy()
     if varying.size:
         out[varying] = map_images(tv, images[varying])

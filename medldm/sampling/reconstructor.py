@@ -194,8 +194,9 @@ class Reconstructor:
         t_prep = time.time()
         latent_dc, data_loss = self._slice_corrections(m, norm, axis)
         bar = None
-        # the planes the networks will see (2D: constant ones pass through; restore_slices finds the same)
-        planes = len(varying_slices(slices, guide, start)) if self.bundle.spatial_dims == 2 else slices.shape[0]
+        # the planes the networks run on: 2D models pass constant ones (air) through as they are
+        run = varying_slices(slices, guide, start) if self.bundle.spatial_dims == 2 else torch.arange(slices.shape[0])
+        planes = len(run)
         if progress:
             from tqdm.auto import tqdm
 
@@ -203,10 +204,10 @@ class Reconstructor:
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
         refiner, refiner_runtime = self._refiner_runtime(slices, planes, samples, refine)
         with autocast(self.device, self.amp):
-            vols_n, constant = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
+            vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide, start=start, refiner=refiner, intensity=intensity)
+                                  guide=guide, start=start, refiner=refiner, intensity=intensity, run=run)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -216,7 +217,8 @@ class Reconstructor:
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples,
-                            refiner_runtime=refiner_runtime, intensity=intensity, constant=constant)
+                            refiner_runtime=refiner_runtime, intensity=intensity,
+                            constant=slices.shape[0] - planes)
 
     def _refiner_runtime(self, slices: torch.Tensor, planes: int, samples: int, refine: bool):
         """(what runs the refiner, its name): the module itself, or its OpenVINO conversion (made once) where
@@ -295,15 +297,15 @@ class Reconstructor:
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
-                refiner=None, intensity=1.0) -> tuple[torch.Tensor, int]:
-        """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise) or 3D (sliding-window) path, and how many
-        constant slices (all-air planes) the 2D path passed through without its networks."""
+                refiner=None, intensity=1.0, run=None) -> torch.Tensor:
+        """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise, networks on the slices ``run``) or 3D
+        (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
             if latent_dc_every or latent_opt_steps:
                 raise ModelError("latent DC and latent optimisation are implemented for 2D models only")
             out = restore_volume(self.bundle, cond, samples=samples, steps=steps, seed=seed, eta=eta, refine=refine,
                                  use_diffusion=use_diffusion, progress=bar.update if bar else None)
-            return out["output"][:, 0], 0  # (K, X, Y, Z)
+            return out["output"][:, 0]  # (K, X, Y, Z)
         else:
             with torch.no_grad():
                 out = restore_slices(
@@ -313,9 +315,9 @@ class Reconstructor:
                     correct_every=latent_dc_every,
                     data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                     latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    guide=guide, start=start, refiner=refiner, intensity=intensity, skip_constant=True,
+                    guide=guide, start=start, refiner=refiner, intensity=intensity, run_slices=run,
                     progress=bar.update if bar else None)
-            return out["output"][:, :, 0].movedim(1, 1 + axis), out["constant"]  # (K, S, A, B) -> (K, X, Y, Z)
+            return out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,

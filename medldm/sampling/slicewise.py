@@ -38,7 +38,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
                    refiner: Callable[[torch.Tensor], torch.Tensor] | None = None, intensity: float = 1.0,
-                   skip_constant: bool = False, progress: Callable[[], None] | None = None) -> dict:
+                   run_slices: torch.Tensor | None = None, progress: Callable[[], None] | None = None) -> dict:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
 
@@ -53,11 +53,11 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
     ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
     ``intensity``: the clean image's percentile in ``cond``'s units, for the VAE (:class:`LatentCodec`).
-    ``skip_constant``: slices on which ``cond``, ``guide`` and ``start`` are all one and the same constant (the air
-    planes at a padded or registered volume's ends: an all-zero measurement) are not run through the networks;
-    their ``decoded`` and ``output`` are that constant. The other slices get the initial noise they would have had
-    anyway (drawn by slice index), so at ``eta`` = 0 (the default; DDIM's step noise is drawn batch after batch)
-    their results do not change. ``constant`` in the result: how many were skipped.
+    ``run_slices``: the (CPU) indices of the slices the networks run on (default: all). The others come back as
+    ``cond``, which is right only where ``cond`` is the answer: :func:`varying_slices` leaves out the slices on which
+    cond, guide and start are one constant (the air planes of a padded or registered volume: an all-zero
+    measurement). The slices that run get the initial noise they would have had anyway (drawn by slice index), so
+    at ``eta`` = 0 (the default; DDIM's step noise is drawn batch after batch) their results do not change.
     """
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
@@ -80,7 +80,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     step_gen = torch.Generator(device=device).manual_seed(seed + 1) if eta > 0 else None
     decoded = torch.empty((samples, s, 1, h, w))
     output = torch.empty_like(decoded)
-    active = varying_slices(cond, guide, start) if skip_constant else torch.arange(s)  # on the CPU, as the outputs
+    active = torch.arange(s) if run_slices is None else run_slices.cpu()
     if len(active) < s:
         still = torch.ones(s, dtype=torch.bool)
         still[active] = False
@@ -128,7 +128,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                                           bundle.refiner_cascades, project if refine_dc else None)
             decoded[k, idx] = x_dec[..., :h, :w].float().cpu()
             output[k, idx] = x_out[..., :h, :w].float().cpu()
-    return {"decoded": decoded, "output": output, "constant": s - len(active)}
+    return {"decoded": decoded, "output": output}
 
 
 def varying_slices(first: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
