@@ -3,7 +3,8 @@
 x is the real magnitude image the networks see; the coil maps S_c carry the coil sensitivities *and* the
 object's phase (``medldm.physics.coils``), so the algebra stays the one of ``CartesianUndersampling``:
 a real-to-complex linear operator with the adjoint A^H y = Re(sum_c conj(S_c) F^H M y_c) under Re<a, b>,
-hard data consistency by CGLS (exact projection onto {A x = y} among real images), soft by CG.
+hard data consistency (exact projection onto {A x = y} among real images) and the soft step by CG, in hybrid
+space (``medldm.physics.sense_hybrid``).
 One coil with |S| = 1 is single-coil k-space whose image phase is a map, not a polynomial.
 
 Maps are either explicit (estimated from a measurement, (C, X, Y) or per slice (C, X, Y, Z)), or simulated
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from medldm.errors import ConfigError, InputError
-from medldm.physics._common import cgls, check_image, noise_generator, randn
+from medldm.physics._common import check_image, noise_generator, randn
 from medldm.physics.coils import birdcage_maps
 from medldm.physics.fft import fftnc, ifftnc
 from medldm.physics.kspace import CartesianUndersampling, RandomCartesianUndersampling, phase_map
+from medldm.physics.sense_hybrid import HybridSense
 
 
 class MultiCoilCartesian(CartesianUndersampling):
@@ -118,12 +120,20 @@ class MultiCoilCartesian(CartesianUndersampling):
     SENSE_ITERATIONS = 30
 
     def sense(self, y: torch.Tensor, iters: int = SENSE_ITERATIONS) -> torch.Tensor:
-        """CG-SENSE: the complex image z (B, 1, ...) minimising ||M F(S z) - y|| by CGLS from zero, stopped after
-        ``iters`` (early stopping is its regularisation). The phase it finds is the part the maps do not carry."""
-        dims, m, maps = self._parts(y)
-        fwd = lambda z: fftnc(z * maps, dims) * m  # noqa: E731
-        adj = lambda k: (ifftnc(k * m, dims) * maps.conj()).sum(1, keepdim=True)  # noqa: E731
-        return cgls(fwd, adj, y, like=adj(y), iters=iters)
+        """CG-SENSE: the complex image z (B, 1, ...) minimising ||M F(S z) - y|| by CG on the normal equations from
+        zero (CGLS's iterates), stopped after ``iters`` (early stopping is its regularisation). The phase it finds is the part the maps do not carry."""
+        if not y.is_complex():
+            raise InputError(None, f"k-space must be complex, got {y.dtype}")
+        return self._hybrid(y).sense(y, iters)
+
+    def _hybrid(self, t: torch.Tensor) -> HybridSense:
+        """The solvers' algebra (``medldm.physics.sense_hybrid``) for tensors shaped and typed like ``t``."""
+        _, _, maps = self._parts(t)
+        key = ("hybrid", tuple(t.shape[2:]), maps.dtype, str(t.device))
+        if key not in self._cache:
+            mask = torch.as_tensor(self.mask_for((t.shape[3],)), device=t.device).to(maps.real.dtype)
+            self._cache[key] = HybridSense(maps, mask)
+        return self._cache[key]
 
     def naive_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """|CG-SENSE| (``sense``): with coils, the zero-filled combination keeps the aliasing that the coils can
@@ -134,8 +144,19 @@ class MultiCoilCartesian(CartesianUndersampling):
         return False  # the coil maps (and phase) couple frequencies: CG / CGLS
 
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-        """As :class:`CartesianUndersampling`'s; a hard request is the soft step ``projection_weight`` when set."""
-        return super().data_consistency(x, y, self.projection_weight if weight is None else weight)
+        """As :class:`CartesianUndersampling`'s (same solvers, run in hybrid space); a hard request is the soft step
+        ``projection_weight`` when set."""
+        check_image(x)
+        w = self.projection_weight if weight is None else float(weight)
+        if w is not None and w < 0:
+            raise ConfigError(f"data-consistency weight must be >= 0, got {w}")
+        if w == 0:
+            return x.clone()
+        given = x.dtype
+        x = x if given in (torch.float32, torch.float64) else x.float()  # no half-precision FFTs on the CPU
+        hybrid = self._hybrid(x)
+        out = hybrid.projection(x, y, self.dc_iters) if w is None else hybrid.soft_step(x, y, w, self.dc_iters)
+        return out.to(given)
 
     def zero_filled_magnitude(self, y: torch.Tensor) -> torch.Tensor:
         """|SENSE combination|: the zero-filled image of measured k-space, robust to a wrong phase estimate."""

@@ -361,6 +361,7 @@ class Reconstructor:
                                  "reference": self.config.normalisation_reference
                                  if self.config.normalisation.latent_fit_on == "guide" else None},
             **({"noise_estimate": m.meta["noise_estimate"]} if "noise_estimate" in m.meta else {}),
+            **({"readout_cropped_from": m.meta["readout_cropped_from"]} if "readout_cropped_from" in m.meta else {}),
             **({"reoriented_from": "".join(ornt2axcodes(m.orientation))} if m.orientation is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

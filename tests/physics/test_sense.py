@@ -131,3 +131,34 @@ def test_a_random_operator_can_sample_the_soft_step_measured_kspace_uses():
     assert RandomMultiCoilUndersampling(coils=4).sample(3).projection_weight is None  # default: the hard projection
     with pytest.raises(ConfigError, match="projection_weight"):
         RandomMultiCoilUndersampling(coils=4, projection_weight=0)
+
+
+@pytest.mark.parametrize("shape, chunk", [((1, 1, 9, 14, 3), 4), ((2, 1, 12, 15), 5), ((1, 1, 10, 13, 5), 20)])
+def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, monkeypatch):
+    # the soft step, the projection and CG-SENSE run in hybrid space (readout transformed once, shifts folded into
+    # the maps, blocks of lines or of whole slices): the same solutions as CG / CGLS on A and its adjoint
+    from medldm.physics import sense_hybrid
+    from medldm.physics._common import cg, cgls
+
+    monkeypatch.setattr(sense_hybrid, "CHUNK_ELEMENTS", chunk * 4 * shape[3])  # blocks of lines or slices
+    mask = np.zeros(shape[3], bool)
+    mask[::3] = True
+    mask[shape[3] // 2 - 1:shape[3] // 2 + 2] = True
+    spatial = shape[2:]
+    maps = torch.randn((4, *spatial), generator=gen(1), dtype=torch.complex128)
+    op = MultiCoilCartesian(maps=maps if len(spatial) == 3 else maps, mask=mask, dc_iters=300)
+    x, xt = rand_like_shape(shape, 2, torch.float64), rand_like_shape(shape, 3, torch.float64)
+    y = op.A(xt) + 0.01 * torch.randn((shape[0], 4, *spatial), generator=gen(4), dtype=torch.complex128) * \
+        torch.as_tensor(mask, dtype=torch.float64).reshape(1, 1, 1, -1, *([1] * (len(spatial) - 2)))
+    for w in (0.5, 3.0):
+        ref = cg(lambda v: v + w * op.adjoint(op.A(v)), x + w * op.adjoint(y), x, iters=300)
+        assert torch.allclose(op.data_consistency(x, y, weight=w), ref, atol=1e-10)
+    ref = x + cgls(op.A, op.adjoint, y - op.A(x), like=x, iters=12)
+    assert torch.allclose(MultiCoilCartesian(maps=maps, mask=mask, dc_iters=12).data_consistency(x, y), ref,
+                          atol=1e-10)
+    dims, m, mp = op._parts(y)
+    from medldm.physics.fft import ifftnc
+
+    fwd = lambda z: fftnc(z * mp, dims) * m  # noqa: E731
+    adj = lambda k: (ifftnc(k * m, dims) * mp.conj()).sum(1, keepdim=True)  # noqa: E731
+    assert torch.allclose(op.sense(y, iters=7), cgls(fwd, adj, y, like=adj(y), iters=7), atol=1e-10)

@@ -102,3 +102,37 @@ def test_an_image_given_to_a_recon_model_says_where_kspace_goes(models):
     image = Volume(phantom((16, 16, 3))[None].astype(np.float32), np.eye(4), "MR")
     with pytest.raises(InputError, match=r"k-space \.h5 \(fastMRI or ISMRMRD\).*serving takes images only"):
         models["recon"](image, steps=1)
+
+
+def test_an_oversampled_readout_is_cropped_before_reconstruction(models, tmp_path):
+    # a fastMRI header asks for the central half of the readout: the file's k-space becomes that of the kept rows
+    # (exact: the readout is fully sampled), so everything runs on half the plane and the output grid is unchanged
+    import h5py
+
+    from medldm.physics.sense import MultiCoilCartesian
+
+    head = np.zeros((48, 20, 3), np.float32)
+    head[12:36] = phantom((24, 20, 3))
+    m0 = simulate(Volume(head[None], np.eye(4), "MR"), "recon", 1, operator="MultiCoilCartesian", coils=3,
+                  accelerations=[2], center_fractions=[0.3], mask_type="equispaced", phase=True)
+    header = ('<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding><encodedSpace>'
+              '<matrixSize><x>48</x><y>20</y><z>1</z></matrixSize><fieldOfView_mm><x>48</x><y>20</y><z>3</z>'
+              '</fieldOfView_mm></encodedSpace><reconSpace><matrixSize><x>24</x><y>20</y><z>1</z></matrixSize>'
+              '<fieldOfView_mm><x>24</x><y>20</y><z>3</z></fieldOfView_mm></reconSpace></encoding></ismrmrdHeader>')
+    with h5py.File(tmp_path / "oversampled.h5", "w") as f:
+        f["kspace"] = m0.y[0].permute(3, 0, 1, 2).numpy()
+        f["ismrmrd_header"] = header.encode()
+    m = from_kspace_file(tmp_path / "oversampled.h5")
+    whole = as_measured(m0)
+    assert tuple(m.y.shape) == (1, 3, 24, 20, 3) and m.meta["readout_cropped_from"] == 48
+    np.testing.assert_allclose(m.affine[:3, 3], [12.0, 0.0, 0.0])  # the first kept row, as the output crop had it
+    # data consistency on the kept rows is what it is in the whole field of view
+    x = torch.rand((1, 1, 24, 20, 3), generator=torch.Generator().manual_seed(0))
+    padded = torch.zeros((1, 1, 48, 20, 3))
+    padded[:, :, 12:36] = x
+    assert isinstance(m.operator, MultiCoilCartesian)
+    torch.testing.assert_close(m.operator.data_consistency(x, m.y),
+                               whole.operator.data_consistency(padded, whole.y)[:, :, 12:36], atol=1e-4, rtol=0)
+    res = models["recon"](m, steps=1)
+    assert res.volume.array.shape == (1, 24, 20, 3) and res.provenance["readout_cropped_from"] == 48
+    np.testing.assert_allclose(res.volume.affine[:3, 3], [12.0, 0.0, 0.0])
