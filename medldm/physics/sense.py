@@ -3,7 +3,7 @@
 x is the real magnitude image the networks see; the coil maps S_c carry the coil sensitivities *and* the
 object's phase (``medldm.physics.coils``), so the algebra stays the one of ``CartesianUndersampling``:
 a real-to-complex linear operator with the adjoint A^H y = Re(sum_c conj(S_c) F^H M y_c) under Re<a, b>,
-hard data consistency (exact projection onto {A x = y} among real images) and the soft step by CG, in hybrid
+hard data consistency by CGLS (exact projection onto {A x = y} among real images), soft by CG, both in hybrid
 space (``medldm.physics.sense_hybrid``).
 One coil with |S| = 1 is single-coil k-space whose image phase is a map, not a polynomial.
 
@@ -128,9 +128,10 @@ class MultiCoilCartesian(CartesianUndersampling):
 
     def _hybrid(self, t: torch.Tensor) -> HybridSense:
         """The solvers' algebra (``medldm.physics.sense_hybrid``) for tensors shaped and typed like ``t``."""
-        _, _, maps = self._parts(t)
-        key = ("hybrid", tuple(t.shape[2:]), maps.dtype, str(t.device))
-        if key not in self._cache:
+        double = t.dtype in (torch.float64, torch.complex128)
+        key = ("hybrid", tuple(t.shape[2:]), double, str(t.device))
+        if key not in self._cache:  # the maps are fetched (a copy to the device and dtype) only when it is new
+            _, _, maps = self._parts(t)
             mask = torch.as_tensor(self.mask_for((t.shape[3],)), device=t.device).to(maps.real.dtype)
             self._cache[key] = HybridSense(maps, mask)
         return self._cache[key]

@@ -133,8 +133,9 @@ def test_a_random_operator_can_sample_the_soft_step_measured_kspace_uses():
         RandomMultiCoilUndersampling(coils=4, projection_weight=0)
 
 
-@pytest.mark.parametrize("shape, chunk", [((1, 1, 9, 14, 3), 4), ((2, 1, 12, 15), 5), ((1, 1, 10, 13, 5), 20)])
-def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, monkeypatch):
+@pytest.mark.parametrize("shape, chunk, per_slice", [((1, 1, 9, 14, 3), 4, True), ((2, 1, 12, 15), 5, False),
+                                                      ((1, 1, 10, 13, 5), 20, True), ((2, 1, 11, 12, 3), 7, False)])
+def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, per_slice, monkeypatch):
     # the soft step, the projection and CG-SENSE run in hybrid space (readout transformed once, shifts folded into
     # the maps, blocks of lines or of whole slices): the same solutions as CG / CGLS on A and its adjoint
     from medldm.physics import sense_hybrid
@@ -145,8 +146,8 @@ def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, monkeypatc
     mask[::3] = True
     mask[shape[3] // 2 - 1:shape[3] // 2 + 2] = True
     spatial = shape[2:]
-    maps = torch.randn((4, *spatial), generator=gen(1), dtype=torch.complex128)
-    op = MultiCoilCartesian(maps=maps if len(spatial) == 3 else maps, mask=mask, dc_iters=300)
+    maps = torch.randn((4, *(spatial if per_slice else spatial[:2])), generator=gen(1), dtype=torch.complex128)
+    op = MultiCoilCartesian(maps=maps, mask=mask, dc_iters=300)  # per-slice maps, or one set for every slice
     x, xt = rand_like_shape(shape, 2, torch.float64), rand_like_shape(shape, 3, torch.float64)
     y = op.A(xt) + 0.01 * torch.randn((shape[0], 4, *spatial), generator=gen(4), dtype=torch.complex128) * \
         torch.as_tensor(mask, dtype=torch.float64).reshape(1, 1, 1, -1, *([1] * (len(spatial) - 2)))
@@ -162,3 +163,17 @@ def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, monkeypatc
     fwd = lambda z: fftnc(z * mp, dims) * m  # noqa: E731
     adj = lambda k: (ifftnc(k * m, dims) * mp.conj()).sum(1, keepdim=True)  # noqa: E731
     assert torch.allclose(op.sense(y, iters=7), cgls(fwd, adj, y, like=adj(y), iters=7), atol=1e-10)
+
+
+def test_an_operator_that_ran_data_consistency_still_pickles_and_checks_coils():
+    # DataLoader workers send operators back after the guide's data consistency; the kept measurement is a cache
+    import pickle
+
+    op = _random(coils=3).sample(1)
+    x = rand_like_shape((1, 1, 12, 10), 0)
+    y = op(x)
+    d = op.data_consistency(x, y, weight=1.0)
+    again = pickle.loads(pickle.dumps(op))
+    assert torch.allclose(again.data_consistency(x, y, weight=1.0), d)
+    with pytest.raises(InputError, match="does not fit 3 coil maps"):
+        op.data_consistency(x, y[:, :1], weight=1.0)
