@@ -17,6 +17,7 @@ def tiny_cfg(datalist, **over):
     return load_config(CONFIGS / "vae-mr-tiny.yaml", "vae", over)
 
 
+@pytest.mark.slow  # 4.5 s, the quick tier's longest; test_resume_continues_the_same_curve still trains a VAE there
 def test_tiny_vae_trains_logs_and_loads(tiny_datalist, mlflow_tmp, tmp_path):
     folder = train_vae(tiny_cfg(tiny_datalist), tmp_path / "run")
     bundle = load_bundle(folder)
