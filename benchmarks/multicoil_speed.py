@@ -42,7 +42,8 @@ CENTRE = {4: 0.08, 8: 0.04}
 
 
 def generic(op):
-    """The solvers as they ran before: CG / CGLS on the operator's own A and adjoint, in its (B, C, X, Y, Z) layout."""
+    """(name, as they ran before: CG / CGLS on the operator's own A and adjoint in its (B, C, X, Y, Z) layout, as
+    the operator runs them now) for each solver."""
     w = op.projection_weight
 
     def soft(x, y):
@@ -59,8 +60,9 @@ def generic(op):
             x = soft(x.clamp(min=0), y)
         return x.clamp(min=0)
 
-    return {"CG-SENSE (naive inverse)": lambda y: sense(y).abs(), "one soft DC step": soft,
-            f"consistent_nonnegative ({NONNEGATIVE_ROUNDS} rounds)": rounds}
+    return [("CG-SENSE (naive inverse)", lambda y: sense(y).abs(), lambda y: op.sense(y).abs()),
+            ("one soft DC step", soft, op.data_consistency),
+            (f"consistent_nonnegative ({NONNEGATIVE_ROUNDS} rounds)", rounds, op.consistent_nonnegative)]
 
 
 def timed(fn, *args):
@@ -72,10 +74,8 @@ def timed(fn, *args):
 def solver_table(op, y) -> None:
     print("| solver | generic CG on A / adjoint (s) | hybrid space (s) | speed-up | largest difference |\n"
           "|---|---|---|---|---|")
-    x0 = None
-    for name, old in generic(op).items():
-        new = {"CG-SENSE (naive inverse)": lambda y: op.sense(y).abs(), "one soft DC step": op.data_consistency,
-               }.get(name, op.consistent_nonnegative)
+    x0 = None  # the naive inverse, where the data-consistency rows start
+    for name, old, new in generic(op):
         inputs = (y,) if x0 is None else (x0, y)
         a, t_old = timed(old, *inputs)
         b, t_new = timed(new, *inputs)
@@ -83,7 +83,6 @@ def solver_table(op, y) -> None:
         print(f"| {name} | {t_old:.1f} | {t_new:.1f} | {t_old / t_new:.1f}x | {float((a - b).abs().max()) / scale:.1e} "
               "of the max |", flush=True)
         x0 = a if x0 is None else x0
-
 
 HEADER = ('<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
           '<encodedSpace><matrixSize><x>{ex}</x><y>{y}</y><z>1</z></matrixSize><fieldOfView_mm><x>{ex}</x><y>{y}</y>'

@@ -121,7 +121,8 @@ class MultiCoilCartesian(CartesianUndersampling):
 
     def sense(self, y: torch.Tensor, iters: int = SENSE_ITERATIONS) -> torch.Tensor:
         """CG-SENSE: the complex image z (B, 1, ...) minimising ||M F(S z) - y|| by CG on the normal equations from
-        zero (CGLS's iterates), stopped after ``iters`` (early stopping is its regularisation). The phase it finds is the part the maps do not carry."""
+        zero (CGLS's iterates), stopped after ``iters`` (early stopping is its regularisation). The phase it finds
+        is the part the maps do not carry."""
         if not y.is_complex():
             raise InputError(None, f"k-space must be complex, got {y.dtype}")
         return self._hybrid(y).sense(y, iters)

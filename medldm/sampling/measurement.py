@@ -220,12 +220,13 @@ def from_kspace_file(path) -> Measurement:
     kspace, mask, attrs = read_kspace_h5(path)
     affine = np.diag([*kspace_spacing(attrs, str(path)), 1.0])
     keep, encoded = recon_matrix(attrs), kspace.shape[-2]
-    if keep is not None and 0 < keep[0] < encoded:  # the readout is oversampled: reconstruct only what is kept
+    cropped = keep is not None and 0 < keep[0] < encoded  # an oversampled readout: reconstruct only what is kept
+    if cropped:
         kspace = crop_readout(kspace, keep[0])
         affine[:3, 3] += affine[:3, :3] @ np.array([(encoded - keep[0]) // 2, 0.0, 0.0])
     m = from_kspace(kspace, mask, affine, "MR", source=path)
     m.meta["recon_matrix"] = keep
-    if kspace.shape[-2] < encoded:
+    if cropped:
         m.meta["readout_cropped_from"] = int(encoded)
     return m
 
@@ -234,14 +235,13 @@ def crop_readout(kspace: np.ndarray, size: int) -> np.ndarray:
     """k-space [..., H, W] -> [..., size, W]: the central ``size`` rows of its image along the readout H, back in
     k-space. The readout is fully sampled, so this is exact, and data consistency decouples readout line by readout
     line: on the kept rows it solves what it would in the whole field of view, while the networks, the guide and
-    the solvers' work cover only them. fastMRI's headers ask for it (brain: 640 encoded, 320 reconstructed); the rows dropped are what
-    ``Measurement.to_input_orientation`` cropped from the output before (same start, (H - size) // 2)."""
-    h = kspace.shape[-2]
-    start = (h - size) // 2
-    image = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=-2), axis=-2, norm="ortho"), axes=-2)
-    image = image[..., start:start + size, :]
-    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(image, axes=-2), axis=-2, norm="ortho"),
-                           axes=-2).astype(kspace.dtype)
+    the solvers cover only them. fastMRI's headers ask for it (brain: 640 encoded, 320 reconstructed); the rows
+    dropped are those ``Measurement.to_input_orientation`` crops from an output (same start, (H - size) // 2)."""
+    from medldm.physics.fft import fftnc, ifftnc
+
+    start = (kspace.shape[-2] - size) // 2
+    image = ifftnc(torch.from_numpy(np.ascontiguousarray(kspace)), (-2,))[..., start:start + size, :]
+    return fftnc(image, (-2,)).numpy().astype(kspace.dtype, copy=False)
 
 
 def from_h5_file(path) -> Measurement:

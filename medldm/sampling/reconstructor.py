@@ -306,18 +306,17 @@ class Reconstructor:
             out = restore_volume(self.bundle, cond, samples=samples, steps=steps, seed=seed, eta=eta, refine=refine,
                                  use_diffusion=use_diffusion, progress=bar.update if bar else None)
             return out["output"][:, 0]  # (K, X, Y, Z)
-        else:
-            with torch.no_grad():
-                out = restore_slices(
-                    self.bundle, slices, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
-                    eta=eta, refine=refine, use_diffusion=use_diffusion,
-                    correct=latent_dc if (dc and latent_dc_every > 0 and m.task in DC_TASKS) else None,
-                    correct_every=latent_dc_every,
-                    data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
-                    latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                    guide=guide, start=start, refiner=refiner, intensity=intensity, run_slices=run,
-                    progress=bar.update if bar else None)
-            return out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
+        with torch.no_grad():
+            out = restore_slices(
+                self.bundle, slices, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
+                eta=eta, refine=refine, use_diffusion=use_diffusion,
+                correct=latent_dc if (dc and latent_dc_every > 0 and m.task in DC_TASKS) else None,
+                correct_every=latent_dc_every,
+                data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
+                latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
+                guide=guide, start=start, refiner=refiner, intensity=intensity, run_slices=run,
+                progress=bar.update if bar else None)
+        return out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,
