@@ -2,8 +2,9 @@
 slices, for the ways torch can run them on this machine (figures printed, not a test):
 
 - eager float32, channels_last, channels_last with the upsampling convolutions folded to the low resolution
-  (``medldm.models.upsample``; what medldm runs on the CPU), bfloat16 autocast (CPU), torch.compile (inductor),
-  and OpenVINO / ONNX Runtime when ``openvino`` / ``onnxruntime`` are installed (not medldm dependencies).
+  (``medldm.models.upsample``; what torch runs in medldm on the CPU), bfloat16 autocast (CPU), torch.compile
+  (inductor), OpenVINO in float32 and bfloat16 (``medldm[fast]``; bfloat16 where the CPU has its instructions:
+  what medldm's runtime "auto" picks there, ``medldm.models.runtime``) and ONNX Runtime when installed.
 
 Each variant's largest absolute difference from eager float32 is printed beside its time: a backend is only
 worth adopting if it is faster *and* its outputs agree (the README table must not move by more than 0.05 dB).
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medldm.models.bundle import load_bundle  # noqa: E402
+from medldm.models.runtime import vae_halves  # noqa: E402
 from medldm.models.upsample import fold_nearest_upsampling  # noqa: E402
 from medldm.sampling.reconstructor import resolve_model  # noqa: E402
 from medldm.sampling.slicewise import pad_to_multiple  # noqa: E402
@@ -51,20 +53,9 @@ def networks(bundle, batch: int, shape: tuple[int, int]):
     zin = torch.cat([z, torch.randn_like(z), torch.zeros_like(z[:, :1])], 1)  # z_t, condition latent, its level
     t = torch.full((batch,), 500, dtype=torch.long)
 
-    class Encode(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, x):
-            return self.vae.encode(x)[0]
-
-    class Decode(Encode):
-        def forward(self, z):
-            return self.vae.decode(z)
-
-    nets = [("unet step", bundle.unet, (zin, t)), ("vae encode", Encode(bundle.vae), (x,)),
-            ("vae decode", Decode(bundle.vae), (z,))]
+    encode, decode = vae_halves(bundle.vae)
+    nets = [("unet step", bundle.unet, (zin, t)), ("vae encode", encode, (x,)),
+            ("vae decode", decode, (z,))]
     if bundle.refiner is not None:
         g = next(m for m in bundle.refiner.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
         nets.append(("refiner pass", bundle.refiner, (torch.rand(batch, g, *x.shape[-2:]),)))
@@ -89,11 +80,15 @@ def variants(module, inputs, wanted):
     yield "torch.compile", lambda: compiled(*inputs)
     # converting is slow: only for the runtimes asked for, and only where they are installed
     if "openvino" in wanted and importlib.util.find_spec("openvino"):
-        import openvino as ov  # OpenVINO CPU kernels (float32 on CPUs without native bf16), from a traced module
+        import openvino as ov  # OpenVINO CPU kernels, from a traced module
 
-        ov_net = ov.compile_model(ov.convert_model(module, example_input=inputs), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
-        yield "openvino", lambda: torch.from_numpy(ov_net([i.numpy() for i in inputs])[0])
+        converted = ov.convert_model(module, example_input=inputs)  # unfolded: OV has no rule for tensordot
+        for precision in ("f32", "bf16"):  # bf16 only where the CPU has bfloat16 instructions (avx512_bf16, AMX)
+            ov_net = ov.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                         "PERFORMANCE_HINT": "LATENCY",
+                                                         "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            yield ("openvino" if precision == "f32" else "openvino bf16"), \
+                lambda ov_net=ov_net: torch.from_numpy(ov_net([i.numpy() for i in inputs])[0])
     if "onnxruntime" not in wanted or not importlib.util.find_spec("onnxruntime"):
         return
     import onnxruntime as ort
@@ -113,8 +108,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--networks", nargs="+", default=["unet step", "vae encode", "vae decode", "refiner pass"])
     ap.add_argument("--variants", nargs="+", default=["eager fp32", "channels_last", "channels_last+folded",
-                                                      "bf16 autocast", "torch.compile", "openvino", "onnxruntime"],
-                    help="bf16 autocast is very slow on CPUs without native bfloat16 (30-60 s per call here)")
+                                                      "bf16 autocast", "torch.compile", "openvino", "openvino bf16",
+                                                      "onnxruntime"],
+                    help="bf16 autocast is very slow on CPUs without bfloat16 instructions (30-60 s per call)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     bundle = load_bundle(resolve_model(args.model)[0]).eval()

@@ -8,11 +8,11 @@ Rician sigma 5% of the 99.5th percentile, 4 mm thick slices along Z):
 
     python benchmarks/profile_inference.py [--models mr-recon mr-denoise mr-sr] [--size 181x217x181]
         [--steps N (default: each model's)] [--samples 1 4] [--device cpu|cuda] [--threads N] [--json OUT]
-        [--runtime auto|torch|openvino]
+        [--runtime auto|torch|openvino|openvino-bf16]
 
 Stages, timed from outside the library by wrapping module attributes at run time (nothing in medldm changes):
 
-    load     Reconstructor.load (weights, .to(device)) and the refiner's OpenVINO conversion, where it runs
+    load     Reconstructor.load (weights, .to(device)) and the OpenVINO conversions (or cache reads), where they run
     read     medldm.io.read_volume of the input NIfTI written to a temp folder (recon: the clean volume;
              denoise / sr: the noisy / thick-slice image)
     measure  recon: measurement.simulate (mask + FFT); denoise / sr: Reconstructor.measurement_for (from_image:
@@ -34,6 +34,7 @@ On CUDA every stage boundary synchronises. Timings are wall clock: run it on an 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import resource
@@ -146,9 +147,16 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     prof.patch(LatentCodec, "encode", "encode")
     prof.patch(LatentCodec, "decode", "decode")
     prof.patch(slicewise, "apply_refiner", "refiner")
-    prof.patch(reconstructor, "convert_refiner", "load")  # the refiner's one OpenVINO conversion per process
     prof.patch(volumetric, "apply_refiner", "refiner")
     prof.patch(rec.bundle.unet, "forward", "unet")  # nn.Module.__call__ finds the instance attribute
+    convert = prof.wrap("load", reconstructor.convert_networks)  # the OpenVINO conversions, once per process
+
+    def convert_and_time_the_unet(*args, **kwargs):  # a converted U-Net is not the module patched above
+        nets = convert(*args, **kwargs)
+        return dataclasses.replace(nets, unet=prof.wrap("unet", nets.unet)) if nets.unet is not rec.bundle.unet \
+            else nets
+
+    reconstructor.convert_networks = convert_and_time_the_unet
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -168,6 +176,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     total = time.perf_counter() - t_start
     row = {"model": model, "shape": "x".join(map(str, shape)), "steps": res.provenance["parameters"]["steps"],
            "samples": samples, "device": device, "refiner_runtime": res.provenance.get("refiner_runtime"),
+           "latent_runtime": res.provenance.get("latent_runtime"),
            "measured": time.strftime("%Y-%m-%d", time.gmtime()),
            "threads": torch.get_num_threads(), **{k: round(v, 3) for k, v in prof.seconds.items()}}
     row.update(other=round(total - sum(prof.seconds.values()), 3), total=round(total, 3),
@@ -191,8 +200,8 @@ def main():
     ap.add_argument("--diffusion", choices=["default", "on", "off"], default="default",
                     help="sample the U-Net (on), decode the input's latent (off), or each model's default path")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
-    ap.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto",
-                    help="what runs the refiner (Reconstructor's runtime; auto: OpenVINO when installed and it pays)")
+    ap.add_argument("--runtime", choices=["auto", "torch", "openvino", "openvino-bf16"], default="auto",
+                    help="what runs the networks (Reconstructor's runtime, medldm.models.runtime)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,7 +237,7 @@ def main():
             rows.append(r)
             print(f"| {model} | {k} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
                   + f" | {r['unet_calls']} | {r['peak_rss_gib']:.2f} |", flush=True)
-            notes.append(f"{model} x{k}: refiner runtime {r['refiner_runtime']}; nested {r['nested'] or '-'}; RSS after load {r['rss_after_load_gib']:.2f} GiB"
+            notes.append(f"{model} x{k}: U-Net and VAE in {r.get('latent_runtime')}, refiner in {r['refiner_runtime']}; nested {r['nested'] or '-'}; RSS after load {r['rss_after_load_gib']:.2f} GiB"
                          f"; reconstructor timings {r['reconstructor_timings']}"
                          + (f"; peak GPU {r['peak_gpu_gib']} GiB" if "peak_gpu_gib" in r else ""))
     print("\n" + "\n".join(notes))

@@ -5,6 +5,7 @@ cards) at several step counts, one sample, seed 0, and prints PSNR / SSIM agains
 with ``use_diffusion=False`` (the VAE of the input, refiner, DC: no sampler steps at all) as the floor.
 
     python benchmarks/steps_quality.py [--models mr-recon mr-denoise mr-sr] [--steps 1 2 4 10 20] [--crop 128,128,16]
+        [--runtime torch|openvino|openvino-bf16]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from medldm.evaluation.run import validation_volumes  # noqa: E402
 from medldm.sampling.reconstructor import Reconstructor  # noqa: E402
 
 
-def rows_for(model: str, datalist: str, crop, steps_list: list[int]) -> list[dict]:
-    rec = Reconstructor.load(model)
+def rows_for(model: str, datalist: str, crop, steps_list: list[int], runtime: str = "torch") -> list[dict]:
+    rec = Reconstructor.load(model, runtime=runtime)
     vols = validation_volumes(datalist, rec.config.modality, crop)
     rows = []
     for case in make_cases(rec.task, rec.config.modality, vols):
@@ -50,12 +51,14 @@ def main(argv=None):
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 10, 20])
     ap.add_argument("--crop", default="128,128,16")
     ap.add_argument("--datalist", default=str(ROOT / "data" / "datalist.json"))
+    ap.add_argument("--runtime", default="torch", help="what runs the networks (medldm.models.runtime; the "
+                    "evaluation's crops are too small for auto to convert: name openvino or openvino-bf16 to see them)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     crop = tuple(int(v) for v in args.crop.split(","))
     print("| model | case | steps | PSNR dB | SSIM | seconds |\n|---|---|---|---|---|---|")
     for model in args.models:
-        rows_for(model, args.datalist, crop, args.steps)
+        rows_for(model, args.datalist, crop, args.steps, args.runtime)
 
 
 if __name__ == "__main__":

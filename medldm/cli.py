@@ -171,9 +171,9 @@ def reconstruct(
     deid_dates: str = typer.Option("shift", help="With --deidentify: shift (one offset, intervals kept) | remove."),
     deid_secret_file: Optional[Path] = typer.Option(None, help="With --deidentify: a file holding the site's key, so "
                                                     "runs and resumed runs map alike (keep it apart from outputs)."),
-    runtime: str = typer.Option("auto", help="What runs the pixel refiner: auto (OpenVINO on the CPU when the "
-                                "'fast' extra is installed and the volume pays for converting it) | torch | "
-                                "openvino."),
+    runtime: str = typer.Option("auto", help="What runs the networks: auto (OpenVINO on the CPU when the 'fast' "
+                                "extra is installed and the volume pays for converting: bfloat16 where the CPU has "
+                                "it, else the refiner alone) | torch | openvino | openvino-bf16."),
 ):
     """Batch reconstruction of DICOM series, NIfTI, fastMRI k-space .h5 and CT sinogram .h5 files.
 

@@ -103,7 +103,8 @@ def main(argv=None):
 def given_speed(name: str, files: list[Path]) -> list[dict] | None:
     """``name``'s profile rows from ``files`` (a later file's row replaces an earlier one with the same samples),
     dated by the file's modification day when the row does not say."""
-    keep = ("shape", "samples", "device", "threads", "refiner_runtime", "total", "peak_rss_gib", "steps")
+    keep = ("shape", "samples", "device", "threads", "latent_runtime", "refiner_runtime", "total", "peak_rss_gib",
+            "steps")
     by_samples: dict[int, dict] = {}
     for path in files:
         day = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))

@@ -69,7 +69,7 @@ class _Context:
     sigma: float | None = None
     skip_bad_slices: bool = False
     diffusion: bool | None = None  # None: the Reconstructor's default
-    runtime: str = "auto"  # what runs the refiner (medldm.models.runtime); not a parameter of the outputs
+    runtime: str = "auto"  # what runs the networks (medldm.models.runtime); provenance, not a parameter of the run
     deidentify: Any = None  # a medldm.io.deidentify.Deidentifier for the whole run, or None
     source: Path | None = None
     previous: dict = field(default_factory=dict)
@@ -296,7 +296,8 @@ def run_batch(input, output, *, task: str, model: str | None = None, steps: int 
     "shift" or "remove"), and the manifest and provenance name inputs by keyed digests (``deid_secret``, or a
     random key for this run). ``skip_bad_slices``: a DICOM series with unreadable slices is reconstructed from
     the others when no gap results (the slices left out are listed in the manifest and provenance). ``runtime``:
-    what runs the refiner (``Reconstructor``'s; outputs agree to float rounding: not a parameter of the run)."""
+    what runs the networks (``Reconstructor``'s; outputs agree to float32 rounding, to ~1e-3 of the image's scale in
+    bfloat16: each unit's provenance says which ran, and a resumed run does not redo units for it)."""
     source, out = Path(input), Path(output)
     try:
         config = _validate(source, out, task, steps, samples, modality, factor, model, views, dose, sigma)

@@ -218,8 +218,9 @@ def speed_line(rows: list[dict] | None) -> str:
     r0 = rows[0]
     each = ", ".join(f"{r['total']:.0f} s for {r['samples']} sample{'s' * (r['samples'] > 1)} (peak RSS "
                      f"{r['peak_rss_gib']:.1f} GiB)" for r in rows)
+    latent = f"U-Net and VAE in {r0['latent_runtime']}, " if r0.get("latent_runtime") else ""
     return (f"Seconds per whole {r0['shape']} volume at the defaults ({r0['device'].upper()}, {r0['threads']} "
-            f"threads, refiner in {r0['refiner_runtime']}, measured {r0['measured']}): {each} "
+            f"threads, {latent}refiner in {r0['refiner_runtime']}, measured {r0['measured']}): {each} "
             "(`python benchmarks/profile_inference.py`; stages in `benchmarks/README.md`).")
 
 

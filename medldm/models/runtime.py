@@ -1,16 +1,28 @@
-"""Which runtime executes a frozen network at inference: torch itself, or OpenVINO's CPU kernels.
+"""Which runtime executes a 2D model's frozen networks at inference: torch itself, or OpenVINO's CPU kernels.
 
-On this project's 2-core CPU, OpenVINO ran the pixel refiner 1.75x faster than torch with channels_last (outputs
-within 2e-5 on normalised images); it did not beat torch on the VAE or the U-Net, so only the refiner uses it
-(``benchmarks/network_backends.py``). OpenVINO is the optional extra ``medldm[fast]``; ``"auto"`` uses it when it is
-installed, the network runs on the CPU and the volume is large enough to pay for the conversion; torch otherwise.
+``runtime`` is one of:
+
+- "torch": every network in torch (float32 on the CPU): the reference.
+- "openvino": every network (U-Net, VAE encoder and decoder, refiner) converted to OpenVINO, float32.
+- "openvino-bf16": the same in bfloat16 arithmetic, on CPUs with bfloat16 instructions (avx512_bf16 or AMX).
+- "auto" (the default): on the CPU, for volumes large enough to pay for converting (``OPENVINO_MIN_PIXELS``) and
+  with OpenVINO installed (the optional extra ``medldm[fast]``): "openvino-bf16" where the CPU has bfloat16
+  instructions, else the refiner alone in OpenVINO float32; torch otherwise.
+
+Why (``benchmarks/network_backends.py``): on a 2-core AMD EPYC with avx512_bf16, per 16-slice batch of 181x217,
+OpenVINO bf16 ran the U-Net 2.2x, the encoder 2.3x, the decoder 2.4x and the refiner 1.9x faster than what
+torch runs (channels_last, folded upsampling; refiner: OpenVINO float32); on a CPU without bfloat16
+instructions OpenVINO float32 beat torch on the refiner only (1.75x). bfloat16's outputs differ by ~1e-3 of the
+image's scale; the held-out figures they give are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -20,10 +32,12 @@ from medldm.errors import ModelError
 if TYPE_CHECKING:  # torch is imported where a network runs: the batch CLI checks --runtime before loading it
     import torch
 
-RUNTIMES = ("auto", "torch", "openvino")
-# Refiner pixel-passes (slices x padded plane x samples x cascades) from which "auto" converts: the conversion
-# costs ~3 s and OpenVINO saves ~1 us per pixel-pass here, so a 181x217x181 volume (7.8M) gains and the app's
-# 16-slice crops (0.3M) would lose
+    from medldm.models.bundle import ModelBundle
+
+RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")
+# Pixel-passes (slices x padded plane x samples x refiner cascades) from which "auto" converts: converting costs
+# ~3 s per network (once per machine: the result is kept in cache_dir()) and saves ~1 us per pixel-pass here, so a
+# 181x217x181 volume (7.8M) gains and the app's 16-slice crops (0.3M) would lose
 OPENVINO_MIN_PIXELS = 5_000_000
 log = logging.getLogger(__name__)
 
@@ -35,32 +49,65 @@ def openvino_version() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether OpenVINO runs bfloat16 natively on this CPU (False without OpenVINO)."""
+    if openvino_version() is None:
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@dataclass(frozen=True)
+class Networks:
+    """What runs each network of a model: ``unet(x, t)``, ``encode(images) -> latent mean``, ``decode(latent)``
+    and ``refiner(x)`` (None without one), with what runs them for provenance."""
+
+    unet: Callable
+    encode: Callable
+    decode: Callable
+    refiner: Callable | None
+    latent_runtime: str  # the U-Net's and the VAE's
+    refiner_runtime: str | None
+
+
+def torch_networks(bundle: ModelBundle) -> Networks:
+    vae = bundle.vae
+    return Networks(unet=bundle.unet, encode=lambda x: vae.encode(x)[0], decode=vae.decode, refiner=bundle.refiner,
+                    latent_runtime="torch", refiner_runtime=None if bundle.refiner is None else "torch")
+
+
 class OpenVinoNetwork:
     """``module`` converted to an OpenVINO model with dynamic batch and plane size, called like the module on
-    float32 CPU tensors. Conversion traces the module on a small ``example`` (about 3 s for the refiner); the trace
-    keeps no shape-dependent branch, which holds for MONAI's BasicUNet on planes that are multiples of 16, as
-    medldm pads them (``slicewise.pad_to_multiple``). With ``cache_dir`` the converted model is kept there under a
-    digest of the weights, the input channels and the versions, and read back (~0.2 s) by later processes."""
+    float32 CPU tensors (integer inputs, the U-Net's timesteps, are passed as float32). Conversion traces the
+    module on small ``examples`` (~3 s for the refiner); the trace keeps no shape-dependent branch, which holds for
+    MONAI's networks on planes that are multiples of 16, as medldm pads them (``slicewise.pad_to_multiple``). With
+    ``cache_dir`` the converted model is kept there under a digest of the weights, the example inputs' channels and
+    the versions, and read back (~0.2 s) by later processes. ``precision``: "f32" or "bf16"."""
 
-    def __init__(self, module: torch.nn.Module, example: torch.Tensor, cache_dir: Path | None = None):
+    def __init__(self, module: torch.nn.Module, examples: tuple[torch.Tensor, ...], cache_dir: Path | None = None,
+                 precision: str = "f32"):
         import openvino as ov
         import torch
 
-        path = None if cache_dir is None else Path(cache_dir) / f"{_digest(module, example.shape[1])}.xml"
+        examples = tuple(e.float() for e in examples)
+        path = None if cache_dir is None else Path(cache_dir) / f"{_digest(module, examples)}.xml"
         model = _read_cached(path)
         if model is None:
             with torch.no_grad():
-                model = ov.convert_model(module.eval(), example_input=(example,))
-            model.reshape([-1, example.shape[1], -1, -1])  # any batch and plane; channels are the network's
+                model = ov.convert_model(module.eval(), example_input=examples)
+            # any batch and plane; channels are the network's
+            model.reshape({i: [-1, *e.shape[1:2], *([-1] * (e.ndim - 2))] for i, e in enumerate(examples)})
             _write_cached(model, path)
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # what torch was told to use
         self._compiled = ov.Core().compile_model(model, "CPU", config)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
         import torch
 
-        out = self._compiled([x.detach().float().contiguous().numpy()])[0]
+        out = self._compiled([x.detach().float().contiguous().numpy() for x in xs])[0]
         return torch.from_numpy(out)
 
 
@@ -70,10 +117,11 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "medldm") / "openvino"
 
 
-def _digest(module: torch.nn.Module, in_channels: int) -> str:
+def _digest(module: torch.nn.Module, examples: tuple[torch.Tensor, ...]) -> str:
     import torch
 
-    h = hashlib.sha256(f"{openvino_version()} {torch.__version__} {type(module).__name__} {in_channels}".encode())
+    inputs = " ".join(f"{e.ndim}d{e.shape[1] if e.ndim > 1 else ''}" for e in examples)
+    h = hashlib.sha256(f"{openvino_version()} {torch.__version__} {type(module).__name__} {inputs}".encode())
     for name, tensor in module.state_dict().items():
         h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -124,37 +172,81 @@ def _write_cached(model, path: Path | None) -> None:
         log.warning("could not keep the converted OpenVINO model in %s (%s)", path.parent, exc)
 
 
-def wants_openvino(runtime: str, device: torch.device, pixels: int) -> bool:
-    """Whether the refiner should run in OpenVINO for ``pixels`` refiner pixel-passes (slices x plane x samples x
-    cascades). "auto" only where the conversion (~3 s) pays: OpenVINO installed, the CPU, >= OPENVINO_MIN_PIXELS.
-    An explicit "openvino" that cannot run is an error, never a quiet switch to torch."""
+def openvino_plan(runtime: str, device: torch.device, pixels: int) -> tuple[str, str] | None:
+    """(which networks OpenVINO runs: "all" or "refiner", precision "f32" or "bf16") for ``pixels`` pixel-passes
+    (slices x padded plane x samples x refiner cascades), or None: torch runs them all. "auto" converts only where
+    it pays (OpenVINO installed, the CPU, >= OPENVINO_MIN_PIXELS); an explicit OpenVINO runtime that cannot run is
+    an error (``check_runtime``), never a quiet switch to torch."""
     check_runtime(runtime, device)
     if runtime == "auto":
-        return openvino_version() is not None and device.type == "cpu" and pixels >= OPENVINO_MIN_PIXELS
-    return runtime == "openvino"
+        if openvino_version() is None or device.type != "cpu" or pixels < OPENVINO_MIN_PIXELS:
+            return None
+        return ("all", "bf16") if native_bf16() else ("refiner", "f32")
+    return {"torch": None, "openvino": ("all", "f32"), "openvino-bf16": ("all", "bf16")}[runtime]
 
 
 def check_runtime(runtime: str, device: torch.device | str | None) -> None:
     """A ModelError unless ``runtime`` can run on ``device`` (None: the CPU, or CUDA where the batch CLI picks it)."""
     if runtime not in RUNTIMES:
         raise ModelError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if runtime == "openvino" and str(device or "cpu").split(":")[0] != "cpu":
-        raise ModelError(f"the openvino runtime runs on the CPU; this model is on {device}")
-    if runtime == "openvino" and openvino_version() is None:
-        raise ModelError("the openvino runtime needs OpenVINO: pip install 'medldm[fast]'")
+    if runtime.startswith("openvino") and str(device or "cpu").split(":")[0] != "cpu":
+        raise ModelError(f"the {runtime} runtime runs on the CPU; this model is on {device}")
+    if runtime.startswith("openvino") and openvino_version() is None:
+        raise ModelError(f"the {runtime} runtime needs OpenVINO: pip install 'medldm[fast]'")
+    if runtime == "openvino-bf16" and not native_bf16():
+        raise ModelError("the openvino-bf16 runtime needs a CPU with bfloat16 instructions (avx512_bf16 or AMX); "
+                         "this one has none: use openvino or auto")
 
 
-def convert_refiner(refiner: torch.nn.Module, in_channels: int,
-                    strict: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """``refiner`` in OpenVINO and "openvino X.Y" for provenance. A conversion failure raises when ``strict``
-    (the user asked for OpenVINO); otherwise it is logged and the module itself runs ("torch")."""
+def convert_networks(bundle: ModelBundle, refiner_channels: int, which: str, precision: str,
+                     strict: bool) -> Networks:
+    """``bundle``'s networks with ``which`` ("all" or "refiner") converted to OpenVINO at ``precision``. A
+    conversion failure raises when ``strict`` (the user asked for OpenVINO); otherwise it is logged and torch runs
+    the networks that failed (the provenance says which runtime ran what)."""
     import torch
 
+    nets = torch_networks(bundle)
+    name = f"openvino {openvino_version()}" + (" bf16" if precision == "bf16" else "")
     try:
-        net = OpenVinoNetwork(refiner, torch.rand(1, in_channels, 64, 64), cache_dir=cache_dir())
-        return net, f"openvino {openvino_version()}"
-    except Exception as exc:  # noqa: BLE001 - any converter failure: torch still runs the same network
+        refiner, refiner_runtime = nets.refiner, nets.refiner_runtime
+        if bundle.refiner is not None:
+            refiner = _convert(bundle.refiner, (torch.rand(1, refiner_channels, 64, 64),), precision)
+            refiner_runtime = name
+        if which == "refiner":
+            return Networks(nets.unet, nets.encode, nets.decode, refiner, "torch", refiner_runtime)
+        z = torch.randn(1, bundle.vae_config.latent_channels, 16, 16)  # a 64 x 64 image's latent
+        x = torch.rand(1, 1, 16 * bundle.vae_config.downsample, 16 * bundle.vae_config.downsample)
+        unet_in = next(m for m in bundle.unet.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        unet = _convert(bundle.unet, (torch.randn(1, unet_in, 16, 16), torch.full((1,), 500.0)), precision)
+        encoder, decoder = vae_halves(bundle.vae)
+        encode, decode = _convert(encoder, (x,), precision), _convert(decoder, (z,), precision)
+        return Networks(unet, encode, decode, refiner, name, refiner_runtime)
+    except Exception as exc:  # noqa: BLE001 - any converter failure: torch still runs the same networks
         if strict:
-            raise ModelError(f"OpenVINO could not convert the refiner: {type(exc).__name__}: {exc}") from exc
-        log.warning("OpenVINO could not convert the refiner (%s: %s); running it in torch", type(exc).__name__, exc)
-        return refiner, "torch"
+            raise ModelError(f"OpenVINO could not convert this model's networks: {type(exc).__name__}: {exc}") from exc
+        log.warning("OpenVINO could not convert the networks (%s: %s); running them in torch", type(exc).__name__, exc)
+        return nets
+
+
+def _convert(module, examples, precision):
+    return OpenVinoNetwork(module, examples, cache_dir=cache_dir(), precision=precision)
+
+
+def vae_halves(vae: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Modules for the VAE's encoder (images -> latent mean, as ``LatentCodec`` uses it) and decoder: what a
+    converter traces."""
+    import torch
+
+    class Encode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x):
+            return self.vae.encode(x)[0]
+
+    class Decode(Encode):
+        def forward(self, z):
+            return self.vae.decode(z)
+
+    return Encode(), Decode()

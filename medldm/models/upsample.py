@@ -44,6 +44,8 @@ class FoldedNearestUpsampleConv(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         del emb  # MONAI's diffusion U-Net passes its timestep embedding to every upsampler (WrappedUpsample)
         conv = self.postconv.conv
+        if torch.jit.is_tracing():  # OpenVINO converts a trace: the plain form (it fuses that itself; the phase
+            return conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # copies below would trace wrongly)
         d = x.dim() - 2
         w = fold_kernel(conv.weight)
         b = None if conv.bias is None else conv.bias.repeat(2 ** d)

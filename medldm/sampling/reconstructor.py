@@ -23,7 +23,7 @@ from medldm.io.volume import Volume
 from medldm.models.bundle import ModelBundle, load_bundle
 from medldm.models.device import autocast, pick_device
 from medldm.physics.base import NONNEGATIVE_ROUNDS
-from medldm.models.runtime import check_runtime, convert_refiner, wants_openvino
+from medldm.models.runtime import Networks, check_runtime, convert_networks, openvino_plan, torch_networks
 from medldm.models.upsample import fold_nearest_upsampling
 from medldm.physics.classical import guide_image, guide_parts, guide_refusal
 from medldm.physics.registry import DC_TASKS
@@ -80,9 +80,9 @@ class Reconstructor:
     """A trained model ready to reconstruct: ``Reconstructor.load("mr-recon")(data, steps=10, samples=4)``.
 
     ``device`` defaults to CUDA when available (then ``amp`` runs the networks in bfloat16), else the CPU.
-    ``runtime`` runs the pixel refiner of a 2D model: "auto" (OpenVINO on the CPU when ``medldm[fast]`` is
-    installed and the volume is large enough to pay for converting it: 1.75x faster there, outputs within 2e-5;
-    else torch), "torch" or "openvino"."""
+    ``runtime`` runs a 2D model's networks: "auto", "torch", "openvino" or "openvino-bf16"
+    (``medldm.models.runtime``: OpenVINO on the CPU for volumes that pay for converting, in bfloat16 where the CPU
+    has bfloat16 instructions)."""
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device | None = None, origin: dict | None = None,
                  amp: bool = True, runtime: str = "auto"):
@@ -103,7 +103,7 @@ class Reconstructor:
         self.config = bundle.config  # the model.json, validated once when the folder was loaded
         check_runtime(runtime, self.device)
         self.runtime = runtime
-        self._converted = None  # (callable, name): the refiner in OpenVINO, converted at the first call that wants it
+        self._converted: dict[tuple[str, str], Networks] = {}  # OpenVINO conversions, made at the first call wanting them
         self.origin = origin or {}
         self.amp = amp  # bfloat16 autocast for the networks on CUDA; CPU always runs float32
 
@@ -202,12 +202,12 @@ class Reconstructor:
 
             n_batches = -(-planes // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
-        refiner, refiner_runtime = self._refiner_runtime(slices, planes, samples, refine)
+        nets = self._networks(slices, planes, samples, refine)
         with autocast(self.device, self.amp):
             vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
                                   use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
                                   latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide, start=start, refiner=refiner, intensity=intensity, run=run)
+                                  guide=guide, start=start, networks=nets, intensity=intensity, run=run)
         if bar:
             bar.close()
         t_sample = time.time()
@@ -217,26 +217,28 @@ class Reconstructor:
                             nonnegative=nonnegative,
                             latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps, refine=refine,
                             use_diffusion=use_diffusion, eta=eta, keep_samples=keep_samples,
-                            refiner_runtime=refiner_runtime, intensity=intensity,
+                            runtimes=(nets.latent_runtime, nets.refiner_runtime if refine else None),
+                            intensity=intensity,
                             constant=slices.shape[0] - planes)
 
-    def _refiner_runtime(self, slices: torch.Tensor, planes: int, samples: int, refine: bool):
-        """(what runs the refiner, its name): the module itself, or its OpenVINO conversion (made once) where
-        ``runtime`` asks for it and, for "auto", the volume pays for the conversion."""
+    def _networks(self, slices: torch.Tensor, planes: int, samples: int, refine: bool) -> Networks:
+        """What runs the networks: the modules themselves, or their OpenVINO conversions (made once per plan) where
+        ``runtime`` asks for them and, for "auto", the volume pays for converting."""
         bundle = self.bundle
-        if not refine or bundle.refiner is None:
-            return None, None
         if bundle.spatial_dims != 2:
-            if self.runtime == "openvino":
-                raise ModelError("the openvino runtime runs the refiner of 2D models; this one is 3D: use auto or torch")
-            return bundle.refiner, "torch"
+            if self.runtime.startswith("openvino"):
+                raise ModelError(f"the {self.runtime} runtime runs 2D models; this one is 3D: use auto or torch")
+            return torch_networks(bundle)
         plane = math.prod(pad_to_multiple(slices[:1])[0].shape[-2:])
-        if not wants_openvino(self.runtime, self.device, planes * plane * samples * bundle.refiner_cascades):
-            return bundle.refiner, "torch"
-        if self._converted is None:
+        cascades = bundle.refiner_cascades if refine and bundle.refiner is not None else 1
+        plan = openvino_plan(self.runtime, self.device, planes * plane * samples * cascades)
+        if plan is None or (plan[0] == "refiner" and not (refine and bundle.refiner is not None)):
+            return torch_networks(bundle)
+        if plan not in self._converted:
             in_channels = 1 + len(guide_parts(bundle.refiner_guide))
-            self._converted = convert_refiner(bundle.refiner, in_channels, strict=self.runtime == "openvino")
-        return self._converted
+            self._converted[plan] = convert_networks(bundle, in_channels, *plan,
+                                                     strict=self.runtime.startswith("openvino"))
+        return self._converted[plan]
 
     @staticmethod
     def _slice_corrections(m, norm, axis):
@@ -297,7 +299,7 @@ class Reconstructor:
 
     def _sample(self, m, cond, slices, axis, *, steps, samples, seed, eta, refine, use_diffusion, batch_size, dc,
                 latent_dc_every, latent_opt_steps, latent_dc, data_loss, bar, guide=None, start=None,
-                refiner=None, intensity=1.0, run=None) -> torch.Tensor:
+                networks=None, intensity=1.0, run=None) -> torch.Tensor:
         """Normalised (K, X, Y, Z) outputs of the 2D (slice-wise, networks on the slices ``run``) or 3D
         (sliding-window) path."""
         if self.bundle.spatial_dims == 3:
@@ -314,13 +316,13 @@ class Reconstructor:
                 correct_every=latent_dc_every,
                 data_loss=data_loss if m.task in DC_TASKS and latent_opt_steps > 0 else None,
                 latent_opt_steps=latent_opt_steps, refine_dc=latent_dc if m.task in DC_TASKS else None,
-                guide=guide, start=start, refiner=refiner, intensity=intensity, run_slices=run,
+                guide=guide, start=start, networks=networks, intensity=intensity, run_slices=run,
                 progress=bar.update if bar else None)
         return out["output"][:, :, 0].movedim(1, 1 + axis)  # (K, S, A, B) -> (K, X, Y, Z)
 
     def _finish(self, m, vols, samples, dc, dc_weight, cond_phys, t0, t_prep, t_sample, *, steps, seed, latent_dc_every,
                 latent_opt_steps, refine, use_diffusion, eta, keep_samples, nonnegative,
-                refiner_runtime=None, intensity=1.0, constant=0) -> ReconstructionResult:
+                runtimes=("torch", None), intensity=1.0, constant=0) -> ReconstructionResult:
         """Final data consistency (and non-negativity), mean/std over samples, geometry and provenance."""
         op, y = m.operator, m.y
         with_dc = dc and m.task in DC_TASKS
@@ -354,7 +356,7 @@ class Reconstructor:
                            "refine": refine, "use_diffusion": use_diffusion, "eta": eta,
                            "refiner_guide": self.bundle.refiner_guide if refine else None},
             "operator": op.params(), "input_sha256": _hash_tensor(y), "device": str(self.device),
-            "refiner_runtime": refiner_runtime,
+            "latent_runtime": runtimes[0], "refiner_runtime": runtimes[1],
             "constant_planes_passed_through": constant,  # all-air planes: their constant input, no network run
             "latent_intensity": {"fit_on": self.config.normalisation.latent_fit_on, "factor": intensity,
                                  "reference": self.config.normalisation_reference

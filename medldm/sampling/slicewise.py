@@ -16,6 +16,7 @@ from medldm.models.bundle import ModelBundle
 from medldm.models.builders import apply_refiner, build_scheduler
 from medldm.sampling.samplers import sample
 from medldm.models.latent import LatentCodec, condition_input
+from medldm.models.runtime import Networks, torch_networks
 
 PAD_MULTIPLE = 16
 
@@ -37,7 +38,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                    latent_opt_steps: int = 0, latent_opt_lr: float = 0.05,
                    refine_dc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    guide: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                   refiner: Callable[[torch.Tensor], torch.Tensor] | None = None, intensity: float = 1.0,
+                   networks: Networks | None = None, intensity: float = 1.0,
                    run_slices: torch.Tensor | None = None, progress: Callable[[], None] | None = None) -> dict:
     """cond: (S, 1, H, W) normalised naive-inverse slices. Returns normalised (K, S, 1, H, W) tensors:
     ``decoded`` (latent result decoded) and ``output`` (after the refiner, if any and enabled).
@@ -51,7 +52,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     G images).
     ``start`` (S, 1, H, W), normalised: the image a flow model (``bundle.flow_start`` not "noise") starts from and
     is conditioned on, its latent plus ``start_noise`` x the drawn noise; "VAE only" (no diffusion) decodes it.
-    ``refiner``: what runs the bundle's refiner (default: the module itself; e.g. its OpenVINO conversion).
+    ``networks``: what runs the bundle's U-Net, VAE and refiner (default: the modules themselves; e.g. their
+    OpenVINO conversions, ``medldm.models.runtime``).
     ``intensity``: the clean image's percentile in ``cond``'s units, for the VAE (:class:`LatentCodec`).
     ``run_slices``: the (CPU) indices of the slices the networks run on (default: all). The others come back as
     ``cond``, which is right only where ``cond`` is the answer: :func:`varying_slices` leaves out the slices on which
@@ -62,7 +64,8 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
     if guide is not None and (guide.shape[0], *guide.shape[2:]) != (cond.shape[0], *cond.shape[2:]):
         raise ValueError(f"guide {tuple(guide.shape)} must have the slices and size of cond {tuple(cond.shape)}")
     device = next(bundle.vae.parameters()).device
-    codec = LatentCodec(bundle.vae, bundle.latent_scale, intensity)
+    nets = networks or torch_networks(bundle)
+    codec = LatentCodec(bundle.vae, bundle.latent_scale, intensity, encoder=nets.encode, decoder=nets.decode)
     sched_cfg = bundle.config.scheduler
     scheduler = build_scheduler(sched_cfg, "rflow" if sched_cfg.kind == "rflow" else "ddim", spatial_dims=2)
     padded, (h, w) = pad_to_multiple(cond)
@@ -98,7 +101,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                 z_init = c + sched_cfg.start_noise * z_init
             if use_diffusion:
                 def denoiser(z_t, t, cin=cin):
-                    return bundle.unet(torch.cat([z_t, cin], 1), t)
+                    return nets.unet(torch.cat([z_t, cin], 1), t)
 
                 def corr(z0, i, idx=idx):
                     x = codec.decode(z0)
@@ -123,7 +126,7 @@ def restore_slices(bundle: ModelBundle, cond: torch.Tensor, *, samples: int, ste
                         x[..., :h, :w] = refine_dc(x[..., :h, :w], idx)
                         return x
 
-                    x_out = apply_refiner(refiner or bundle.refiner, bundle.refiner_residual_on, x_dec,
+                    x_out = apply_refiner(nets.refiner, bundle.refiner_residual_on, x_dec,
                                           guide_padded[idx].to(device),
                                           bundle.refiner_cascades, project if refine_dc else None)
             decoded[k, idx] = x_dec[..., :h, :w].float().cpu()

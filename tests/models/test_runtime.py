@@ -1,4 +1,4 @@
-"""The refiner's runtime: OpenVINO computes what torch computes, and "auto" only converts where it pays."""
+"""The networks' runtime: OpenVINO computes what torch computes, and "auto" only converts where it pays."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 from medldm.errors import ModelError
 from medldm.models import runtime
 from medldm.models.bundle import load_bundle
+from medldm.models.upsample import fold_nearest_upsampling
 from medldm.sampling.measurement import simulate
 from medldm.sampling.reconstructor import Reconstructor
 from tests.helpers import make_tiny_bundle
@@ -32,30 +33,47 @@ def test_unknown_or_impossible_runtimes_are_refused(tmp_path, monkeypatch):
     bundle = load_bundle(make_tiny_bundle(tmp_path / "m", "denoise"))
     with pytest.raises(ModelError, match="runtime must be one of"):
         Reconstructor(bundle, device="cpu", runtime="onnx")
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    with pytest.raises(ModelError, match="bfloat16 instructions"):
+        runtime.check_runtime("openvino-bf16", "cpu")
     monkeypatch.setattr(runtime, "openvino_version", lambda: None)
-    with pytest.raises(ModelError, match=r"medldm\[fast\]"):
-        Reconstructor(bundle, device="cpu", runtime="openvino")
+    for name in ("openvino", "openvino-bf16"):
+        with pytest.raises(ModelError, match=r"medldm\[fast\]"):
+            Reconstructor(bundle, device="cpu", runtime=name)
     # without OpenVINO "auto" is torch, whatever the size
-    assert not runtime.wants_openvino("auto", torch.device("cpu"), 10**9)
-    assert Reconstructor(bundle, device="cpu")(volume(), steps=1).provenance["refiner_runtime"] == "torch"
+    assert runtime.openvino_plan("auto", torch.device("cpu"), 10**9) is None
+    res = Reconstructor(bundle, device="cpu")(volume(), steps=1)
+    assert (res.provenance["latent_runtime"], res.provenance["refiner_runtime"]) == ("torch", "torch")
+
+
+@needs_openvino
+def test_auto_plans_by_size_and_by_what_the_cpu_has(monkeypatch):
+    cpu = torch.device("cpu")
+    assert runtime.openvino_plan("auto", cpu, runtime.OPENVINO_MIN_PIXELS - 1) is None
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    assert runtime.openvino_plan("auto", cpu, runtime.OPENVINO_MIN_PIXELS) == ("all", "bf16")
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)  # there only the refiner measured faster
+    assert runtime.openvino_plan("auto", cpu, runtime.OPENVINO_MIN_PIXELS) == ("refiner", "f32")
+    assert runtime.openvino_plan("torch", cpu, 10**9) is None
+    assert runtime.openvino_plan("openvino", cpu, 1) == ("all", "f32")
+    with pytest.raises(ModelError, match="runs on the CPU"):
+        runtime.openvino_plan("openvino", torch.device("cuda"), 1)
 
 
 @needs_openvino
 @pytest.mark.slow
 def test_auto_converts_only_volumes_that_pay_for_it(tmp_path, monkeypatch):
-    cpu = torch.device("cpu")
-    assert not runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS - 1)
-    assert runtime.wants_openvino("auto", cpu, runtime.OPENVINO_MIN_PIXELS)
-    assert not runtime.wants_openvino("torch", cpu, 10**9) and runtime.wants_openvino("openvino", cpu, 1)
     # inside the Reconstructor: slices the networks see (constant ones pass through) x padded plane (32 x 32 for
     # this volume) x samples x cascades
     rec = Reconstructor(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")), device="cpu")
     seen = int((np.ptp(volume().array[0], axis=(0, 1)) > 0).sum())
     assert 0 < seen <= 9
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
     monkeypatch.setattr(runtime, "OPENVINO_MIN_PIXELS", seen * 32 * 32 + 1)
     assert rec(volume(), steps=1).provenance["refiner_runtime"] == "torch"
     monkeypatch.setattr(runtime, "OPENVINO_MIN_PIXELS", seen * 32 * 32)
-    assert rec(volume(), steps=1).provenance["refiner_runtime"].startswith("openvino")
+    res = rec(volume(), steps=1)
+    assert res.provenance["refiner_runtime"].startswith("openvino") and res.provenance["latent_runtime"] == "torch"
     three_d = load_bundle(make_tiny_bundle(tmp_path / "3d", "denoise", spatial_dims=3))
     with pytest.raises(ModelError, match="2D models"):
         Reconstructor(three_d, device="cpu", runtime="openvino")(volume((40, 40, 20)), steps=1)
@@ -67,8 +85,10 @@ def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_
     import openvino as ov
 
     bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
-    net, name = runtime.convert_refiner(bundle.refiner, 2, strict=True)
-    assert name.startswith("openvino ")
+    nets = runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True)
+    net = nets.refiner
+    assert nets.refiner_runtime.startswith("openvino ") and nets.latent_runtime == "torch"
+    assert nets.unet is bundle.unet
     kept = sorted(p.suffix for p in (tmp_path / "cache" / "openvino").iterdir())
     assert kept == [".bin", ".sha256", ".xml"]  # the converted model, under a digest of weights and versions
 
@@ -76,7 +96,7 @@ def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_
         raise AssertionError("converted again although the cache holds this network")
 
     monkeypatch.setattr(ov, "convert_model", no_conversion)
-    again, _ = runtime.convert_refiner(bundle.refiner, 2, strict=True)
+    again = runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True).refiner
     with torch.no_grad():
         for shape in [(3, 2, 32, 48), (1, 2, 64, 32)]:
             x = torch.rand(shape)
@@ -87,23 +107,45 @@ def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_
         kept_bias = bias.clone()
         bias += 1
         with pytest.raises(ModelError, match="could not convert"):
-            runtime.convert_refiner(bundle.refiner, 2, strict=True)
+            runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True)
         bias.copy_(kept_bias)  # (+1 then -1 need not round back to the same bits)
     monkeypatch.undo()
     monkeypatch.setenv("MEDLDM_CACHE_DIR", str(tmp_path / "cache"))
     for xml in (tmp_path / "cache" / "openvino").glob("*.xml"):
         xml.write_text("damaged")  # a damaged entry is converted again and rewritten
-    net, _ = runtime.convert_refiner(bundle.refiner, 2, strict=True)
+    net = runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True).refiner
     assert "ignoring the cached OpenVINO model" in caplog.text
     x = torch.rand(2, 2, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), bundle.refiner(x).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow  # converts a U-Net, a VAE's halves and a refiner (~15 s)
+@needs_openvino
+def test_every_network_in_openvino_matches_torch_at_any_batch_and_plane(tmp_path):
+    """Converted from the networks as the Reconstructor runs them (upsampling folded: the trace takes the plain
+    form), timesteps as a DDIM sampler passes them (integers) and as a flow's (fractions)."""
+    bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
+    for net in (bundle.vae, bundle.unet):
+        assert fold_nearest_upsampling(net) > 0
+    nets = runtime.convert_networks(bundle, 2, "all", "f32", strict=True)
+    assert nets.latent_runtime == nets.refiner_runtime and nets.latent_runtime.startswith("openvino ")
+    ref = runtime.torch_networks(bundle)
+    c = bundle.vae_config.latent_channels
+    with torch.no_grad():
+        for b, h, w in [(3, 8, 12), (1, 16, 8)]:
+            z, x = torch.randn(b, c, h, w), torch.rand(b, 1, 4 * h, 4 * w)
+            zin = torch.cat([z, torch.randn_like(z), torch.zeros_like(z[:, :1])], 1)
+            for t in (torch.full((b,), 700, dtype=torch.long), torch.rand(b) * 1000):
+                np.testing.assert_allclose(nets.unet(zin, t).numpy(), ref.unet(zin, t).numpy(), atol=1e-4)
+            np.testing.assert_allclose(nets.encode(x).numpy(), ref.encode(x).numpy(), atol=1e-4)
+            np.testing.assert_allclose(nets.decode(z).numpy(), ref.decode(z).numpy(), atol=1e-4)
+
+
 @needs_openvino
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["denoise", "recon"])
-def test_reconstruction_with_the_openvino_refiner_equals_torch_and_says_so(tmp_path, task):
+def test_reconstruction_in_openvino_equals_torch_and_says_so(tmp_path, task):
     """The whole path, the cascaded refiner with data consistency between passes included (recon); the runtimes
     need not agree bit for bit, only to float rounding."""
     bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / task, task)))
@@ -115,7 +157,13 @@ def test_reconstruction_with_the_openvino_refiner_equals_torch_and_says_so(tmp_p
     ref = Reconstructor(bundle, device="cpu", runtime="torch")(data, steps=1)
     ov = Reconstructor(bundle, device="cpu", runtime="openvino")(data, steps=1)
     assert ref.provenance["refiner_runtime"] == "torch" and ov.provenance["refiner_runtime"].startswith("openvino")
+    assert ov.provenance["latent_runtime"] == ov.provenance["refiner_runtime"]
     scale = float(np.abs(ref.volume.array).max())
     np.testing.assert_allclose(ov.volume.array, ref.volume.array, atol=1e-4 * scale)
+    if runtime.native_bf16():  # bfloat16 keeps 8 bits of mantissa: near, not equal
+        bf16 = Reconstructor(bundle, device="cpu", runtime="openvino-bf16")(data, steps=1)
+        assert bf16.provenance["latent_runtime"].endswith(" bf16")
+        err = np.abs(bf16.volume.array - ref.volume.array)
+        assert err.max() < 0.05 * scale and err.mean() < 0.005 * scale
     assert Reconstructor(bundle, device="cpu", runtime="openvino")(data, steps=1, refine=False).provenance[
         "refiner_runtime"] is None
