@@ -12,7 +12,8 @@ Rician sigma 5% of the 99.5th percentile, 4 mm thick slices along Z):
 
 Stages, timed from outside the library by wrapping module attributes at run time (nothing in medldm changes):
 
-    load     Reconstructor.load (weights, .to(device)) and the OpenVINO conversions (or cache reads), where they run
+    load     Reconstructor.load (weights, .to(device)); an OpenVINO conversion (or cache read) runs at its network's
+             first call and counts in that call's stage (nested: stage>load)
     read     medldm.io.read_volume of the input NIfTI written to a temp folder (recon: the clean volume;
              denoise / sr: the noisy / thick-slice image)
     measure  recon: measurement.simulate (mask + FFT); denoise / sr: Reconstructor.measurement_for (from_image:
@@ -34,7 +35,6 @@ On CUDA every stage boundary synchronises. Timings are wall clock: run it on an 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import resource
@@ -121,6 +121,7 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     from medldm import demo
     from medldm.io import read_volume, write_nifti
     from medldm.io.volume import Volume
+    from medldm.models import runtime as runtimes  # (`runtime` is this function's argument)
     from medldm.models.latent import LatentCodec
     from medldm.sampling import reconstructor, slicewise, volumetric
     from medldm.sampling.measurement import Measurement, simulate
@@ -149,14 +150,15 @@ def one_model(model: str, shape: tuple[int, int, int], steps: int, samples: int,
     prof.patch(slicewise, "apply_refiner", "refiner")
     prof.patch(volumetric, "apply_refiner", "refiner")
     prof.patch(rec.bundle.unet, "forward", "unet")  # nn.Module.__call__ finds the instance attribute
-    convert = prof.wrap("load", reconstructor.convert_networks)  # the OpenVINO conversions, once per process
+    # networks in OpenVINO are LazyOpenVino objects, converted at their first call (that call's stage holds the
+    # conversion, listed under nested as stage>load): the U-Net's are timed here, the VAE's and the refiner's above
+    lazy_call = runtimes.LazyOpenVino.__call__
 
-    def convert_and_time_the_unet(*args, **kwargs):  # a converted U-Net is not the module patched above
-        nets = convert(*args, **kwargs)
-        return dataclasses.replace(nets, unet=prof.wrap("unet", nets.unet)) if nets.unet is not rec.bundle.unet \
-            else nets
+    def lazy_timed(self, *xs):
+        return prof.run("unet", lazy_call, self, *xs) if self.what == "U-Net" else lazy_call(self, *xs)
 
-    reconstructor.convert_networks = convert_and_time_the_unet
+    runtimes.LazyOpenVino.__call__ = lazy_timed
+    prof.patch(runtimes, "_convert", "load")
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

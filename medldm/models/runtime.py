@@ -39,6 +39,9 @@ RUNTIMES = ("auto", "torch", "openvino", "openvino-bf16")
 # ~3 s per network (once per machine: the result is kept in cache_dir()) and saves ~1 us per pixel-pass here, so a
 # 181x217x181 volume (7.8M) gains and the app's 16-slice crops (0.3M) would lose
 OPENVINO_MIN_PIXELS = 5_000_000
+# part of a converted model's cache key with the versions: raise it when what is traced changes (the U-Net's
+# embedding given as an input, the folded upsampling's plain form), so no older conversion is read back
+CONVERSION_FORMAT = 2
 log = logging.getLogger(__name__)
 
 
@@ -62,20 +65,65 @@ def native_bf16() -> bool:
 @dataclass(frozen=True)
 class Networks:
     """What runs each network of a model: ``unet(x, t)``, ``encode(images) -> latent mean``, ``decode(latent)``
-    and ``refiner(x)`` (None without one), with what runs them for provenance."""
+    and ``refiner(x)`` (None without one)."""
 
     unet: Callable
     encode: Callable
     decode: Callable
     refiner: Callable | None
-    latent_runtime: str  # the U-Net's and the VAE's
-    refiner_runtime: str | None
+
+    @property
+    def latent_runtime(self) -> str:
+        """What ran the U-Net and the VAE, for provenance (networks never called are left out)."""
+        ran = {_runtime_of(n) for n in (self.unet, self.encode, self.decode)} - {None}
+        return " + ".join(sorted(ran)) or "torch"
+
+    @property
+    def refiner_runtime(self) -> str | None:
+        return None if self.refiner is None else _runtime_of(self.refiner) or "torch"
+
+    def release_memory(self) -> None:
+        """Hand back what the OpenVINO networks keep between calls (torch keeps nothing)."""
+        for net in (self.unet, self.encode, self.decode, self.refiner):
+            if isinstance(net, LazyOpenVino):
+                net.release_memory()
+
+
+def _runtime_of(net) -> str | None:
+    return net.runtime if isinstance(net, LazyOpenVino) else "torch"
 
 
 def torch_networks(bundle: ModelBundle) -> Networks:
     vae = bundle.vae
-    return Networks(unet=bundle.unet, encode=lambda x: vae.encode(x)[0], decode=vae.decode, refiner=bundle.refiner,
-                    latent_runtime="torch", refiner_runtime=None if bundle.refiner is None else "torch")
+    return Networks(unet=bundle.unet, encode=lambda x: vae.encode(x)[0], decode=vae.decode, refiner=bundle.refiner)
+
+
+class LazyOpenVino:
+    """A network converted at its first call, so one a path never calls (the U-Net without diffusion) is never
+    converted. A failed conversion raises when ``strict`` (the user asked for OpenVINO); otherwise it is logged and
+    the torch module runs. ``runtime``: what ran it (None before the first call)."""
+
+    def __init__(self, what: str, convert: Callable[[], Callable], module: Callable, name: str, strict: bool):
+        self.what, self._convert, self._module, self._name, self._strict = what, convert, module, name, strict
+        self._net: Callable | None = None
+        self.runtime: str | None = None
+
+    def __call__(self, *xs):
+        if self._net is None:
+            try:
+                self._net, self.runtime = self._convert(), self._name
+            except Exception as exc:  # noqa: BLE001 - any converter failure: torch runs the same network
+                if self._strict:
+                    raise ModelError(f"OpenVINO could not convert the {self.what}: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+                log.warning("OpenVINO could not convert the %s (%s: %s); running it in torch", self.what,
+                            type(exc).__name__, exc)
+                self._net, self.runtime = self._module, "torch"
+        return self._net(*xs)
+
+    def release_memory(self) -> None:
+        if isinstance(self._net, (OpenVinoNetwork, _UNetWithTorchEmbedding)):
+            self._net.release_memory()
 
 
 class OpenVinoNetwork:
@@ -110,6 +158,11 @@ class OpenVinoNetwork:
         out = self._compiled([x.detach().float().contiguous().numpy() for x in xs])[0]
         return torch.from_numpy(out)
 
+    def release_memory(self) -> None:
+        """Free the intermediate buffers OpenVINO keeps for the next call (the four networks of mr-recon kept ~1 GiB
+        at 16 slices of 181 x 217); a later call allocates them again."""
+        self._compiled.release_memory()
+
 
 def cache_dir() -> Path:
     """Where converted networks are kept: ``$MEDLDM_CACHE_DIR/openvino``, default ``~/.cache/medldm/openvino``."""
@@ -120,8 +173,11 @@ def cache_dir() -> Path:
 def _digest(module: torch.nn.Module, examples: tuple[torch.Tensor, ...]) -> str:
     import torch
 
+    import monai
+
     inputs = " ".join(f"{e.ndim}d{e.shape[1] if e.ndim > 1 else ''}" for e in examples)
-    h = hashlib.sha256(f"{openvino_version()} {torch.__version__} {type(module).__name__} {inputs}".encode())
+    h = hashlib.sha256(f"{CONVERSION_FORMAT} {openvino_version()} {torch.__version__} {monai.__version__} "
+                       f"{type(module).__name__} {inputs}".encode())
     for name, tensor in module.state_dict().items():
         h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -200,32 +256,53 @@ def check_runtime(runtime: str, device: torch.device | str | None) -> None:
 
 def convert_networks(bundle: ModelBundle, refiner_channels: int, which: str, precision: str,
                      strict: bool) -> Networks:
-    """``bundle``'s networks with ``which`` ("all" or "refiner") converted to OpenVINO at ``precision``. A
-    conversion failure raises when ``strict`` (the user asked for OpenVINO); otherwise it is logged and torch runs
-    the networks that failed (the provenance says which runtime ran what)."""
+    """``bundle``'s networks with ``which`` ("all" or "refiner") in OpenVINO at ``precision``, each converted at
+    its first call (:class:`LazyOpenVino`; with the torch module as its fallback unless ``strict``)."""
     import torch
 
     nets = torch_networks(bundle)
     name = f"openvino {openvino_version()}" + (" bf16" if precision == "bf16" else "")
-    try:
-        refiner, refiner_runtime = nets.refiner, nets.refiner_runtime
-        if bundle.refiner is not None:
-            refiner = _convert(bundle.refiner, (torch.rand(1, refiner_channels, 64, 64),), precision)
-            refiner_runtime = name
-        if which == "refiner":
-            return Networks(nets.unet, nets.encode, nets.decode, refiner, "torch", refiner_runtime)
-        z = torch.randn(1, bundle.vae_config.latent_channels, 16, 16)  # a 64 x 64 image's latent
-        x = torch.rand(1, 1, 16 * bundle.vae_config.downsample, 16 * bundle.vae_config.downsample)
-        unet_in = next(m for m in bundle.unet.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-        unet = _convert(bundle.unet, (torch.randn(1, unet_in, 16, 16), torch.full((1,), 500.0)), precision)
-        encoder, decoder = vae_halves(bundle.vae)
-        encode, decode = _convert(encoder, (x,), precision), _convert(decoder, (z,), precision)
-        return Networks(unet, encode, decode, refiner, name, refiner_runtime)
-    except Exception as exc:  # noqa: BLE001 - any converter failure: torch still runs the same networks
-        if strict:
-            raise ModelError(f"OpenVINO could not convert this model's networks: {type(exc).__name__}: {exc}") from exc
-        log.warning("OpenVINO could not convert the networks (%s: %s); running them in torch", type(exc).__name__, exc)
-        return nets
+
+    def lazy(what, module, convert):
+        return LazyOpenVino(what, convert, module, name, strict)
+
+    refiner = nets.refiner if bundle.refiner is None else lazy(
+        "refiner", bundle.refiner, lambda: _convert(bundle.refiner, (torch.rand(1, refiner_channels, 64, 64),),
+                                                    precision))
+    if which == "refiner":
+        return Networks(nets.unet, nets.encode, nets.decode, refiner)
+    down = bundle.vae_config.downsample
+    z = torch.randn(1, bundle.vae_config.latent_channels, 16, 16)  # the latent of a 16 * down square image
+    encoder, decoder = vae_halves(bundle.vae)
+    x = torch.rand(1, 1, 16 * down, 16 * down)
+    return Networks(lazy("U-Net", bundle.unet, lambda: _UNetWithTorchEmbedding(bundle.unet, precision)),
+                    lazy("VAE encoder", nets.encode, lambda: _convert(encoder, (x,), precision)),
+                    lazy("VAE decoder", nets.decode, lambda: _convert(decoder, (z,), precision)), refiner)
+
+
+class _UNetWithTorchEmbedding:
+    """MONAI's diffusion U-Net in OpenVINO with its sinusoidal timestep embedding computed in torch, in float32, and
+    passed in: in bfloat16, t x frequency near t = 1000 is rounded to steps of 4, which moved the U-Net's output by
+    4% (rms, relative) at t = 999 against 0.7% with the embedding given (mr-recon, 4 slices of 181 x 217)."""
+
+    def __init__(self, unet, precision: str):
+        import torch
+        from monai.networks.nets import diffusion_model_unet as dmu
+
+        self._embed, self._dim = dmu.get_timestep_embedding, unet.block_out_channels[0]
+        channels = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        examples = (torch.randn(1, channels, 16, 16), self._embed(torch.full((1,), 500.0), self._dim))
+        dmu.get_timestep_embedding = lambda embedding, *args, **kwargs: embedding  # traced: the embedding is an input
+        try:
+            self._net = _convert(unet, examples, precision)
+        finally:
+            dmu.get_timestep_embedding = self._embed
+
+    def __call__(self, x, t):
+        return self._net(x, self._embed(t, self._dim))
+
+    def release_memory(self) -> None:
+        self._net.release_memory()
 
 
 def _convert(module, examples, precision):

@@ -23,6 +23,7 @@ import torch
 
 from medldm.errors import ConfigError, InputError
 from medldm.physics._common import check_image, noise_generator, randn
+from medldm.physics.base import NONNEGATIVE_ROUNDS
 from medldm.physics.coils import birdcage_maps
 from medldm.physics.fft import fftnc, ifftnc
 from medldm.physics.kspace import CartesianUndersampling, RandomCartesianUndersampling, phase_map
@@ -159,6 +160,15 @@ class MultiCoilCartesian(CartesianUndersampling):
         hybrid = self._hybrid(x)
         out = hybrid.projection(x, y, self.dc_iters) if w is None else hybrid.soft_step(x, y, w, self.dc_iters)
         return out.to(given)
+
+    def consistent_nonnegative(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None,
+                               rounds: int = NONNEGATIVE_ROUNDS) -> torch.Tensor:
+        """As :class:`Operator`'s; with soft steps every round stays in hybrid layout (the same iterates)."""
+        w = self.projection_weight if weight is None else float(weight)
+        if w is None or not w > 0 or x.dtype not in (torch.float32, torch.float64):
+            return super().consistent_nonnegative(x, y, weight=weight, rounds=rounds)
+        check_image(x)
+        return self._hybrid(x).soft_steps_nonnegative(x, y, w, self.dc_iters, rounds)
 
     def zero_filled_magnitude(self, y: torch.Tensor) -> torch.Tensor:
         """|SENSE combination|: the zero-filled image of measured k-space, robust to a wrong phase estimate."""

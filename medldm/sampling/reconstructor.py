@@ -203,11 +203,15 @@ class Reconstructor:
             n_batches = -(-planes // batch_size) * samples
             bar = tqdm(total=n_batches * steps if use_diffusion else n_batches, desc="sampling", mininterval=1.0)
         nets = self._networks(slices, planes, samples, refine)
-        with autocast(self.device, self.amp):
-            vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta, refine=refine,
-                                  use_diffusion=use_diffusion, batch_size=batch_size, dc=dc, latent_dc_every=latent_dc_every,
-                                  latent_opt_steps=latent_opt_steps, latent_dc=latent_dc, data_loss=data_loss, bar=bar,
-                                  guide=guide, start=start, networks=nets, intensity=intensity, run=run)
+        try:
+            with autocast(self.device, self.amp):
+                vols_n = self._sample(m, cond, slices, axis, steps=steps, samples=samples, seed=seed, eta=eta,
+                                      refine=refine, use_diffusion=use_diffusion, batch_size=batch_size, dc=dc,
+                                      latent_dc_every=latent_dc_every, latent_opt_steps=latent_opt_steps,
+                                      latent_dc=latent_dc, data_loss=data_loss, bar=bar, guide=guide, start=start,
+                                      networks=nets, intensity=intensity, run=run)
+        finally:
+            nets.release_memory()  # before the final data consistency, whose peak would otherwise add to them
         if bar:
             bar.close()
         t_sample = time.time()

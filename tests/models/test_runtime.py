@@ -87,6 +87,9 @@ def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_
     bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
     nets = runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True)
     net = nets.refiner
+    assert not (tmp_path / "cache").exists() and nets.refiner_runtime == "torch"  # converted at its first call
+    with torch.no_grad():
+        net(torch.rand(1, 2, 32, 32))
     assert nets.refiner_runtime.startswith("openvino ") and nets.latent_runtime == "torch"
     assert nets.unet is bundle.unet
     kept = sorted(p.suffix for p in (tmp_path / "cache" / "openvino").iterdir())
@@ -106,18 +109,18 @@ def test_openvino_refiner_matches_torch_at_any_batch_and_plane_and_is_converted_
         bias = bundle.refiner.final_conv.bias
         kept_bias = bias.clone()
         bias += 1
-        with pytest.raises(ModelError, match="could not convert"):
-            runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True)
+        with pytest.raises(ModelError, match="could not convert the refiner"):
+            runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True).refiner(x)
         bias.copy_(kept_bias)  # (+1 then -1 need not round back to the same bits)
     monkeypatch.undo()
     monkeypatch.setenv("MEDLDM_CACHE_DIR", str(tmp_path / "cache"))
     for xml in (tmp_path / "cache" / "openvino").glob("*.xml"):
         xml.write_text("damaged")  # a damaged entry is converted again and rewritten
     net = runtime.convert_networks(bundle, 2, "refiner", "f32", strict=True).refiner
-    assert "ignoring the cached OpenVINO model" in caplog.text
     x = torch.rand(2, 2, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), bundle.refiner(x).numpy(), atol=1e-5)
+    assert "ignoring the cached OpenVINO model" in caplog.text
 
 
 @pytest.mark.slow  # converts a U-Net, a VAE's halves and a refiner (~15 s)
@@ -126,10 +129,12 @@ def test_every_network_in_openvino_matches_torch_at_any_batch_and_plane(tmp_path
     """Converted from the networks as the Reconstructor runs them (upsampling folded: the trace takes the plain
     form), timesteps as a DDIM sampler passes them (integers) and as a flow's (fractions)."""
     bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
+    last = [m for m in bundle.unet.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    for p in last.parameters():  # zero when untrained: the U-Net's output would be 0 whatever runs it
+        p.data.normal_(0, 0.1)
     for net in (bundle.vae, bundle.unet):
         assert fold_nearest_upsampling(net) > 0
     nets = runtime.convert_networks(bundle, 2, "all", "f32", strict=True)
-    assert nets.latent_runtime == nets.refiner_runtime and nets.latent_runtime.startswith("openvino ")
     ref = runtime.torch_networks(bundle)
     c = bundle.vae_config.latent_channels
     with torch.no_grad():
@@ -140,6 +145,42 @@ def test_every_network_in_openvino_matches_torch_at_any_batch_and_plane(tmp_path
                 np.testing.assert_allclose(nets.unet(zin, t).numpy(), ref.unet(zin, t).numpy(), atol=1e-4)
             np.testing.assert_allclose(nets.encode(x).numpy(), ref.encode(x).numpy(), atol=1e-4)
             np.testing.assert_allclose(nets.decode(z).numpy(), ref.decode(z).numpy(), atol=1e-4)
+            nets.release_memory()  # as after every volume: the next call allocates again, same outputs
+            np.testing.assert_allclose(nets.decode(z).numpy(), ref.decode(z).numpy(), atol=1e-4)
+        ref.release_memory()  # torch keeps nothing: a no-op
+        np.testing.assert_allclose(nets.refiner(torch.rand(2, 2, 32, 32)).shape, (2, 1, 32, 32))
+    assert nets.latent_runtime == nets.refiner_runtime and nets.latent_runtime.startswith("openvino ")
+    assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 4  # four networks, four cache entries
+    if runtime.native_bf16():  # the timestep embedding stays float32 (bfloat16 rounds t x frequency near 1000)
+        bf16 = runtime.convert_networks(bundle, 2, "all", "bf16", strict=True)
+        zin = torch.cat([z, torch.randn_like(z), torch.zeros_like(z[:, :1])], 1)
+        t = torch.full((z.shape[0],), 999)
+        with torch.no_grad():
+            out, want = bf16.unet(zin, t), ref.unet(zin, t)
+        assert float((out - want).pow(2).mean().sqrt()) < 0.02 * float(want.pow(2).mean().sqrt())
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_a_network_that_fails_to_convert_runs_in_torch_and_the_others_stay_converted(tmp_path, monkeypatch, caplog):
+    bundle = _trained_looking(load_bundle(make_tiny_bundle(tmp_path / "m", "denoise")))
+    convert = runtime._convert
+
+    def fail_on_the_decoder(module, examples, precision):
+        if type(module).__name__ == "Decode":
+            raise RuntimeError("no rule for this op")
+        return convert(module, examples, precision)
+
+    monkeypatch.setattr(runtime, "_convert", fail_on_the_decoder)
+    nets = runtime.convert_networks(bundle, 2, "all", "f32", strict=False)
+    z = torch.randn(2, bundle.vae_config.latent_channels, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(nets.decode(z).numpy(), bundle.vae.decode(z).numpy(), atol=1e-6)
+        nets.encode(torch.rand(2, 1, 32, 32))
+    assert "could not convert the VAE decoder" in caplog.text
+    assert nets.latent_runtime == f"openvino {runtime.openvino_version()} + torch"  # the U-Net never ran
+    with pytest.raises(ModelError, match="could not convert the VAE decoder"):
+        runtime.convert_networks(bundle, 2, "all", "f32", strict=True).decode(z)
 
 
 @needs_openvino
@@ -167,3 +208,6 @@ def test_reconstruction_in_openvino_equals_torch_and_says_so(tmp_path, task):
         assert err.max() < 0.05 * scale and err.mean() < 0.005 * scale
     assert Reconstructor(bundle, device="cpu", runtime="openvino")(data, steps=1, refine=False).provenance[
         "refiner_runtime"] is None
+    rec = Reconstructor(bundle, device="cpu", runtime="openvino")
+    assert rec(data, steps=1, use_diffusion=False).provenance["latent_runtime"].startswith("openvino")
+    assert rec._converted and all(n.unet.runtime is None for n in rec._converted.values())  # never converted

@@ -142,6 +142,7 @@ def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, per_slice,
     from medldm.physics._common import cg, cgls
 
     monkeypatch.setattr(sense_hybrid, "CHUNK_ELEMENTS", chunk * 4 * shape[3])  # blocks of lines or slices
+    monkeypatch.setattr(sense_hybrid, "SOFT_STEP_TOL", None)  # converged to rounding, as the generic CG
     mask = np.zeros(shape[3], bool)
     mask[::3] = True
     mask[shape[3] // 2 - 1:shape[3] // 2 + 2] = True
@@ -154,6 +155,12 @@ def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, per_slice,
     for w in (0.5, 3.0):
         ref = cg(lambda v: v + w * op.adjoint(op.A(v)), x + w * op.adjoint(y), x, iters=300)
         assert torch.allclose(op.data_consistency(x, y, weight=w), ref, atol=1e-10)
+    # the rounds of consistent_nonnegative stay in hybrid layout: the same iterates as the generic alternation
+    generic = x
+    for _ in range(4):
+        generic = cg(lambda v: v + 0.5 * op.adjoint(op.A(v)), generic.clamp(min=0) + 0.5 * op.adjoint(y),
+                     generic.clamp(min=0), iters=300)
+    assert torch.allclose(op.consistent_nonnegative(x, y, weight=0.5, rounds=4), generic.clamp(min=0), atol=1e-10)
     ref = x + cgls(op.A, op.adjoint, y - op.A(x), like=x, iters=12)
     assert torch.allclose(MultiCoilCartesian(maps=maps, mask=mask, dc_iters=12).data_consistency(x, y), ref,
                           atol=1e-10)
@@ -165,6 +172,20 @@ def test_solvers_in_hybrid_space_equal_the_generic_ones(shape, chunk, per_slice,
     assert torch.allclose(op.sense(y, iters=7), cgls(fwd, adj, y, like=adj(y), iters=7), atol=1e-10)
 
 
+def test_the_soft_step_stops_near_its_solution(monkeypatch):
+    # CG stops at a relative residual of SOFT_STEP_TOL (1e-5), not at float rounding: the step stays within 1e-4
+    from medldm.physics import sense_hybrid
+
+    op = _random(coils=4).sample(2)
+    x = rand_like_shape((1, 1, 24, 20, 3), 0)
+    y = op(rand_like_shape((1, 1, 24, 20, 3), 1))
+    early = op.data_consistency(x, y, weight=1.0)
+    monkeypatch.setattr(sense_hybrid, "SOFT_STEP_TOL", None)
+    converged = op.data_consistency(x, y, weight=1.0)
+    assert not torch.equal(early, converged)
+    assert float((early - converged).abs().max()) < 1e-4 * float(converged.abs().max())
+
+
 def test_an_operator_that_ran_data_consistency_still_pickles_and_checks_coils():
     # DataLoader workers send operators back after the guide's data consistency; the kept measurement is a cache
     import pickle
@@ -173,6 +194,12 @@ def test_an_operator_that_ran_data_consistency_still_pickles_and_checks_coils():
     x = rand_like_shape((1, 1, 12, 10), 0)
     y = op(x)
     d = op.data_consistency(x, y, weight=1.0)
+    assert torch.equal(op.data_consistency(x, y, weight=1.0), d)  # the kept measurement and A^H y: the same step
+    y2 = y.clone()
+    op.data_consistency(x, y2, weight=1.0)
+    y2.mul_(2)  # changed in place: the kept measurement and its adjoint are stale, not reused
+    fresh = _random(coils=3).sample(1)
+    assert torch.allclose(op.data_consistency(x, y2, weight=1.0), fresh.data_consistency(x, y2, weight=1.0))
     again = pickle.loads(pickle.dumps(op))
     assert torch.allclose(again.data_consistency(x, y, weight=1.0), d)
     with pytest.raises(InputError, match="does not fit 3 coil maps"):
