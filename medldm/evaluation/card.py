@@ -219,6 +219,8 @@ def speed_line(rows: list[dict] | None) -> str:
     each = ", ".join(f"{r['total']:.0f} s for {r['samples']} sample{'s' * (r['samples'] > 1)} (peak RSS "
                      f"{r['peak_rss_gib']:.1f} GiB)" for r in rows)
     latent = f"U-Net and VAE in {r0['latent_runtime']}, " if r0.get("latent_runtime") else ""
+    if latent.endswith("bf16, "):  # the figure holds on such CPUs only (2-3x longer without bfloat16 instructions)
+        latent = f"bfloat16 instructions, {latent}"
     return (f"Seconds per whole {r0['shape']} volume at the defaults ({r0['device'].upper()}, {r0['threads']} "
             f"threads, {latent}refiner in {r0['refiner_runtime']}, measured {r0['measured']}): {each} "
             "(`python benchmarks/profile_inference.py`; stages in `benchmarks/README.md`).")

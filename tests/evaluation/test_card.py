@@ -120,7 +120,7 @@ def test_the_card_states_whole_volume_seconds_from_the_profile_rows(tmp_path):
     assert "181x217x181 volume" in line and "60 s for 1 sample (peak RSS 2.0 GiB)" in line
     assert "250 s for 4 samples" in line and "refiner in openvino 2026.4.1" in line and "U-Net" not in line
     bf16 = cards.speed_line([{**speed[0], "latent_runtime": "openvino 2026.4.1 bf16"}])
-    assert "U-Net and VAE in openvino 2026.4.1 bf16, refiner in" in bf16
+    assert "threads, bfloat16 instructions, U-Net and VAE in openvino 2026.4.1 bf16, refiner in" in bf16
     assert load_script("pipelines", "write_model_cards").given_speed("absent", [first]) is None
 
 
