@@ -292,17 +292,37 @@ class _UNetWithTorchEmbedding:
         self._embed, self._dim = dmu.get_timestep_embedding, unet.block_out_channels[0]
         channels = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
         examples = (torch.randn(1, channels, 16, 16), self._embed(torch.full((1,), 500.0), self._dim))
-        dmu.get_timestep_embedding = lambda embedding, *args, **kwargs: embedding  # traced: the embedding is an input
-        try:
-            self._net = _convert(unet, examples, precision)
-        finally:
-            dmu.get_timestep_embedding = self._embed
+        self._net = _convert(_embedding_given(unet), examples, precision)
 
     def __call__(self, x, t):
         return self._net(x, self._embed(t, self._dim))
 
     def release_memory(self) -> None:
         self._net.release_memory()
+
+
+def _embedding_given(unet):
+    """A module running ``unet``'s own forward with the timestep embedding as its second input: the forward's code
+    with ``get_timestep_embedding`` bound to the identity in a copy of its globals (MONAI's module is untouched, so
+    a torch U-Net elsewhere in the process is unaffected)."""
+    import types
+
+    import torch
+
+    forward = type(unet).forward
+    names = {**forward.__globals__, "get_timestep_embedding": lambda embedding, *args, **kwargs: embedding}
+    given = types.FunctionType(forward.__code__, names, forward.__name__, forward.__defaults__, forward.__closure__)
+    given.__kwdefaults__ = forward.__kwdefaults__
+
+    class EmbeddingGiven(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, embedding):
+            return given(self.unet, x, embedding)
+
+    return EmbeddingGiven()
 
 
 def _convert(module, examples, precision):
