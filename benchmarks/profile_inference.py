@@ -202,7 +202,9 @@ def main():
     ap.add_argument("--diffusion", choices=["default", "on", "off"], default="default",
                     help="sample the U-Net (on), decode the input's latent (off), or each model's default path")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
-    ap.add_argument("--runtime", choices=["auto", "torch", "openvino", "openvino-bf16"], default="auto",
+    from medldm.models.runtime import RUNTIMES  # no torch: cheap in the parent process
+
+    ap.add_argument("--runtime", choices=RUNTIMES, default="auto",
                     help="what runs the networks (Reconstructor's runtime, medldm.models.runtime)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--child", help=argparse.SUPPRESS)

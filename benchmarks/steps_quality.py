@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from medldm.evaluation import metrics as M  # noqa: E402
 from medldm.evaluation.cases import make_cases  # noqa: E402
 from medldm.evaluation.run import validation_volumes  # noqa: E402
+from medldm.models.runtime import RUNTIMES  # noqa: E402
 from medldm.sampling.reconstructor import Reconstructor  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 10, 20])
     ap.add_argument("--crop", default="128,128,16")
     ap.add_argument("--datalist", default=str(ROOT / "data" / "datalist.json"))
-    ap.add_argument("--runtime", default="torch", help="what runs the networks (medldm.models.runtime; the "
+    ap.add_argument("--runtime", default="torch", choices=RUNTIMES, help="what runs the networks (medldm.models.runtime; the "
                     "evaluation's crops are too small for auto to convert: name openvino or openvino-bf16 to see them)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)

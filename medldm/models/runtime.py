@@ -128,7 +128,7 @@ class LazyOpenVino:
 
 class OpenVinoNetwork:
     """``module`` converted to an OpenVINO model with dynamic batch and plane size, called like the module on
-    float32 CPU tensors (integer inputs, the U-Net's timesteps, are passed as float32). Conversion traces the
+    float32 CPU tensors (any input is passed as float32). Conversion traces the
     module on small ``examples`` (~3 s for the refiner); the trace keeps no shape-dependent branch, which holds for
     MONAI's networks on planes that are multiples of 16, as medldm pads them (``slicewise.pad_to_multiple``). With
     ``cache_dir`` the converted model is kept there under a digest of the weights, the example inputs' channels and

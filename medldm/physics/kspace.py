@@ -281,6 +281,10 @@ class CartesianUndersampling(Operator):
             return x.clone()
         if self._diagonal_in_kspace():
             return self._dc_without_phase(x, y, w)
+        return self._iterative_dc(x, y, w)
+
+    def _iterative_dc(self, x: torch.Tensor, y: torch.Tensor, w: float | None) -> torch.Tensor:
+        """The hard projection (``w`` None) by CGLS or the soft step (``w`` > 0) by CG, on ``A`` and ``adjoint``."""
         if w is None:
             return x + cgls(self.A, self.adjoint, y - self.A(x), like=x, iters=self.dc_iters)
         rhs = x + w * self.adjoint(y)

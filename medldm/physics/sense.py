@@ -147,14 +147,11 @@ class MultiCoilCartesian(CartesianUndersampling):
         return False  # the coil maps (and phase) couple frequencies: CG / CGLS
 
     def data_consistency(self, x: torch.Tensor, y: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-        """As :class:`CartesianUndersampling`'s (same solvers, run in hybrid space); a hard request is the soft step
-        ``projection_weight`` when set."""
-        check_image(x)
-        w = self.projection_weight if weight is None else float(weight)
-        if w is not None and w < 0:
-            raise ConfigError(f"data-consistency weight must be >= 0, got {w}")
-        if w == 0:
-            return x.clone()
+        """As :class:`CartesianUndersampling`'s; a hard request is the soft step ``projection_weight`` when set."""
+        return super().data_consistency(x, y, self.projection_weight if weight is None else weight)
+
+    def _iterative_dc(self, x: torch.Tensor, y: torch.Tensor, w: float | None) -> torch.Tensor:
+        """The same solvers as :class:`CartesianUndersampling`'s, run in hybrid space."""
         given = x.dtype
         x = x if given in (torch.float32, torch.float64) else x.float()  # no half-precision FFTs on the CPU
         hybrid = self._hybrid(x)

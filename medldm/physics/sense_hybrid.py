@@ -57,11 +57,12 @@ class HybridSense:
         self.z_block = max(1, CHUNK_ELEMENTS // (x * c * y))  # whole slices at a time, or
         self.x_block = x if self.z_block > 1 else max(1, CHUNK_ELEMENTS // (c * y))  # lines of one slice
         self._measured: tuple | None = None
+        self._adjoint: tuple | None = None  # (the hybrid measurement, Re(A^H y)) of the last call
 
     def __getstate__(self) -> dict:
         # the kept measurement holds a weak reference (unpicklable) and is only a cache: operators travel to and
         # from DataLoader workers
-        return {**self.__dict__, "_measured": None}
+        return {**self.__dict__, "_measured": None, "_adjoint": None}
 
     def _blocks(self, z: int):
         """(index into the slices and lines, maps there) for blocks of about CHUNK_ELEMENTS coil samples."""
@@ -114,13 +115,11 @@ class HybridSense:
         return yh
 
     def measured_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """Re(A^H y), hybrid layout: every soft step's right-hand side needs it; kept with the measurement."""
+        """Re(A^H y), hybrid layout: every soft step's right-hand side needs it; kept for the last measurement."""
         yh = self.measurement(y)
-        if self._measured is not None and self._measured[2] is yh:
-            if len(self._measured) == 3:
-                self._measured = (*self._measured, self.adjoint(yh).real.contiguous())  # not a view of the complex
-            return self._measured[3]
-        return self.adjoint(yh).real
+        if self._adjoint is None or self._adjoint[0] is not yh:
+            self._adjoint = (yh, self.adjoint(yh).real.contiguous())  # not a view keeping the complex alive
+        return self._adjoint[1]
 
     def soft_step(self, x: torch.Tensor, y: torch.Tensor, w: float, iters: int) -> torch.Tensor:
         """argmin_z ||z - x||^2 + w ||A z - y||^2 among real images, by CG from x (``x`` in the caller's layout)."""

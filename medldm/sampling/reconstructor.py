@@ -226,8 +226,9 @@ class Reconstructor:
                             constant=slices.shape[0] - planes)
 
     def _networks(self, slices: torch.Tensor, planes: int, samples: int, refine: bool) -> Networks:
-        """What runs the networks: the modules themselves, or their OpenVINO conversions (made once per plan) where
-        ``runtime`` asks for them and, for "auto", the volume pays for converting."""
+        """What runs the networks: the modules themselves, or their OpenVINO conversions where ``runtime`` asks for
+        them and, for "auto", the volume pays for converting (each made at its first call, once per plan: a
+        network this call does not use is never converted)."""
         bundle = self.bundle
         if bundle.spatial_dims != 2:
             if self.runtime.startswith("openvino"):
@@ -236,7 +237,7 @@ class Reconstructor:
         plane = math.prod(pad_to_multiple(slices[:1])[0].shape[-2:])
         cascades = bundle.refiner_cascades if refine and bundle.refiner is not None else 1
         plan = openvino_plan(self.runtime, self.device, planes * plane * samples * cascades)
-        if plan is None or (plan[0] == "refiner" and not (refine and bundle.refiner is not None)):
+        if plan is None:
             return torch_networks(bundle)
         if plan not in self._converted:
             in_channels = 1 + len(guide_parts(bundle.refiner_guide))
