@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """Converted networks go to a folder of this run, never the user's ~/.cache (tests that need their own set
+    MEDLDM_CACHE_DIR again); so a test run also starts from an empty cache, as CI's clean machine does."""
+    saved = os.environ.get("MEDLDM_CACHE_DIR")
+    os.environ["MEDLDM_CACHE_DIR"] = str(tmp_path_factory.mktemp("medldm-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MEDLDM_CACHE_DIR", None)
+    else:
+        os.environ["MEDLDM_CACHE_DIR"] = saved
+
+
 def phantom(shape=(40, 40, 24), seed=0) -> np.ndarray:
     """Smooth head-like phantom in [0, 1]: an ellipsoid with a few inner blobs of other intensities."""
     rng = np.random.default_rng(seed)

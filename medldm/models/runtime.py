@@ -150,6 +150,7 @@ class OpenVinoNetwork:
             _write_cached(model, path)
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # what torch was told to use
+        _keep_tbb_alive(config["INFERENCE_NUM_THREADS"])
         self._compiled = ov.Core().compile_model(model, "CPU", config)
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
@@ -162,6 +163,34 @@ class OpenVinoNetwork:
         """Free the intermediate buffers OpenVINO keeps for the next call (the four networks of mr-recon kept ~1 GiB
         at 16 slices of 181 x 217); a later call allocates them again."""
         self._compiled.release_memory()
+
+
+def _keep_tbb_alive(threads: int) -> None:
+    """Hold one tiny compiled model for the rest of the process, never released.
+
+    Why: OpenVINO runs on TBB, and when the last compiled model of a process is released TBB tears its thread pool
+    and hwloc topology down from one of its own threads. That teardown raced with process exit (and with the next
+    compilation) and corrupted the C heap: the test process died in a segfault after all tests passed (4 of 5
+    suite runs, CI included), and glibc's checking allocator (``GLIBC_TUNABLES=glibc.malloc.check=3`` with
+    libc_malloc_debug preloaded) caught ``free(): invalid next size`` in hwloc_topology_destroy in 3 of 16 runs of
+    a script that compiled and ran one small network; with such a model kept alive, 0 of 12 (also 0 of 12 with
+    networks compiled and released five times over). The kept model is one ReLU on one float."""
+    if _TBB_KEEPALIVE:
+        return
+    import ctypes
+
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1], np.float32)
+    compiled = ov.Core().compile_model(ov.Model([ops.relu(x)], [x]), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    compiled(np.zeros(1, np.float32))
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(compiled))  # not even interpreter shutdown releases it
+    _TBB_KEEPALIVE.append(compiled)
+
+
+_TBB_KEEPALIVE: list = []
 
 
 def cache_dir() -> Path:
