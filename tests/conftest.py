@@ -65,5 +65,7 @@ def pytest_collection_modifyitems(config, items):
     """The OpenVINO tests run last. Once OpenVINO's CPU plugin has run in this process, a later test that forks
     DataLoader workers (tests/training/test_refiner.py's worker test) crashed the whole test process with a
     segfault (2026-12-07; not reproduced in a small script, and medldm itself never forks after running OpenVINO:
-    training does not use it, and joblib's workers start fresh interpreters)."""
+    training does not use it, and joblib's workers start fresh interpreters). Since 2026-12-08 the tests that
+    compile networks run in a child interpreter (tests/models/test_runtime.py says why); the ones left here only
+    ask OpenVINO what the CPU has."""
     items.sort(key=lambda item: item.path.name == "test_runtime.py")  # stable: the rest keep their order
