@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 
 from medldm.errors import InputError
+
+
+class KeptForLastMeasurement:
+    """What an operator derives from a measurement ``y``, kept for the last ``y`` it saw (POCS and the refiner's
+    cascades ask dozens of times with the same one), recognised by identity and version counter: edits behind
+    torch's back (``.data``, a shared numpy array) go unseen, so replace y instead. An inference-mode tensor keeps
+    no version counter and is not kept. Not pickled (a weak reference): operators travel to DataLoader workers."""
+
+    def __init__(self):
+        self._kept: tuple | None = None
+
+    def get(self, y: torch.Tensor, key: tuple, compute: Callable[[], object]):
+        """``compute()``, or what it gave for this same ``y`` and ``key`` last time."""
+        try:
+            key = (y._version, *key)
+        except RuntimeError:
+            return compute()
+        if self._kept is None or self._kept[0]() is not y or self._kept[1] != key:
+            self._kept = (weakref.ref(y), key, compute())
+        return self._kept[2]
+
+    def __getstate__(self) -> dict:
+        return {"_kept": None}
 
 
 def check_image(x: torch.Tensor, ndims: tuple[int, ...] = (4, 5), what: str = "image") -> torch.Tensor:

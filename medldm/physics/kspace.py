@@ -15,7 +15,6 @@ averaged where both were measured: two FFTs), with phase by CGLS.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from medldm.errors import ConfigError, InputError
-from medldm.physics._common import cg, cgls, check_image, noise_generator, randn
+from medldm.physics._common import KeptForLastMeasurement, cg, cgls, check_image, noise_generator, randn
 from medldm.physics.base import Operator, RandomOperator
 from medldm.physics.fft import fftnc, hermitian_part, ifftnc, mirror_frequencies, uncentre
 
@@ -290,12 +289,6 @@ class CartesianUndersampling(Operator):
         rhs = x + w * self.adjoint(y)
         return cg(lambda v: v + w * self.adjoint(self.A(v)), rhs, x, iters=self.dc_iters)
 
-    def __getstate__(self) -> dict:
-        # the kept spectrum holds a weak reference (unpicklable) and is only a cache: workers rebuild it
-        state = dict(self.__dict__)
-        state["_cache"] = {k: v for k, v in self._cache.items() if k != "measured"}
-        return state
-
     def _diagonal_in_kspace(self) -> bool:
         """Whether A^H A is diagonal in a real image's spectrum: one coil and no phase (coil maps say no)."""
         return self.phase_coeffs is None
@@ -321,16 +314,12 @@ class CartesianUndersampling(Operator):
     def _measured_half_spectrum(self, x: torch.Tensor, y: torch.Tensor, dims, m) -> tuple[torch.Tensor, torch.Tensor]:
         """(y averaged over each frequency and its Hermitian mirror where measured, D) on the phase-encode axes'
         half spectrum in torch's rfftn layout (uncentred: the centring becomes a phase ramp), readout in image
-        space. Kept for the last ``y`` (POCS projects onto it dozens of times) by identity and version counter:
-        edits behind torch's back (``.data``, a shared numpy array) go unseen, so replace y instead."""
+        space; kept for the last ``y`` (``KeptForLastMeasurement``)."""
+        return self._cache.setdefault("measured", KeptForLastMeasurement()).get(
+            y, (tuple(x.shape), x.dtype, x.device), lambda: self._half_spectrum(x, y, dims, m))
+
+    def _half_spectrum(self, x: torch.Tensor, y: torch.Tensor, dims, m) -> tuple[torch.Tensor, torch.Tensor]:
         encode = dims[1:]
-        try:
-            key = (y._version, tuple(x.shape), x.dtype, x.device)
-        except RuntimeError:  # an inference-mode tensor keeps no version counter: not cached
-            key = None
-        cached = self._cache.get("measured")
-        if key is not None and cached is not None and cached[0]() is y and cached[1] == key:
-            return cached[2]
         complex_dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
         y_h = ifftnc(y.to(complex_dtype), dims[:1])
         d = (m + mirror_frequencies(m, encode)) / 2
@@ -338,10 +327,7 @@ class CartesianUndersampling(Operator):
         avg, d = uncentre(avg, encode), torch.fft.ifftshift(d, dim=encode).to(x.dtype)  # D is real and symmetric
         half = [slice(None)] * x.ndim
         half[encode[-1]] = slice(0, x.shape[encode[-1]] // 2 + 1)
-        out = (avg[tuple(half)].contiguous(), d[tuple(half)].contiguous())
-        if key is not None:
-            self._cache["measured"] = (weakref.ref(y), key, out)
-        return out
+        return avg[tuple(half)].contiguous(), d[tuple(half)].contiguous()
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"operator": "CartesianUndersampling", "mode": self.mode, "sigma": self.sigma,

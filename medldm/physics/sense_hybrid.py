@@ -13,12 +13,10 @@ that fit the CPU's cache. The solutions are those of the generic CG / CGLS on ``
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from medldm.errors import InputError
-from medldm.physics._common import cg, cgls
+from medldm.physics._common import KeptForLastMeasurement, cg, cgls
 from medldm.physics.fft import ifftnc
 
 # coil-sized complex temporaries per block of lines (2 MiB in complex64). On a fastMRI-sized volume (16 coils, 320^2)
@@ -56,13 +54,11 @@ class HybridSense:
         _, _, x, c, y = self.maps.shape
         self.z_block = max(1, CHUNK_ELEMENTS // (x * c * y))  # whole slices at a time, or
         self.x_block = x if self.z_block > 1 else max(1, CHUNK_ELEMENTS // (c * y))  # lines of one slice
-        self._measured: tuple | None = None
+        self._measured = KeptForLastMeasurement()
         self._adjoint: tuple | None = None  # (the hybrid measurement, Re(A^H y)) of the last call
 
     def __getstate__(self) -> dict:
-        # the kept measurement holds a weak reference (unpicklable) and is only a cache: operators travel to and
-        # from DataLoader workers
-        return {**self.__dict__, "_measured": None, "_adjoint": None}
+        return {**self.__dict__, "_adjoint": None}  # a cache of two volumes: workers rebuild it
 
     def _blocks(self, z: int):
         """(index into the slices and lines, maps there) for blocks of about CHUNK_ELEMENTS coil samples."""
@@ -98,21 +94,12 @@ class HybridSense:
         return out
 
     def measurement(self, y: torch.Tensor) -> torch.Tensor:
-        """y (B, C, X, Y[, Z]) in hybrid space, masked. Kept for the last ``y`` (POCS asks dozens of times) by
-        identity and version counter, as ``CartesianUndersampling`` keeps its spectrum."""
-        try:
-            key = (y._version, tuple(y.shape), y.dtype)
-        except RuntimeError:  # an inference-mode tensor keeps no version counter: not kept
-            key = None
-        if key is not None and self._measured is not None and self._measured[0]() is y and self._measured[1] == key:
-            return self._measured[2]
+        """y (B, C, X, Y[, Z]) in hybrid space, masked; kept for the last ``y`` (``KeptForLastMeasurement``)."""
         if y.ndim not in (4, 5) or y.shape[1] != self.maps.shape[3]:
             raise InputError(None, f"k-space of shape {tuple(y.shape)} does not fit {self.maps.shape[3]} coil maps "
                                    "(B, coils, X, Y[, Z])")
-        yh = to_hybrid(ifftnc(y.to(device=self.maps.device, dtype=self.maps.dtype), (2,))) * self.mask
-        if key is not None:
-            self._measured = (weakref.ref(y), key, yh)
-        return yh
+        return self._measured.get(y, (tuple(y.shape), y.dtype), lambda: to_hybrid(
+            ifftnc(y.to(device=self.maps.device, dtype=self.maps.dtype), (2,))) * self.mask)
 
     def measured_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Re(A^H y), hybrid layout: every soft step's right-hand side needs it; kept for the last measurement."""
