@@ -170,11 +170,13 @@ def _keep_tbb_alive(threads: int) -> None:
 
     Why: OpenVINO runs on TBB, and when the last compiled model of a process is released TBB tears its thread pool
     and hwloc topology down from one of its own threads. That teardown raced with process exit (and with the next
-    compilation) and corrupted the C heap: the test process died in a segfault after all tests passed (4 of 5
-    suite runs, CI included), and glibc's checking allocator (``GLIBC_TUNABLES=glibc.malloc.check=3`` with
+    compilation) and corrupted the C heap: the test process died in a segfault after all tests passed (3 of 4
+    suite runs here, and CI), and glibc's checking allocator (``GLIBC_TUNABLES=glibc.malloc.check=3`` with
     libc_malloc_debug preloaded) caught ``free(): invalid next size`` in hwloc_topology_destroy in 3 of 16 runs of
     a script that compiled and ran one small network; with such a model kept alive, 0 of 12 (also 0 of 12 with
-    networks compiled and released five times over). The kept model is one ReLU on one float."""
+    networks compiled and released five times over). The long test process still crashed once in 2 runs with it,
+    so the tests that compile run in a child interpreter (tests/models/test_runtime.py). The kept model is one ReLU
+    on one float."""
     if _TBB_KEEPALIVE:
         return
     import ctypes
