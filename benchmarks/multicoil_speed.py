@@ -2,14 +2,15 @@
 
 The repository's real head (data/mr/itk_t1_brain.nii.gz, as ``profile_inference.py`` makes it) becomes --coils-coil
 k-space with a smooth phase, an equispaced --acceleration mask with fastMRI's centre fraction, then is read back
-as a file would be (maps estimated from the centre lines, soft data consistency). Printed, same process, same
-inputs: CG-SENSE (the naive inverse), one soft data-consistency step and the 32 rounds of ``consistent_nonnegative``
-(every multi-coil reconstruction ends with them), each by the generic CG / CGLS on the operator's ``A`` and
-``adjoint`` (what ran before the hybrid-space solvers) and by ``MultiCoilCartesian`` itself, with the largest
-difference; then, unless --no-model, the whole default mr-recon reconstruction with its stages.
+as a file would be (maps estimated from the centre lines and fitted ``--map-fit-rounds`` times, timed; soft data
+consistency). Printed, same process, same inputs: CG-SENSE (the naive inverse), one soft data-consistency step and
+the 32 rounds of ``consistent_nonnegative`` (every multi-coil reconstruction ends with them), each by the generic
+CG / CGLS on the operator's ``A`` and ``adjoint`` (what ran before the hybrid-space solvers) and by
+``MultiCoilCartesian`` itself, with the largest difference; then, unless --no-model, the whole default mr-recon
+reconstruction with its stages.
 
     python benchmarks/multicoil_speed.py [--size 320x320x16] [--coils 16] [--acceleration 4] [--no-model]
-        [--no-solvers] [--oversampled-file]
+        [--no-solvers] [--oversampled-file] [--map-fit-rounds N]
 
 ``--oversampled-file`` instead writes the k-space of the head padded to twice the readout as a fastMRI file whose
 header keeps the central --size (fastMRI brain: 640 encoded, 320 reconstructed) and reconstructs it twice: as read
@@ -135,16 +136,19 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="time the solvers only")
     ap.add_argument("--no-solvers", action="store_true", help="time the reconstruction only (its peak RSS alone)")
     ap.add_argument("--oversampled-file", action="store_true", help="time a file whose readout is oversampled")
+    ap.add_argument("--map-fit-rounds", type=int, default=None, help="map fits after direct calibration (default: "
+                    "the library's; 0: direct calibration alone)")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.size.split("x"))
     truth = P.test_volume("MR", shape)
     if args.oversampled_file:
         return oversampled_file(truth, args.coils, args.acceleration)
-    m = as_measured(simulate(truth, "recon", 0, operator="MultiCoilCartesian", coils=args.coils, phase=True,
-                             accelerations=[args.acceleration], center_fractions=[CENTRE[args.acceleration]],
-                             mask_type="equispaced"))
+    sim = simulate(truth, "recon", 0, operator="MultiCoilCartesian", coils=args.coils, phase=True,
+                   accelerations=[args.acceleration], center_fractions=[CENTRE[args.acceleration]], mask_type="equispaced")
+    m, t_maps = timed(as_measured, sim, args.map_fit_rounds)
     op, y = m.operator, m.y
-    print(f"{args.size}, {args.coils} coils, {args.acceleration}x, {torch.get_num_threads()} threads\n")
+    print(f"{args.size}, {args.coils} coils, {args.acceleration}x, {torch.get_num_threads()} threads; read as a file "
+          f"(maps: {op.maps_recipe['coil_maps']}) in {t_maps:.1f} s\n")
     if not args.no_solvers:
         solver_table(op, y)
     if args.no_model:

@@ -4,7 +4,7 @@
     python pipelines/write_model_cards.py --rows outputs/fid-mr-recon   # take a later evaluation's rows
     python pipelines/write_model_cards.py --readme-table     # the README's results table, printed
     python pipelines/write_model_cards.py --speed PROFILE.json ...   # whole-volume seconds into the cards
-    python pipelines/write_model_cards.py --multicoil ROWS.json      # benchmarks/multicoil_recon.py --json rows
+    python pipelines/write_model_cards.py --multicoil ROWS.json ...  # benchmarks/multicoil_recon.py --json rows
 
 Each shipped folder keeps the rows its card was written from (evaluation.json). `--rows DIR` replaces them,
 whole, by a later `medldm evaluate --out DIR` run's DIR/<name>.json for the models DIR has rows for (say, one
@@ -53,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--speed", nargs="*", type=Path, default=[],
                     help="`benchmarks/profile_inference.py --json` files: each model's rows (one per number of "
                          "samples, later files win) are kept as its speed.json and stated in its card.")
-    ap.add_argument("--multicoil", type=Path, default=None,
+    ap.add_argument("--multicoil", type=Path, nargs="+", default=None,
                     help="A `benchmarks/multicoil_recon.py --json` file: the rows of each model it ran (with the "
                          "baselines') are kept as that model's multicoil.json and shown in its card.")
     ap.add_argument("--readme-table", action="store_true", help="Only print the README's results table (stored "
@@ -114,10 +114,14 @@ def given_speed(name: str, files: list[Path]) -> list[dict] | None:
     return [by_samples[k] for k in sorted(by_samples)] or None
 
 
-def given_multicoil(name: str, path: Path | None) -> dict | None:
-    """A ``benchmarks/multicoil_recon.py --json`` file narrowed to ``name``'s rows and the baselines' (model "-");
-    None when ``name`` has no rows there."""
-    mc = json.loads(path.read_text()) if path else {"rows": []}
+def given_multicoil(name: str, paths: list[Path] | None) -> dict | None:
+    """``benchmarks/multicoil_recon.py --json`` files (e.g. without and with noise) as one, narrowed to ``name``'s
+    rows and the baselines' (model "-"); None when ``name`` has no rows there."""
+    runs = [json.loads(p.read_text()) for p in paths or []]
+    mc = {"rows": [r for run in runs for r in run["rows"]]}
+    if runs:
+        mc.update(command=" && ".join(run["command"] for run in runs), measured=max(run["measured"] for run in runs),
+                  slices=runs[0]["slices"])
     if not any(r["model"] == name for r in mc["rows"]):
         return None
     return {**mc, "rows": [r for r in mc["rows"] if r["model"] in (name, "-")]}

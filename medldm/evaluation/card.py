@@ -240,8 +240,10 @@ def multicoil_section(multicoil: dict | None) -> str:
 ## Multi-coil k-space
 The held-out volumes' {multicoil['slices']} middle slices at their full plane made into multi-coil k-space (birdcage
 coil maps, a smooth random image phase, equispaced masks with fastMRI's centre fractions), then read as a file
-is: coil maps and phase estimated from the centre lines (measured {multicoil['measured']}, seconds on 2 CPU cores). A case
-that is missing was refused when read (too few centre lines to estimate coil maps from).
+is: coil maps and phase estimated from the centre lines, then fitted to every measured line (`medldm.physics.coils`;
+measured {multicoil['measured']}, seconds on 2 CPU cores). Cases ending in `-noiseF` add complex Gaussian noise of std F
+times the slab's 99.5th percentile to every measured sample; the others are noise-free. A case that is missing was
+refused when read (too few centre lines to estimate coil maps from).
 
 | case | method | PSNR | SSIM | seconds |
 |---|---|---|---|---|

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medldm.errors import InputError
+from medldm.errors import ConfigError, InputError
 from medldm.io.volume import Volume, reorient, to_ras
 from medldm.physics.base import Operator
 
@@ -101,14 +101,17 @@ def from_image(volume: Volume, task: str, *, factor: int | None = None, axis: in
 
 
 def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray | None = None, modality: str = "MR",
-                source=None) -> Measurement:
+                source=None, map_fit_rounds: int | None = None) -> Measurement:
     """Measured k-space, fastMRI layout: single-coil [slices, H, W] or multi-coil [slices, coils, H, W] (H the
     readout, W the phase encode) -> a measurement on the (H, W, slices) image grid.
 
     The image of measured k-space is complex. Its phase and (multi-coil) the coil sensitivities are estimated
     slice by slice from the fully sampled centre lines (``medldm.physics.coils``) and folded into the
-    operator's maps, so the networks see the magnitude and data consistency stays exact among real images."""
-    from medldm.physics.coils import calibration_lines, estimate_volume_maps
+    operator's maps, so the networks see the magnitude and data consistency stays exact among real images. With
+    coils, the maps are then fitted to every measured line ``map_fit_rounds`` times (default
+    ``coils.MAP_FIT_ROUNDS``; 0: direct calibration alone)."""
+    from medldm.physics.coils import (MAP_FIT_BASIS, MAP_FIT_ROUNDS, calibration_lines, estimate_volume_maps,
+                                      refine_maps)
     from medldm.physics.sense import MultiCoilCartesian
 
     k = np.asarray(kspace)
@@ -129,25 +132,37 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
                                  f"width W={k.shape[-1]}")
     y = torch.from_numpy(np.ascontiguousarray(k.transpose(1, 2, 3, 0))).to(torch.complex64)[None]
     y = y * torch.as_tensor(mask, dtype=torch.float32)[:, None]  # (1, coils, H, W, slices)
-    maps = estimate_volume_maps(y[0].numpy(), mask, source)
+    maps = torch.from_numpy(estimate_volume_maps(y[0].numpy(), mask, source))
     acs = calibration_lines(mask)
     recipe = {"coil_maps": "direct calibration" if k.shape[1] > 1 else "none (one coil)",
               "phase": "low-resolution image of the calibration lines", "calibration_lines": acs.stop - acs.start}
-    # estimated maps: soft steps instead of projections (MultiCoilCartesian has the figures); CG on the soft
-    # step's well-conditioned system (eigenvalues in [1, 2]) needs few iterations
-    op = MultiCoilCartesian(maps=torch.from_numpy(maps), mask=mask, maps_recipe=recipe, projection_weight=1.0,
-                            dc_iters=10)
+
+    def operator(maps: torch.Tensor) -> MultiCoilCartesian:
+        # estimated maps: soft steps instead of projections (MultiCoilCartesian has the figures); CG on the soft
+        # step's well-conditioned system (eigenvalues in [1, 2]) needs few iterations
+        return MultiCoilCartesian(maps=maps, mask=mask, maps_recipe=recipe, projection_weight=1.0, dc_iters=10)
+
+    rounds = MAP_FIT_ROUNDS if map_fit_rounds is None else int(map_fit_rounds)
+    if rounds < 0:
+        raise ConfigError(f"map_fit_rounds must be >= 0, got {map_fit_rounds}")
+    if k.shape[1] > 1 and rounds:  # one coil keeps its low-resolution phase (|S| = 1: no map to fit)
+        maps = refine_maps(y, mask, maps, operator, rounds)
+        recipe.update(coil_maps=f"direct calibration, then {rounds} round(s) fitted to the measured lines "
+                                f"given a TV-POCS image ({MAP_FIT_BASIS}x{MAP_FIT_BASIS} coefficients per map)",
+                      phase="folded into the fitted maps")
+    op = operator(maps)
     meta = {"acceleration": float(mask.size / mask.sum()), "measured_kspace": True, "coils": int(k.shape[1]),
             "source": None if source is None else str(source)}
     return Measurement(y, op, np.eye(4) if affine is None else affine, modality, meta)
 
 
-def as_measured(m: Measurement) -> Measurement:
+def as_measured(m: Measurement, map_fit_rounds: int | None = None) -> Measurement:
     """A simulated k-space measurement as a file of it would come: the coil maps and image phase the simulation
     knew are forgotten and estimated from the data (``from_kspace``); meta and orientation are kept."""
     op = m.operator
     y = m.y[0]  # (coils, H, W, slices)
-    out = from_kspace(y.permute(3, 0, 1, 2).numpy(), op.mask_for((y.shape[2],)), m.affine, m.modality)
+    out = from_kspace(y.permute(3, 0, 1, 2).numpy(), op.mask_for((y.shape[2],)), m.affine, m.modality,
+                      map_fit_rounds=map_fit_rounds)
     out.meta = {**m.meta, **{k: v for k, v in out.meta.items() if k != "source"}}
     out.orientation = m.orientation
     return out
@@ -212,9 +227,10 @@ def from_sinogram_file(path) -> Measurement:
                          image_size=geo["image_size"], I0=geo["I0"], source=path)
 
 
-def from_kspace_file(path) -> Measurement:
+def from_kspace_file(path, map_fit_rounds: int | None = None) -> Measurement:
     """A k-space .h5 (fastMRI single- or multi-coil, or ISMRMRD raw data) -> its measurement on the (H, W, slices)
-    grid and spacing the header gives; ``meta["recon_matrix"]``: the header's reconstruction size, if any."""
+    grid and spacing the header gives; ``meta["recon_matrix"]``: the header's reconstruction size, if any.
+    ``map_fit_rounds``: as :func:`from_kspace`'s."""
     from medldm.io.fastmri_h5 import kspace_spacing, read_kspace_h5, recon_matrix
 
     kspace, mask, attrs = read_kspace_h5(path)
@@ -224,7 +240,7 @@ def from_kspace_file(path) -> Measurement:
     if cropped:
         kspace = crop_readout(kspace, keep[0])
         affine[:3, 3] += affine[:3, :3] @ np.array([(encoded - keep[0]) // 2, 0.0, 0.0])
-    m = from_kspace(kspace, mask, affine, "MR", source=path)
+    m = from_kspace(kspace, mask, affine, "MR", source=path, map_fit_rounds=map_fit_rounds)
     m.meta["recon_matrix"] = keep
     if cropped:
         m.meta["readout_cropped_from"] = int(encoded)

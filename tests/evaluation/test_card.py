@@ -137,12 +137,19 @@ def test_the_multicoil_section_shows_the_models_and_the_baselines_rows_only(tmp_
     path = tmp_path / "mc.json"
     path.write_text(json.dumps({"command": "python benchmarks/multicoil_recon.py", "measured": "2026-12-07",
                                 "slices": 8, "rows": rows}))
+    noisy = tmp_path / "mc-noise.json"  # a second run (with noise) joins the first: rows, commands, latest day
+    noisy.write_text(json.dumps({"command": "python benchmarks/multicoil_recon.py --noise 0.005",
+                                 "measured": "2026-12-08", "slices": 8, "rows": [{**r, "case": "slab/8coil-4x-noise0.005"} for r in rows]}))
     given = load_script("pipelines", "write_model_cards").given_multicoil
-    mine = given("mr-recon", path)
+    mine = given("mr-recon", [path])
     assert [r["method"] for r in mine["rows"]] == ["CG-SENSE", "medldm (default)"]
-    assert given("mr-sr", path) is None and given("mr-recon", None) is None
+    assert given("mr-sr", [path]) is None and given("mr-recon", None) is None
     text = multicoil_section(mine)
     assert "| slab/8coil-4x | CG-SENSE | 31.00 | 0.900 | 8 |" in text
     assert "| slab/8coil-4x | medldm (default) | 34.20 | 0.900 | 8 |" in text and "99.00" not in text
     assert "8 middle slices" in text and "Reproduce: `python benchmarks/multicoil_recon.py`" in text
+    both = given("mr-recon", [path, noisy])
+    assert [r["case"] for r in both["rows"]] == ["slab/8coil-4x"] * 2 + ["slab/8coil-4x-noise0.005"] * 2
+    assert both["measured"] == "2026-12-08" and both["command"] == ("python benchmarks/multicoil_recon.py && python "
+                                                                     "benchmarks/multicoil_recon.py --noise 0.005")
     assert multicoil_section(None) == ""

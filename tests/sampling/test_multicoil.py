@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from medldm.errors import InputError
+from medldm.errors import ConfigError, InputError
 from medldm.io.volume import Volume
+from medldm.physics.coils import MAP_FIT_ROUNDS
 from medldm.physics.fft import fftnc
 from medldm.physics.kspace import phase_map
 from medldm.sampling.measurement import as_measured, from_kspace, from_kspace_file, simulate
@@ -65,9 +66,28 @@ def test_multicoil_reconstruction_end_to_end(models, tmp_path):
     # DC in the multi-coil model (estimated maps of a 24 x 20 phantom leave a floor: it halves the residual)
     assert res.residual < 0.6 * models["recon"](m, steps=1, dc=False).residual
     assert res.provenance["operator"]["coils"] == 3
-    assert res.provenance["operator"]["maps_recipe"]["coil_maps"] == "direct calibration"
+    assert "fitted to the measured lines" in res.provenance["operator"]["maps_recipe"]["coil_maps"]
+    direct = from_kspace_file(tmp_path / "mc.h5", map_fit_rounds=0).operator
+    assert direct.maps_recipe["coil_maps"] == "direct calibration"
     again = models["recon"](tmp_path / "mc.h5", steps=1)  # a path works as well as a measurement
     np.testing.assert_allclose(again.volume.array, res.volume.array, atol=1e-5)
+
+
+def test_map_fit_rounds():
+    truth = Volume(phantom((24, 20, 3))[None].astype(np.float32), np.eye(4), "MR")
+    m0 = simulate(truth, "recon", 1, operator="MultiCoilCartesian", coils=3, accelerations=[2],
+                  center_fractions=[0.3], mask_type="equispaced", phase=True)
+    direct = as_measured(m0, map_fit_rounds=0).operator
+    assert direct.maps_recipe["coil_maps"] == "direct calibration"
+    fitted = as_measured(m0).operator
+    assert fitted.maps_recipe["coil_maps"].startswith(f"direct calibration, then {MAP_FIT_ROUNDS} round(s) fitted")
+    assert not torch.equal(fitted._maps, direct._maps)
+    assert fitted.params()["maps_sha256"] != direct.params()["maps_sha256"]  # provenance tells them apart
+    with pytest.raises(ConfigError, match="map_fit_rounds"):
+        as_measured(m0, map_fit_rounds=-1)
+    k = m0.y[0, :1].permute(3, 0, 1, 2).numpy()  # one coil: the phase alone, nothing fitted
+    one = from_kspace(k, np.asarray(m0.operator.mask_for((20,))))
+    assert one.operator.maps_recipe["coil_maps"] == "none (one coil)"
 
 
 def test_recon_matrix_crops_the_output(models):
@@ -104,10 +124,13 @@ def test_an_image_given_to_a_recon_model_says_where_kspace_goes(models):
         models["recon"](image, steps=1)
 
 
-def test_an_oversampled_readout_is_cropped_before_reconstruction(models, tmp_path):
+def test_an_oversampled_readout_is_cropped_before_reconstruction(models, tmp_path, monkeypatch):
     # a fastMRI header asks for the central half of the readout: the file's k-space becomes that of the kept rows
-    # (exact: the readout is fully sampled), so everything runs on half the plane and the output grid is unchanged
+    # (exact: the readout is fully sampled), so everything runs on half the plane and the output grid is unchanged.
+    # Exact for the maps of direct calibration; fitted maps follow a TV-POCS image, which a crop changes
     import h5py
+
+    monkeypatch.setattr("medldm.physics.coils.MAP_FIT_ROUNDS", 0)
 
     from medldm.physics.sense import MultiCoilCartesian
 
