@@ -29,8 +29,9 @@ from medldm.physics.fft import fftnc, ifftnc
 MIN_CALIB_LINES = 3  # a low-resolution image needs a few lines; fastMRI masks keep 4-8% of them
 BACKGROUND = 0.02  # below this fraction of the brightest low-resolution RSS, maps fade out (only noise there)
 # The fitted maps: a basis x basis block of centred k-space per coil and slice (maps vary over the field of view,
-# so a count of coefficients, not a width in pixels), CG iterations, a Tikhonov damping relative to an image scaled
-# to its 99.5th percentile, the central frequencies compared, the rounds and the TV-POCS image's iterations. Set on
+# so a count of coefficients, not a width in pixels), CG iterations, a Tikhonov damping towards direct calibration
+# relative to an image scaled to its 99.5th percentile, the central frequencies compared, the rounds and the TV-POCS
+# image's iterations. Set on
 # training volumes only (the MNI152 train part, a synthetic subject, the pyradiomics and volpack heads; 4 slices, 8
 # coils with phase, noise 0.5% of the 99.5th percentile, 4x / 8x equispaced; docs/results.md, 2026-12-08 (j)), PSNR
 # of TV-POCS under the maps: direct calibration 30.4 / 30.5 / 35.3 dB at 4x (MNI152, synthetic, pyradiomics), one
@@ -39,9 +40,12 @@ BACKGROUND = 0.02  # below this fraction of the brightest low-resolution RSS, ma
 # dB at 8x, at a fifth of the fit's time (64: 0.4-1.3 dB behind at 8x); a second round: -0.3..+0.2 dB at 4x and
 # +0.4..+1.2 dB at 8x in 3 of 4 cases, for one more TV-POCS (the largest cost: 132 s on a whole 8-coil head), so
 # one; 10 TV-POCS iterations instead of 30: 0.3-1.5 dB worse at 8x; CG-SENSE's image instead: 1.6-3.3 dB worse at 8x.
+# (Those with a damping of 1e-3 towards zero.) Damping towards direct calibration, 1e-2 / 1e-1: 8x 24.9 / 26.0,
+# 23.7 / 24.8, 26.1 / 27.1 dB; 4x 38.7 / 38.5, 38.9 / 38.6, 35.7 / 35.7 (the fit alone at 8x took the TV-POCS
+# image's errors into the maps).
 MAP_FIT_BASIS = 16
 MAP_FIT_ITERS = 30
-MAP_FIT_DAMPING = 1e-3
+MAP_FIT_DAMPING = 0.1
 MAP_FIT_CENTRE = 128
 MAP_FIT_ROUNDS = 1
 MAP_FIT_TV_ITERATIONS = 30
@@ -123,9 +127,9 @@ def fit_maps(kspace: torch.Tensor, mask: np.ndarray, image: torch.Tensor, start:
              centre: int | None = MAP_FIT_CENTRE) -> torch.Tensor:
     """Maps (C, X, Y, Z) that best explain the measured lines of ``kspace`` (C, X, Y, Z) given a real ``image``
     (X, Y, Z): for every coil and slice, S_c = the inverse FFT of a ``basis`` x ``basis`` block of centred
-    coefficients minimising ||M F(S_c x) - y_c||^2 + damping ||coefficients||^2 over the measured samples of the
-    central ``centre`` x ``centre`` frequencies (None: all), by CG from ``start``'s (maps of the same shape); then
-    normalised to a root sum of squares of 1 as the estimated maps are. The image's scale does not matter (the
+    coefficients minimising ||M F(S_c x) - y_c||^2 + damping ||coefficients - start's||^2 over the measured samples
+    of the central ``centre`` x ``centre`` frequencies (None: all), by CG from ``start``'s (maps of the same shape);
+    then normalised to a root sum of squares of 1 as the estimated maps are. The image's scale does not matter (the
     normalisation removes it); the object's phase stays in the maps.
 
     A frequency k of S_c x needs the image's spectrum within basis / 2 of k only (S_c's spectrum is the small
@@ -165,7 +169,8 @@ def fit_maps(kspace: torch.Tensor, mask: np.ndarray, image: torch.Tensor, start:
 
         y = kspace[..., zs][crop].to(torch.complex64) * weight
         rhs = fftnc(ifftnc(y, (1, 2)) * xz.conj(), (1, 2))[box]
-        coeffs = cg(normal, rhs, fftnc(start[..., zs].to(torch.complex64), (1, 2))[box_full] * to_grid, iters=iters)
+        first = fftnc(start[..., zs].to(torch.complex64), (1, 2))[box_full] * to_grid
+        coeffs = cg(normal, rhs + MAP_FIT_DAMPING * first, first, iters=iters)  # damped towards the start
         maps = expand(coeffs, (C, X, Y, zs.stop - zs.start), box_full)
         norm = maps.abs().pow(2).sum(0).sqrt()
         out[..., zs] = maps / torch.maximum(norm, 1e-3 * norm.amax(dim=(0, 1), keepdim=True).clamp(min=1e-30))[None]
