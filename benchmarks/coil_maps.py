@@ -5,8 +5,8 @@ fractions, as in ``benchmarks/multicoil_recon.py`` (``--noise f``: complex Gauss
 percentile). CG-SENSE and TV-POCS then run three times on the same k-space: with the maps the simulation used, with
 the maps direct calibration estimates from the centre lines, and with those maps fitted to every measured line (what
 a file gets, ``as_measured``; the simulation's operator projects exactly, a file's takes soft steps, so TV-POCS's
-true-maps column is a ceiling, not a like-for-like row). The gaps are what map estimation costs every method that uses the maps (the
-parallel-imaging baselines and medldm alike). The map error (|S_est - S_true| over coils, after the one global
+true-maps column is a ceiling, not a like-for-like row). The gaps are what map estimation costs every method that
+uses the maps (the parallel-imaging baselines and medldm alike). The map error (|S_est - S_true| over coils, after the one global
 phase per slice that no measurement fixes) is printed by distance from the phase-encode edges of the field of view,
 where the low-resolution calibration image blurs the object's border.
 
@@ -84,8 +84,8 @@ def main() -> None:
                 scores.append(f"{r['psnr']:.2f} / {r2['psnr']:.2f}")
             true = sim.operator.maps_for(sim.y.shape[2:], torch.complex64, "cpu")[0]
             signal = truth > 0.1 * truth.max()
-            errors = zip(*(map_error_by_band(m.operator._maps, true.expand_as(m.operator._maps), signal)
-                           for m in (direct, measured)))
+            estimated = [m.operator.maps_for(sim.y.shape[2:], torch.complex64, "cpu")[0] for m in (direct, measured)]
+            errors = zip(*(map_error_by_band(e, true.expand_as(e), signal) for e in estimated))
             width = sim.y.shape[3]
             centre = measured.operator.maps_recipe.get("calibration_lines")
             print(f"| {name}/{acc}x | {width} | {centre} | {scores[0]} | {scores[1]} | {scores[2]} | "

@@ -118,13 +118,11 @@ def given_multicoil(name: str, paths: list[Path] | None) -> dict | None:
     """``benchmarks/multicoil_recon.py --json`` files (e.g. without and with noise) as one, narrowed to ``name``'s
     rows and the baselines' (model "-"); None when ``name`` has no rows there."""
     runs = [json.loads(p.read_text()) for p in paths or []]
-    mc = {"rows": [r for run in runs for r in run["rows"]]}
-    if runs:
-        mc.update(command=" && ".join(run["command"] for run in runs), measured=max(run["measured"] for run in runs),
-                  slices=runs[0]["slices"])
-    if not any(r["model"] == name for r in mc["rows"]):
+    rows = [r for run in runs for r in run["rows"] if r["model"] in (name, "-")]
+    if not any(r["model"] == name for r in rows):
         return None
-    return {**mc, "rows": [r for r in mc["rows"] if r["model"] in (name, "-")]}
+    return {"command": " && ".join(run["command"] for run in runs), "measured": max(run["measured"] for run in runs),
+            "slices": runs[0]["slices"], "rows": rows}
 
 
 def _warn_of_dropped_rows(name: str, old: list[dict] | None, new: list[dict]) -> None:

@@ -28,21 +28,11 @@ from medldm.physics.fft import fftnc, ifftnc
 
 MIN_CALIB_LINES = 3  # a low-resolution image needs a few lines; fastMRI masks keep 4-8% of them
 BACKGROUND = 0.02  # below this fraction of the brightest low-resolution RSS, maps fade out (only noise there)
-# The fitted maps: a basis x basis block of centred k-space per coil and slice (maps vary over the field of view,
-# so a count of coefficients, not a width in pixels), CG iterations, a Tikhonov damping towards direct calibration
-# relative to an image scaled to its 99.5th percentile, the central frequencies compared, the rounds and the TV-POCS
-# image's iterations. Set on
-# training volumes only (the MNI152 train part, a synthetic subject, the pyradiomics and volpack heads; 4 slices, 8
-# coils with phase, noise 0.5% of the 99.5th percentile, 4x / 8x equispaced; docs/results.md, 2026-12-08 (j)), PSNR
-# of TV-POCS under the maps: direct calibration 30.4 / 30.5 / 35.3 dB at 4x (MNI152, synthetic, pyradiomics), one
-# fitted round 38.8 / 39.1 / 35.6; at 8x 21.4 / 21.5 / 26.0 -> 23.2 / 22.8 / 25.9. 16 coefficients: best or within
-# 0.15 dB of 12 and 24 in 7 of 8 cases; the central 128 frequencies: within 0.1 dB of all of them at 4x and 0.1-0.45
-# dB at 8x, at a fifth of the fit's time (64: 0.4-1.3 dB behind at 8x); a second round: -0.3..+0.2 dB at 4x and
-# +0.4..+1.2 dB at 8x in 3 of 4 cases, for one more TV-POCS (the largest cost: 132 s on a whole 8-coil head), so
-# one; 10 TV-POCS iterations instead of 30: 0.3-1.5 dB worse at 8x; CG-SENSE's image instead: 1.6-3.3 dB worse at 8x.
-# (Those with a damping of 1e-3 towards zero.) Damping towards direct calibration, 1e-2 / 1e-1: 8x 24.9 / 26.0,
-# 23.7 / 24.8, 26.1 / 27.1 dB; 4x 38.7 / 38.5, 38.9 / 38.6, 35.7 / 35.7 (the fit alone at 8x took the TV-POCS
-# image's errors into the maps).
+# The fitted maps: a basis x basis block of centred k-space coefficients per coil and slice (maps vary over the field
+# of view, so a count, not a width in pixels), CG iterations, a Tikhonov damping towards direct calibration (relative
+# to an image scaled to its 99.5th percentile; towards zero the fit took a poor 8x image's errors into the maps), the
+# central frequencies compared, the rounds and the TV-POCS image's iterations. All set on training volumes only; the
+# alternatives and their figures are in docs/results.md, 2026-12-08 (j).
 MAP_FIT_BASIS = 16
 MAP_FIT_ITERS = 30
 MAP_FIT_DAMPING = 0.1
@@ -152,7 +142,7 @@ def fit_maps(kspace: torch.Tensor, mask: np.ndarray, image: torch.Tensor, start:
     keep[1] = keep[1] * torch.as_tensor(np.asarray(mask, dtype=bool).reshape(-1)[crop[2]], dtype=torch.float32)
     weight = (keep[0][:, None] * keep[1][None, :])[..., None]
     x = image.detach().float().cpu()
-    x = x / (float(torch.quantile(x.flatten()[::max(1, x.numel() // 1_000_000)], 0.995)) or 1.0)
+    x = x / (float(np.percentile(x.numpy(), 99.5)) or 1.0)  # the scale tv_pocs's weight is relative to
     out = torch.empty((C, X, Y, Z), dtype=torch.complex64)
     for a in range(0, Z, MAP_FIT_SLICES):
         zs = slice(a, min(Z, a + MAP_FIT_SLICES))

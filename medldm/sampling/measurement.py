@@ -3,6 +3,7 @@ of the image grid the answer lives on."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,20 +138,18 @@ def from_kspace(kspace: np.ndarray, mask: np.ndarray | None, affine: np.ndarray 
     recipe = {"coil_maps": "direct calibration" if k.shape[1] > 1 else "none (one coil)",
               "phase": "low-resolution image of the calibration lines", "calibration_lines": acs.stop - acs.start}
 
-    def operator(maps: torch.Tensor) -> MultiCoilCartesian:
-        # estimated maps: soft steps instead of projections (MultiCoilCartesian has the figures); CG on the soft
-        # step's well-conditioned system (eigenvalues in [1, 2]) needs few iterations
-        return MultiCoilCartesian(maps=maps, mask=mask, maps_recipe=recipe, projection_weight=1.0, dc_iters=10)
-
+    # estimated maps: soft steps instead of projections (MultiCoilCartesian has the figures); CG on the soft step's
+    # well-conditioned system (eigenvalues in [1, 2]) needs few iterations
+    operator = functools.partial(MultiCoilCartesian, mask=mask, projection_weight=1.0, dc_iters=10)
     rounds = MAP_FIT_ROUNDS if map_fit_rounds is None else int(map_fit_rounds)
     if rounds < 0:
         raise ConfigError(f"map_fit_rounds must be >= 0, got {map_fit_rounds}")
     if k.shape[1] > 1 and rounds:  # one coil keeps its low-resolution phase (|S| = 1: no map to fit)
-        maps = refine_maps(y, mask, maps, operator, rounds)
+        maps = refine_maps(y, mask, maps, lambda m: operator(maps=m), rounds)
         recipe.update(coil_maps=f"direct calibration, then {rounds} round(s) fitted to the measured lines "
                                 f"given a TV-POCS image ({MAP_FIT_BASIS}x{MAP_FIT_BASIS} coefficients per map)",
                       phase="folded into the fitted maps")
-    op = operator(maps)
+    op = operator(maps=maps, maps_recipe=recipe)
     meta = {"acceleration": float(mask.size / mask.sum()), "measured_kspace": True, "coils": int(k.shape[1]),
             "source": None if source is None else str(source)}
     return Measurement(y, op, np.eye(4) if affine is None else affine, modality, meta)

@@ -138,8 +138,9 @@ def test_the_multicoil_section_shows_the_models_and_the_baselines_rows_only(tmp_
     path.write_text(json.dumps({"command": "python benchmarks/multicoil_recon.py", "measured": "2026-12-07",
                                 "slices": 8, "rows": rows}))
     noisy = tmp_path / "mc-noise.json"  # a second run (with noise) joins the first: rows, commands, latest day
+    noisy_rows = [{**r, "case": "slab/8coil-4x-noise0.005"} for r in rows]
     noisy.write_text(json.dumps({"command": "python benchmarks/multicoil_recon.py --noise 0.005",
-                                 "measured": "2026-12-08", "slices": 8, "rows": [{**r, "case": "slab/8coil-4x-noise0.005"} for r in rows]}))
+                                 "measured": "2026-12-08", "slices": 8, "rows": noisy_rows}))
     given = load_script("pipelines", "write_model_cards").given_multicoil
     mine = given("mr-recon", [path])
     assert [r["method"] for r in mine["rows"]] == ["CG-SENSE", "medldm (default)"]

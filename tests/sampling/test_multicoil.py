@@ -81,8 +81,7 @@ def test_map_fit_rounds():
     assert direct.maps_recipe["coil_maps"] == "direct calibration"
     fitted = as_measured(m0).operator
     assert fitted.maps_recipe["coil_maps"].startswith(f"direct calibration, then {MAP_FIT_ROUNDS} round(s) fitted")
-    assert not torch.equal(fitted._maps, direct._maps)
-    assert fitted.params()["maps_sha256"] != direct.params()["maps_sha256"]  # provenance tells them apart
+    assert fitted.params()["maps_sha256"] != direct.params()["maps_sha256"]  # other maps, and provenance says so
     with pytest.raises(ConfigError, match="map_fit_rounds"):
         as_measured(m0, map_fit_rounds=-1)
     k = m0.y[0, :1].permute(3, 0, 1, 2).numpy()  # one coil: the phase alone, nothing fitted
